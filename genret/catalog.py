@@ -1,0 +1,297 @@
+"""The user's image catalog: a folder of images plus a captions file (Flickr8k-style CSV or COCO JSON).
+
+Everything the model memorizes comes from here, so loading is strict: any problem in the
+captions file is reported as a CatalogError naming the file and the offending row, instead
+of silently training on a catalog that differs from what the user meant.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from PIL import Image
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+
+
+class CatalogError(ValueError):
+    """A catalog that cannot be loaded as given; the message says where (file, row)."""
+
+
+@dataclass(frozen=True)
+class CatalogImage:
+    key: str
+    path: Path
+    captions: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Accept lists / str paths from callers but keep the object hashable and immutable.
+        object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "captions", tuple(self.captions))
+
+
+@dataclass(frozen=True)
+class Catalog:
+    images: tuple[CatalogImage, ...]
+    _index: dict[str, CatalogImage] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Sorted keys make identifier assignment and manifests independent of file order.
+        images = tuple(sorted(self.images, key=lambda im: im.key))
+        index: dict[str, CatalogImage] = {}
+        for im in images:
+            if im.key in index:
+                raise CatalogError(f"duplicate catalog key {im.key!r}")
+            index[im.key] = im
+        object.__setattr__(self, "images", images)
+        object.__setattr__(self, "_index", index)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[CatalogImage]:
+        return iter(self.images)
+
+    def __getitem__(self, key: str) -> CatalogImage:
+        return self._index[key]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._index
+
+    def keys(self) -> list[str]:
+        return [im.key for im in self.images]
+
+    def captions(self) -> dict[str, list[str]]:
+        return {im.key: list(im.captions) for im in self.images if im.captions}
+
+    def _check_known(self, keys: Iterable[str]) -> set[str]:
+        wanted = set(keys)
+        unknown = sorted(k for k in wanted if k not in self)
+        if unknown:
+            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise CatalogError(f"unknown catalog key(s): {', '.join(map(repr, unknown[:5]))}{more}")
+        return wanted
+
+    def subset(self, keys: Iterable[str]) -> Catalog:
+        wanted = self._check_known(keys)
+        return Catalog(tuple(im for im in self.images if im.key in wanted))
+
+    def without_captions_for(self, keys: Iterable[str]) -> Catalog:
+        # Held-out query protocol: the image is still memorized, but its captions are kept
+        # out of training so they can serve as unseen queries.
+        held = self._check_known(keys)
+        return Catalog(tuple(replace(im, captions=()) if im.key in held else im for im in self.images))
+
+    def to_records(self, root: str | Path | None = None) -> list[dict]:
+        """With `root`, paths under it are written relative so a manifest survives moving the tree."""
+        base = Path(root).resolve() if root is not None else None
+        records = []
+        for im in self.images:
+            path = im.path
+            if base is not None and path.is_relative_to(base):
+                path = path.relative_to(base)
+            records.append({"key": im.key, "path": str(path), "captions": list(im.captions)})
+        return records
+
+    @classmethod
+    def from_records(cls, records: Iterable[dict], root: str | Path | None = None) -> Catalog:
+        base = Path(root).resolve() if root is not None else None
+        images = []
+        for i, rec in enumerate(records):
+            try:
+                key, path, captions = rec["key"], Path(rec["path"]), rec.get("captions", [])
+            except (KeyError, TypeError) as e:
+                raise CatalogError(f"records[{i}]: expected an object with 'key' and 'path' ({e!r})") from None
+            if not isinstance(key, str) or not key:
+                raise CatalogError(f"records[{i}]: 'key' must be a non-empty string")
+            if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+                raise CatalogError(f"records[{i}]: 'captions' must be a list of strings")
+            if not path.is_absolute():
+                path = (base / path) if base is not None else path.resolve()
+            images.append(CatalogImage(key, path, tuple(captions)))
+        return cls(tuple(images))
+
+
+def load_catalog(
+    images_dir: str | Path,
+    captions_file: str | Path,
+    *,
+    fmt: str = "auto",
+    include_uncaptioned: bool = True,
+    verify_images: bool = True,
+    duplicates: str = "error",
+) -> Catalog:
+    """`duplicates` decides what a repeated (image, caption) pair does: "error" (default, it is
+    usually a copy-paste slip), "keep" (the published Flickr8k file has 10 such rows and its
+    canonical 40455-caption count includes them) or "drop"."""
+    if duplicates not in ("error", "keep", "drop"):
+        raise CatalogError(f"{captions_file}: unknown duplicates={duplicates!r} (expected 'error', 'keep' or 'drop')")
+    images_dir = Path(images_dir).resolve()
+    captions_file = Path(captions_file)
+    if not captions_file.is_file():
+        raise CatalogError(f"{captions_file}: captions file not found")
+    if not images_dir.is_dir():
+        raise CatalogError(f"{images_dir}: images directory not found")
+    if fmt == "auto":
+        fmt = {".csv": "csv", ".json": "coco"}.get(captions_file.suffix.lower(), "")
+        if not fmt:
+            raise CatalogError(f"{captions_file}: cannot tell the format from the suffix; pass fmt='csv' or 'coco'")
+    if fmt == "csv":
+        entries = _read_csv(captions_file, duplicates)
+    elif fmt == "coco":
+        entries = _read_coco(captions_file, duplicates)
+    else:
+        raise CatalogError(f"{captions_file}: unknown fmt {fmt!r} (expected 'auto', 'csv' or 'coco')")
+
+    images: list[CatalogImage] = []
+    # entries: key -> (where the key was first named, captions)
+    for key, (where, caps) in entries.items():
+        if not caps and not include_uncaptioned:
+            continue
+        path = images_dir / key
+        if not path.is_file():
+            raise CatalogError(f"{captions_file}: {where}: image {key!r} not found in {images_dir}")
+        if verify_images:
+            _verify(path, f"{captions_file}: {where}: image {key!r}")
+        images.append(CatalogImage(key, path, tuple(caps)))
+
+    if include_uncaptioned:
+        for path in sorted(images_dir.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.name not in entries:
+                if verify_images:
+                    _verify(path, f"{path}")
+                images.append(CatalogImage(path.name, path, ()))
+
+    if not images:
+        raise CatalogError(f"{captions_file}: catalog has no images (images directory {images_dir})")
+    return Catalog(tuple(images))
+
+
+def _verify(path: Path, what: str) -> None:
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises a variety of types for corrupt files
+        raise CatalogError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _read_csv(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
+    entries: dict[str, tuple[str, list[str]]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    # utf-8-sig: spreadsheets often prepend a BOM, which would otherwise corrupt the 'image' header.
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise CatalogError(f"{path}: row 1: empty file, expected header 'image,caption'") from None
+        except csv.Error as e:
+            raise CatalogError(f"{path}: row 1: {e}") from None
+        cols = [c.strip().lower() for c in header]
+        if "image" not in cols or "caption" not in cols:
+            raise CatalogError(f"{path}: row 1: header must have 'image' and 'caption' columns, got {header!r}")
+        ii, ci = cols.index("image"), cols.index("caption")
+        while True:
+            line = reader.line_num + 1  # physical line where this row starts (captions may span lines)
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise CatalogError(f"{path}: row {line}: {e}") from None
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) <= max(ii, ci):
+                raise CatalogError(f"{path}: row {line}: expected {len(header)} columns, got {len(row)}")
+            key, caption = row[ii].strip(), row[ci].strip()
+            if not key:
+                raise CatalogError(f"{path}: row {line}: empty image name")
+            if not caption:
+                raise CatalogError(f"{path}: row {line}: empty caption for image {key!r}")
+            if (key, caption) in seen:
+                if duplicates == "error":
+                    raise CatalogError(
+                        f"{path}: row {line} repeats row {seen[key, caption]} ({key!r}, {caption!r});"
+                        " pass duplicates='keep' or 'drop' if that is intended"
+                    )
+                if duplicates == "drop":
+                    continue
+            seen.setdefault((key, caption), line)
+            entries.setdefault(key, (f"row {line}", []))[1].append(caption)
+    return entries
+
+
+def _read_coco(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CatalogError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise CatalogError(f"{path}: not UTF-8 text ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+        raise CatalogError(f"{path}: expected a COCO captions object with 'images' and 'annotations' lists")
+
+    seen: dict[tuple[str, str], int] = {}
+    by_id: dict[object, str] = {}
+    id_at: dict[object, int] = {}
+    entries: dict[str, tuple[str, list[str]]] = {}
+    for i, img in enumerate(data["images"]):
+        where = f"images[{i}]"
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            raise CatalogError(f"{path}: {where}: expected an object with 'id' and 'file_name'")
+        image_id, name = img["id"], img["file_name"].strip()
+        if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
+            raise CatalogError(f"{path}: {where}: 'id' must be an integer or string")
+        if not name:
+            raise CatalogError(f"{path}: {where}: empty file_name")
+        if image_id in id_at:
+            raise CatalogError(f"{path}: {where}: duplicate image id {image_id!r} (first at images[{id_at[image_id]}])")
+        if name in entries:
+            raise CatalogError(f"{path}: {where}: duplicate file_name {name!r} (first at {entries[name][0]})")
+        id_at[image_id] = i
+        by_id[image_id] = name
+        entries[name] = (where, [])
+
+    for j, ann in enumerate(data["annotations"]):
+        where = f"annotations[{j}]"
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            raise CatalogError(f"{path}: {where}: expected an object with 'image_id' and 'caption'")
+        image_id = ann["image_id"]
+        if isinstance(image_id, (list, dict)) or image_id not in by_id:
+            raise CatalogError(f"{path}: {where}: unknown image_id {image_id!r}")
+        caption = ann.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise CatalogError(f"{path}: {where}: empty caption for image id {image_id!r}")
+        name, caption = by_id[image_id], caption.strip()
+        if (name, caption) in seen:
+            if duplicates == "error":
+                raise CatalogError(
+                    f"{path}: {where} repeats annotations[{seen[name, caption]}] ({name!r}, {caption!r});"
+                    " pass duplicates='keep' or 'drop' if that is intended"
+                )
+            if duplicates == "drop":
+                continue
+        seen.setdefault((name, caption), j)
+        entries[name][1].append(caption)
+    return entries
+
+
+def read_split(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError(f"{path}: split file not found")
+    keys: list[str] = []
+    seen: dict[str, int] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        key = line.strip()
+        if not key:
+            continue
+        if key in seen:
+            raise CatalogError(f"{path}: line {n} repeats line {seen[key]} ({key!r})")
+        seen[key] = n
+        keys.append(key)
+    return keys

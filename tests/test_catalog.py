@@ -1,0 +1,415 @@
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from genret.catalog import Catalog, CatalogError, CatalogImage, load_catalog, read_split
+from genret.demo_catalog import DEMO_CAPTIONS, demo_queries, write_demo_catalog
+
+
+def make_image(path: Path, color=(200, 30, 30), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), color).save(path, format=fmt)
+    return path
+
+
+def write_csv(path: Path, rows, header=("image", "caption")):
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        if header is not None:
+            w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path):
+    images = tmp_path / "images"
+    make_image(images / "a.jpg")
+    make_image(images / "b.png", (0, 255, 0))
+    make_image(images / "c.JPEG", (0, 0, 255), fmt="JPEG")
+    (images / "notes.txt").write_text("not an image, ignored by suffix")
+    make_image(images / "sub" / "deep.jpg")  # not top level: ignored
+    return images
+
+
+CSV_ROWS = [
+    ("a.jpg", "A red square ."),
+    ("a.jpg", "  Something red  "),
+    ("b.png", "A green square"),
+]
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def test_csv_happy_path(folder, tmp_path):
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS)
+    cat = load_catalog(folder, caps)
+    assert cat.keys() == ["a.jpg", "b.png", "c.JPEG"]
+    assert len(cat) == 3
+    assert cat["a.jpg"].captions == ("A red square .", "Something red")
+    assert cat["a.jpg"].path == (folder / "a.jpg").resolve() and cat["a.jpg"].path.is_absolute()
+    assert cat["c.JPEG"].captions == ()
+    assert cat.captions() == {"a.jpg": ["A red square .", "Something red"], "b.png": ["A green square"]}
+    assert "b.png" in cat and "zzz.jpg" not in cat and 3 not in cat
+    assert [im.key for im in cat] == cat.keys()
+    with pytest.raises(KeyError):
+        cat["zzz.jpg"]
+
+
+def test_csv_exclude_uncaptioned(folder, tmp_path):
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS)
+    cat = load_catalog(folder, caps, include_uncaptioned=False)
+    assert cat.keys() == ["a.jpg", "b.png"]
+
+
+def test_csv_extra_columns_bom_and_explicit_fmt(folder, tmp_path):
+    p = tmp_path / "caps.txt"
+    p.write_text("\ufeffid,caption,image\n1,A red square,a.jpg\n\n2,\"multi\nline\",b.png\n", encoding="utf-8")
+    cat = load_catalog(folder, p, fmt="csv", include_uncaptioned=False)
+    assert cat.captions() == {"a.jpg": ["A red square"], "b.png": ["multi\nline"]}
+    with pytest.raises(CatalogError, match="caps.txt.*format"):
+        load_catalog(folder, p)
+
+
+def test_loading_writes_nothing(folder, tmp_path):
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS)
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    load_catalog(folder, caps)
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+
+
+def test_missing_captions_file(folder, tmp_path):
+    with pytest.raises(CatalogError, match="nope.csv"):
+        load_catalog(folder, tmp_path / "nope.csv")
+
+
+def test_missing_images_dir(tmp_path):
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS)
+    with pytest.raises(CatalogError, match="no_such_dir"):
+        load_catalog(tmp_path / "no_such_dir", caps)
+
+
+def test_csv_bad_header(folder, tmp_path):
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS, header=("file", "text"))
+    with pytest.raises(CatalogError, match=r"captions\.csv: row 1: .*'image' and 'caption'"):
+        load_catalog(folder, caps)
+
+
+def test_csv_empty_file(folder, tmp_path):
+    p = tmp_path / "captions.csv"
+    p.write_text("")
+    with pytest.raises(CatalogError, match=r"captions\.csv: row 1"):
+        load_catalog(folder, p)
+
+
+def test_csv_empty_caption(folder, tmp_path):
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS + [("b.png", "   ")])
+    with pytest.raises(CatalogError, match=r"captions\.csv: row 5: empty caption"):
+        load_catalog(folder, caps)
+
+
+def test_csv_missing_image(folder, tmp_path):
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS + [("gone.jpg", "x"), ("gone.jpg", "y")])
+    with pytest.raises(CatalogError, match=r"captions\.csv: row 5: image 'gone.jpg' not found"):
+        load_catalog(folder, caps)
+
+
+def test_csv_unreadable_image(folder, tmp_path):
+    (folder / "bad.jpg").write_bytes(b"this is not a jpeg")
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS + [("bad.jpg", "x")])
+    with pytest.raises(CatalogError, match=r"captions\.csv: row 5: image 'bad.jpg': not a readable image"):
+        load_catalog(folder, caps)
+    # Without verification the bad file is only named, never opened.
+    assert "bad.jpg" in load_catalog(folder, caps, verify_images=False)
+
+
+def test_unreadable_uncaptioned_image(folder, tmp_path):
+    (folder / "bad.png").write_bytes(b"\x89PNG garbage")
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS)
+    with pytest.raises(CatalogError, match=r"bad\.png: not a readable image"):
+        load_catalog(folder, caps)
+    assert "bad.png" not in load_catalog(folder, caps, include_uncaptioned=False)
+
+
+def test_each_image_verified_once(folder, tmp_path, monkeypatch):
+    import genret.catalog as mod
+
+    calls = []
+    real = mod._verify
+    monkeypatch.setattr(mod, "_verify", lambda path, what: (calls.append(path), real(path, what)))
+    caps = write_csv(tmp_path / "captions.csv", [("a.jpg", f"caption {i}") for i in range(10)])
+    load_catalog(folder, caps)
+    assert sorted(p.name for p in calls) == ["a.jpg", "b.png", "c.JPEG"]
+
+
+def test_csv_duplicate_row(folder, tmp_path):
+    rows = [("a.jpg", "one"), ("b.png", "two"), ("a.jpg", "three"), ("a.jpg", "one ")]
+    caps = write_csv(tmp_path / "captions.csv", rows)
+    with pytest.raises(CatalogError, match=r"captions\.csv: row 5 repeats row 2"):
+        load_catalog(folder, caps)
+
+
+def test_csv_duplicates_keep_or_drop(folder, tmp_path):
+    rows = [("a.jpg", "one"), ("a.jpg", "one"), ("a.jpg", "two")]
+    caps = write_csv(tmp_path / "captions.csv", rows)
+    assert load_catalog(folder, caps, duplicates="keep")["a.jpg"].captions == ("one", "one", "two")
+    assert load_catalog(folder, caps, duplicates="drop")["a.jpg"].captions == ("one", "two")
+    with pytest.raises(CatalogError, match="unknown duplicates"):
+        load_catalog(folder, caps, duplicates="maybe")
+
+
+def test_csv_short_row(folder, tmp_path):
+    p = tmp_path / "captions.csv"
+    p.write_text("image,caption\na.jpg,fine\nb.png\n")
+    with pytest.raises(CatalogError, match=r"captions\.csv: row 3: expected 2 columns"):
+        load_catalog(folder, p)
+
+
+def test_no_images_at_all(tmp_path):
+    images = tmp_path / "empty"
+    images.mkdir()
+    caps = write_csv(tmp_path / "captions.csv", [])
+    with pytest.raises(CatalogError, match=r"captions\.csv: catalog has no images"):
+        load_catalog(images, caps)
+
+
+def test_only_uncaptioned_excluded_is_empty(folder, tmp_path):
+    caps = write_csv(tmp_path / "captions.csv", [])
+    assert len(load_catalog(folder, caps)) == 3
+    with pytest.raises(CatalogError, match="no images"):
+        load_catalog(folder, caps, include_uncaptioned=False)
+
+
+# ---------------------------------------------------------------- COCO
+
+
+def coco(images, annotations):
+    return {"images": images, "annotations": annotations}
+
+
+GOOD_COCO = coco(
+    [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.png"}, {"id": 7, "file_name": "c.JPEG"}],
+    [
+        {"id": 10, "image_id": 1, "caption": "A red square. "},
+        {"id": 11, "image_id": 2, "caption": "A green square"},
+        {"id": 12, "image_id": 1, "caption": "Red"},
+    ],
+)
+
+
+def write_json(path: Path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_coco_happy_path(folder, tmp_path):
+    p = write_json(tmp_path / "captions_train.json", GOOD_COCO)
+    cat = load_catalog(folder, p)
+    assert cat.keys() == ["a.jpg", "b.png", "c.JPEG"]
+    assert cat["a.jpg"].captions == ("A red square.", "Red")
+    assert cat["c.JPEG"].captions == ()
+    assert load_catalog(folder, p, include_uncaptioned=False).keys() == ["a.jpg", "b.png"]
+    other = tmp_path / "coco.data"
+    other.write_text(p.read_text())
+    assert load_catalog(folder, other, fmt="coco").keys() == cat.keys()
+
+
+def test_coco_uncaptioned_folder_images(folder, tmp_path):
+    p = write_json(tmp_path / "c.json", coco([{"id": 1, "file_name": "a.jpg"}], [{"image_id": 1, "caption": "red"}]))
+    assert load_catalog(folder, p).keys() == ["a.jpg", "b.png", "c.JPEG"]
+    assert load_catalog(folder, p, include_uncaptioned=False).keys() == ["a.jpg"]
+
+
+def test_coco_malformed_json(folder, tmp_path):
+    p = tmp_path / "caps.json"
+    p.write_text('{"images": [\n{"id": 1,}]}')
+    with pytest.raises(CatalogError, match=r"caps\.json: malformed JSON at line 2"):
+        load_catalog(folder, p)
+
+
+def test_coco_wrong_shape(folder, tmp_path):
+    p = write_json(tmp_path / "caps.json", [1, 2])
+    with pytest.raises(CatalogError, match=r"caps\.json: expected a COCO"):
+        load_catalog(folder, p)
+
+
+def test_coco_duplicate_image_id(folder, tmp_path):
+    data = coco([{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.png"}, {"id": 1, "file_name": "c.JPEG"}], [])
+    p = write_json(tmp_path / "caps.json", data)
+    with pytest.raises(CatalogError, match=r"caps\.json: images\[2\]: duplicate image id 1 \(first at images\[0\]\)"):
+        load_catalog(folder, p)
+
+
+def test_coco_duplicate_file_name(folder, tmp_path):
+    data = coco([{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "a.jpg"}], [])
+    p = write_json(tmp_path / "caps.json", data)
+    with pytest.raises(CatalogError, match=r"caps\.json: images\[1\]: duplicate file_name 'a.jpg'"):
+        load_catalog(folder, p)
+
+
+def test_coco_unknown_image_id(folder, tmp_path):
+    data = dict(GOOD_COCO, annotations=GOOD_COCO["annotations"] + [{"image_id": 99, "caption": "x"}])
+    p = write_json(tmp_path / "caps.json", data)
+    with pytest.raises(CatalogError, match=r"caps\.json: annotations\[3\]: unknown image_id 99"):
+        load_catalog(folder, p)
+
+
+def test_coco_duplicate_caption(folder, tmp_path):
+    data = dict(GOOD_COCO, annotations=GOOD_COCO["annotations"] + [{"image_id": 1, "caption": " Red"}])
+    p = write_json(tmp_path / "caps.json", data)
+    with pytest.raises(CatalogError, match=r"caps\.json: annotations\[3\] repeats annotations\[2\]"):
+        load_catalog(folder, p)
+    assert load_catalog(folder, p, duplicates="keep")["a.jpg"].captions == ("A red square.", "Red", "Red")
+    assert load_catalog(folder, p, duplicates="drop")["a.jpg"].captions == ("A red square.", "Red")
+
+
+def test_coco_empty_caption(folder, tmp_path):
+    data = dict(GOOD_COCO, annotations=[{"image_id": 1, "caption": "ok"}, {"image_id": 2, "caption": " "}])
+    p = write_json(tmp_path / "caps.json", data)
+    with pytest.raises(CatalogError, match=r"caps\.json: annotations\[1\]: empty caption"):
+        load_catalog(folder, p)
+
+
+def test_coco_missing_image(folder, tmp_path):
+    data = coco([{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "gone.jpg"}], [{"image_id": 2, "caption": "x"}])
+    p = write_json(tmp_path / "caps.json", data)
+    with pytest.raises(CatalogError, match=r"caps\.json: images\[1\]: image 'gone.jpg' not found"):
+        load_catalog(folder, p)
+
+
+def test_coco_unreadable_image(folder, tmp_path):
+    (folder / "bad.jpg").write_bytes(b"nope")
+    data = coco([{"id": 5, "file_name": "bad.jpg"}], [{"image_id": 5, "caption": "x"}])
+    p = write_json(tmp_path / "caps.json", data)
+    with pytest.raises(CatalogError, match=r"caps\.json: images\[0\]: image 'bad.jpg': not a readable image"):
+        load_catalog(folder, p)
+
+
+def test_unknown_fmt(folder, tmp_path):
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS)
+    with pytest.raises(CatalogError, match="unknown fmt"):
+        load_catalog(folder, caps, fmt="tsv")
+
+
+# ---------------------------------------------------------------- Catalog operations
+
+
+@pytest.fixture
+def cat(folder, tmp_path):
+    return load_catalog(folder, write_csv(tmp_path / "captions.csv", CSV_ROWS))
+
+
+def test_subset(cat):
+    sub = cat.subset(["b.png", "a.jpg", "a.jpg"])
+    assert sub.keys() == ["a.jpg", "b.png"]
+    assert sub["a.jpg"] == cat["a.jpg"]
+    with pytest.raises(CatalogError, match="nope.jpg"):
+        cat.subset(["a.jpg", "nope.jpg"])
+
+
+def test_without_captions_for(cat):
+    held = cat.without_captions_for(["a.jpg"])
+    assert held.keys() == cat.keys()
+    assert held["a.jpg"].captions == () and held["a.jpg"].path == cat["a.jpg"].path
+    assert held["b.png"] == cat["b.png"]
+    assert "a.jpg" not in held.captions()
+    assert cat["a.jpg"].captions  # original untouched
+    with pytest.raises(CatalogError, match="nope.jpg"):
+        cat.without_captions_for(["nope.jpg"])
+
+
+def test_records_round_trip(cat, tmp_path):
+    records = cat.to_records()
+    assert json.loads(json.dumps(records)) == records
+    assert records[0] == {"key": "a.jpg", "path": str(cat["a.jpg"].path), "captions": ["A red square .", "Something red"]}
+    assert Catalog.from_records(records) == cat
+
+    rel = cat.to_records(root=tmp_path)
+    assert rel[0]["path"] == os.path.join("images", "a.jpg")
+    assert Catalog.from_records(rel, root=tmp_path) == cat
+    moved = Catalog.from_records(rel, root=tmp_path / "elsewhere")
+    assert moved["a.jpg"].path == (tmp_path / "elsewhere" / "images" / "a.jpg").resolve()
+
+    with pytest.raises(CatalogError, match=r"records\[0\]"):
+        Catalog.from_records([{"path": "x.jpg"}])
+
+
+def test_catalog_sorts_and_rejects_duplicate_keys(tmp_path):
+    c = Catalog((CatalogImage("b", tmp_path / "b"), CatalogImage("a", tmp_path / "a", ["x"])))
+    assert c.keys() == ["a", "b"] and c["a"].captions == ("x",)
+    with pytest.raises(CatalogError, match="duplicate"):
+        Catalog((CatalogImage("a", tmp_path / "a"), CatalogImage("a", tmp_path / "a2")))
+
+
+def test_read_split(tmp_path):
+    p = tmp_path / "test.txt"
+    p.write_text("x.jpg\n\n  y.jpg  \n\n")
+    assert read_split(p) == ["x.jpg", "y.jpg"]
+    p.write_text("x.jpg\ny.jpg\nx.jpg\n")
+    with pytest.raises(CatalogError, match=r"test\.txt: line 3 repeats line 1"):
+        read_split(p)
+    with pytest.raises(CatalogError, match="missing.txt"):
+        read_split(tmp_path / "missing.txt")
+
+
+# ---------------------------------------------------------------- demo catalog
+
+
+def test_demo_catalog(tmp_path):
+    images_dir, captions_csv = write_demo_catalog(tmp_path / "demo")
+    assert images_dir == tmp_path / "demo" / "images" and captions_csv == tmp_path / "demo" / "captions.csv"
+    cat = load_catalog(images_dir, captions_csv)
+    assert cat.keys() == sorted(DEMO_CAPTIONS)
+    assert 12 <= len(cat) <= 20
+    for im in cat:
+        assert len(im.captions) == 5 and len(set(im.captions)) == 5
+        with Image.open(im.path) as img:
+            assert img.format == "JPEG" and img.mode == "RGB" and img.size == (224, 224)
+    assert not [p for p in (tmp_path / "demo").rglob("*") if p.name.startswith(".")]  # no temp leftovers
+
+    # Idempotent: a second run leaves the same files untouched.
+    stamps = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "demo").rglob("*") if p.is_file()}
+    assert write_demo_catalog(tmp_path / "demo") == (images_dir, captions_csv)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "demo").rglob("*") if p.is_file()} == stamps
+
+
+def test_demo_queries_are_held_out():
+    captions = {c.strip().lower().rstrip(" .") for caps in DEMO_CAPTIONS.values() for c in caps}
+    queries = demo_queries()
+    assert queries
+    for text, key in queries:
+        assert key in DEMO_CAPTIONS
+        assert text.strip().lower().rstrip(" .") not in captions
+    assert {k for _, k in queries} == set(DEMO_CAPTIONS)
+    assert len({t for t, _ in queries}) == len(queries)
+
+
+# ---------------------------------------------------------------- real Flickr8k
+
+
+def flickr8k_dir() -> Path:
+    env = os.environ.get("GENRET_FLICKR8K")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared/data/flickr8k"
+
+
+def test_real_flickr8k():
+    root = flickr8k_dir()
+    if not (root / "captions.csv").is_file() or not (root / "images").is_dir():
+        pytest.skip(f"Flickr8k not present at {root}")
+    # The published file repeats 10 (image, caption) rows; the canonical 40455 count keeps them.
+    with pytest.raises(CatalogError, match=r"captions\.csv: row \d+ repeats row \d+"):
+        load_catalog(root / "images", root / "captions.csv", verify_images=False)
+    cat = load_catalog(root / "images", root / "captions.csv", verify_images=False, duplicates="keep")
+    assert len(cat) == 8091
+    assert sum(len(im.captions) for im in cat) == 40455
+    assert all(im.captions for im in cat)
+    splits = {name: read_split(root / "splits" / f"{name}.txt") for name in ("train", "dev", "test")}
+    assert [len(s) for s in splits.values()] == [6000, 1000, 1000]
+    assert all(k in cat for s in splits.values() for k in s)
+    assert not set(splits["train"]) & set(splits["test"])
+    assert len(cat.subset(splits["test"])) == 1000
