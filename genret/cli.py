@@ -1,0 +1,261 @@
+"""`genret`: train on a catalog, evaluate, search, describe, ask, and the demo.
+
+Errors a user can cause (bad catalog, unknown model or image, bad option) end in one clear
+line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_STORE = Path(os.environ.get("GENRET_MODEL_STORE", REPO / "model_store"))
+RUNS = Path(os.environ.get("GENRET_RUNS", REPO / "runs"))
+
+# Named starting points; any field can still be changed with --set key=value.
+PRESETS: dict[str, dict] = {
+    # seconds on a CPU: enough to memorize a few dozen images (tests, the demo)
+    "tiny": dict(num_layers=2, memorize_epochs=6, retrieve_epochs=30, batch_size=16, lr=2e-3,
+                 prefix_lr=3e-3, align_epochs=60, scheme_options={}),
+    # a CPU-sized model for hundreds of images
+    "cpu": dict(num_layers=4, memorize_epochs=4, retrieve_epochs=12, batch_size=32, lr=1e-3, prefix_lr=2e-3),
+    # the whole SmolLM2-135M, for a GPU
+    "full": dict(num_layers=None, prune_vocab=False, memorize_epochs=4, retrieve_epochs=10, batch_size=128,
+                 lr=3e-4, prefix_lr=1e-3),
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UsageError(f"--set takes key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def build_config(preset: str, scheme: str | None, sets: list[str]):
+    from pydantic import ValidationError
+
+    from .training import TrainConfig
+
+    values = dict(PRESETS[preset])
+    if scheme:
+        values["scheme"] = scheme
+    values.update(parse_sets(sets))
+    try:
+        return TrainConfig(**values)
+    except ValidationError as e:
+        raise UsageError(f"bad training config: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+
+
+def open_model(name_or_path: str):
+    from .model_store import StoredModel
+
+    path = Path(name_or_path)
+    if not path.exists():
+        path = MODEL_STORE / name_or_path
+    return StoredModel.open(path)
+
+
+def read_queries(path: Path) -> list[tuple[str, str]]:
+    """Queries as an `image,caption` CSV: each caption should retrieve its image."""
+    if not path.exists():
+        raise UsageError(f"{path}: no such queries file")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"image", "caption"} <= set(rows[0]):
+        raise UsageError(f"{path}: expected an image,caption CSV")
+    return [(r["caption"], r["image"]) for r in rows]
+
+
+def cmd_train(args) -> None:
+    from .catalog import load_catalog, read_split
+    from .training import Trainer, clear_run
+
+    config = build_config(args.preset, args.scheme, args.set)
+    catalog = load_catalog(args.images, args.captions, fmt=args.format, duplicates=args.duplicates)
+    if args.hold_out:
+        held = read_split(args.hold_out)
+        catalog = catalog.without_captions_for([k for k in held if k in catalog])
+    run_dir = Path(args.run_dir) if args.run_dir else RUNS / args.name
+    if args.fresh:
+        clear_run(run_dir)
+    dest = Trainer(catalog, config, run_dir).train(MODEL_STORE / args.name if not args.out else Path(args.out))
+    print(f"model saved to {dest}")
+
+
+def cmd_evaluate(args) -> None:
+    from .catalog import read_split
+    from .decoding import EmbeddingReranker, TransformersEngine
+    from .evaluation import check_candidates, evaluate_generative
+
+    stored = open_model(args.model)
+    queries = read_queries(Path(args.queries))
+    if args.limit:
+        queries = queries[: args.limit]
+    engine = TransformersEngine(stored, device=args.device)
+    candidates = read_split(args.candidates) if args.candidates else None
+    check_candidates(stored.trie(candidates), queries)
+    reranker = EmbeddingReranker(stored, device=engine.device) if args.rerank else None
+    result = evaluate_generative(engine, queries, candidates=candidates, beams=args.beams, reranker=reranker)
+    result["model"] = stored.manifest["name"]
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def cmd_search(args) -> None:
+    from .decoding import EmbeddingReranker, TransformersEngine
+
+    stored = open_model(args.model)
+    engine = TransformersEngine(stored, device=args.device)
+    hits = engine.search([args.query], k=args.k, beams=args.beams)
+    if args.rerank:
+        hits = EmbeddingReranker(stored, device=engine.device)([args.query], hits)
+    for hit in hits[0]:
+        print(f"{hit.score:9.3f}  {hit.key}  {stored.identifiers.ids[hit.key]}")
+
+
+def _known_image(stored, key: str) -> str:
+    if key not in stored.id_tokens:
+        raise UsageError(f"unknown image {key!r} in model {stored.manifest['name']}")
+    return key
+
+
+def cmd_describe(args) -> None:
+    from .decoding import TransformersEngine
+
+    stored = open_model(args.model)
+    print(TransformersEngine(stored, device=args.device).describe(_known_image(stored, args.image)))
+
+
+def cmd_ask(args) -> None:
+    from .decoding import TransformersEngine
+
+    stored = open_model(args.model)
+    print(TransformersEngine(stored, device=args.device).ask(_known_image(stored, args.image), args.question))
+
+
+def cmd_demo(args) -> None:
+    """The main job on the embedded catalog: train the demo model once, then retrieve with it."""
+    from .catalog import load_catalog
+    from .decoding import TransformersEngine
+    from .demo_catalog import demo_queries, write_demo_catalog
+    from .evaluation import recall
+    from .training import Trainer
+
+    dest = MODEL_STORE / args.name
+    if not (dest / "manifest.json").exists() or args.retrain:
+        images, captions = write_demo_catalog(REPO / ".cache" / "demo_catalog")
+        catalog = load_catalog(images, captions)
+        config = build_config("tiny", args.scheme, args.set)
+        print(f"training the demo model ({len(catalog)} images, scheme {config.scheme}) into {dest} ...")
+        Trainer(catalog, config, RUNS / args.name).train(dest)
+    stored = open_model(str(dest))
+    engine = TransformersEngine(stored, device=args.device)
+    queries = demo_queries()
+    hits = engine.search([q for q, _ in queries], k=5, beams=5)
+    for (query, target), row in zip(queries, hits):
+        mark = "ok " if row and row[0].key == target else "-- "
+        print(f"{mark} {query!r:60} -> {', '.join(h.key for h in row[:3])}")
+    print(json.dumps(recall([[h.key for h in row] for row in hits], [t for _, t in queries], ks=(1, 5))))
+    key = stored.catalog.keys()[0]
+    print(f"describe {key}: {engine.describe(key)}")
+    print(f"ask {key} 'What is in this image?': {engine.ask(key, 'What is in this image?')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="genret", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on a catalog into model_store/<name>")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--captions", required=True, help="image,caption CSV or COCO captions JSON")
+    p.add_argument("--format", default="auto", choices=["auto", "csv", "coco"])
+    p.add_argument("--duplicates", default="error", choices=["error", "keep", "drop"],
+                   help="what to do with repeated (image, caption) rows")
+    p.add_argument("--name", required=True)
+    p.add_argument("--scheme", choices=["string", "numeric", "semantic", "structured", "atomic", "rq"])
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config field")
+    p.add_argument("--hold-out", help="file of image keys whose captions are not trained on (they stay memorized)")
+    p.add_argument("--run-dir", help="checkpoint folder (default runs/<name>); rerun to resume")
+    p.add_argument("--out", help="model folder (default model_store/<name>)")
+    p.add_argument("--fresh", action="store_true", help="discard an earlier run's checkpoints")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="Recall@1/5/10 of held-out queries")
+    p.add_argument("model")
+    p.add_argument("--queries", required=True, help="image,caption CSV of held-out queries")
+    p.add_argument("--candidates", help="file of keys to search among (default: the whole catalog)")
+    p.add_argument("--beams", type=int, default=10)
+    p.add_argument("--rerank", action="store_true", help="also report re-ranking with the two-tower")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("search", help="top-k images for a text query")
+    p.add_argument("model")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--beams", type=int)
+    p.add_argument("--rerank", action="store_true")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("describe", help="describe a memorized image from its id alone")
+    p.add_argument("model")
+    p.add_argument("image")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("ask", help="answer a question about a memorized image")
+    p.add_argument("model")
+    p.add_argument("image")
+    p.add_argument("question")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("demo", help="train the demo model if needed, then retrieve with it")
+    p.add_argument("--name", default="demo")
+    p.add_argument("--scheme", default="structured")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--retrain", action="store_true")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from .catalog import CatalogError
+    from .model_store import ModelStoreError
+
+    try:
+        args.func(args)
+    except (UsageError, CatalogError, ModelStoreError, ValueError, FileNotFoundError) as e:
+        print(f"genret {args.command}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

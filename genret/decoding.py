@@ -1,0 +1,116 @@
+"""Trie-constrained decoding with plain transformers: the reference engine.
+
+Beam search may only follow the catalog's id trie, so every hypothesis it returns is a real
+image; its score is the id's log-probability given the query. The vLLM engine in `service/`
+implements the same interface and must agree with this one on greedy top-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .model_store import StoredModel
+from .prompts import Prompts
+from .trie import IdTrie
+
+
+@dataclass(frozen=True)
+class Hit:
+    key: str
+    score: float
+
+
+class TransformersEngine:
+    def __init__(self, stored: StoredModel, device: str | None = None):
+        self.stored = stored
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.lm = stored.load_lm(self.device)
+        self.tokenizer = stored.load_tokenizer()
+        self.prompts = Prompts(self.tokenizer)
+        self.trie = stored.trie()
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, prompts))
+        pad = self.prompts.end
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        return ids, mask
+
+    @torch.inference_mode()
+    def search(self, queries: list[str], k: int = 10, beams: int | None = None,
+               trie: IdTrie | None = None) -> list[list[Hit]]:
+        """Top-k catalog images per query, best first, by constrained beam search."""
+        trie = trie or self.trie
+        k = min(k, len(trie))
+        beams = max(beams or k, k)
+        ids, mask = self._left_padded([self.prompts.retrieve(q) for q in queries])
+        width, end = ids.shape[1], self.prompts.end
+
+        def allowed(_, sequence: torch.Tensor) -> list[int]:
+            return trie.allowed_next(sequence[width:].tolist()) or [end]
+
+        out = self.lm.generate(
+            input_ids=ids, attention_mask=mask, num_beams=beams, num_return_sequences=beams,
+            max_new_tokens=trie.max_depth(), prefix_allowed_tokens_fn=allowed, do_sample=False,
+            length_penalty=0.0, early_stopping=True, output_scores=True, return_dict_in_generate=True,
+            pad_token_id=end, eos_token_id=end,
+        )
+        sequences = out.sequences[:, width:].tolist()
+        scores = out.sequences_scores.tolist()
+        results = []
+        for q in range(len(queries)):
+            hits, seen = [], set()
+            for seq, score in zip(sequences[q * beams : (q + 1) * beams], scores[q * beams : (q + 1) * beams]):
+                key = trie.key_for(_until_end(seq, end))
+                if key is not None and key not in seen and np.isfinite(score):
+                    seen.add(key)
+                    hits.append(Hit(key, float(score)))
+            results.append(sorted(hits, key=lambda h: -h.score)[:k])
+        return results
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 48) -> list[str]:
+        ids, mask = self._left_padded(prompts)
+        out = self.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=self.prompts.end, eos_token_id=self.prompts.end)
+        return [self.prompts.decode_answer(_until_end(row, self.prompts.end)) for row in out[:, ids.shape[1]:].tolist()]
+
+    def describe(self, key: str) -> str:
+        return self.generate([self.prompts.describe(self.stored.id_tokens[key])])[0]
+
+    def ask(self, key: str, question: str) -> str:
+        return self.generate([self.prompts.ask(self.stored.id_tokens[key], question)])[0]
+
+
+def _until_end(sequence: list[int], end: int) -> list[int]:
+    return sequence[: sequence.index(end)] if end in sequence else sequence
+
+
+class EmbeddingReranker:
+    """GENIUS's re-ranking: add the two-tower's query-image similarity to each beam's score."""
+
+    def __init__(self, stored: StoredModel, weight: float = 10.0, device: str = "cpu"):
+        from .encoders import TextEncoder
+
+        self.tower = stored.load_two_tower()
+        if self.tower is None:
+            raise ValueError(f"{stored.path} has no alignment model to re-rank with")
+        self.tower = self.tower.to(device).eval()
+        self.text = TextEncoder(device=device)
+        self.row = {k: i for i, k in enumerate(stored.catalog.keys())}
+        self.image_embeddings = stored.image_embeddings()
+        self.weight, self.device = weight, device
+
+    @torch.inference_mode()
+    def __call__(self, queries: list[str], hits: list[list[Hit]]) -> list[list[Hit]]:
+        feats = torch.from_numpy(self.text.encode(queries)).to(self.device)
+        query_emb = self.tower.embed_texts(feats).float().cpu().numpy()
+        out = []
+        for q, candidates in zip(query_emb, hits):
+            rescored = [Hit(h.key, h.score + self.weight * float(self.image_embeddings[self.row[h.key]] @ q))
+                        for h in candidates]
+            out.append(sorted(rescored, key=lambda h: -h.score))
+        return out

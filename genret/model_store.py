@@ -1,0 +1,172 @@
+"""A trained model's directory under `model_store/<name>/`: everything serving needs.
+
+    manifest.json          what this is: scheme, training config, catalog size, metrics, versions
+    lm/                    plain HF checkpoint + tokenizer with the id tokens (transformers and vLLM load it)
+    visual_prefix.safetensors   image features -> soft tokens (used for memorizing and captioning)
+    identifiers.json       key -> identifier text and its token ids (the trie is built from these)
+    catalog.json           key -> image path and captions
+    alignment.safetensors  two-tower heads (query/image embeddings for re-ranking beams)
+    image_embeddings.npy   aligned image embeddings, row order = identifiers order
+
+A model is written into a hidden staging folder and renamed into place, so a crash never
+leaves a half-written model and a re-train replaces the old one in one step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .catalog import Catalog
+from .identifiers import IdentifierAssignment
+from .model import VisualPrefix
+from .trie import IdTrie
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ModelStoreError(RuntimeError):
+    pass
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+
+
+def save_model(
+    dest: Path,
+    *,
+    lm,
+    tokenizer,
+    prefix: VisualPrefix,
+    catalog: Catalog,
+    identifiers: IdentifierAssignment,
+    id_tokens: dict[str, list[int]],
+    two_tower=None,
+    image_embeddings: np.ndarray | None = None,
+    manifest: dict,
+) -> Path:
+    from .alignment import save_two_tower
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        lm.save_pretrained(staging / "lm")
+        tokenizer.save_pretrained(staging / "lm")
+        save_file({k: v.contiguous().cpu() for k, v in prefix.state_dict().items()}, staging / "visual_prefix.safetensors")
+        write_json(staging / "catalog.json", catalog.to_records())
+        write_json(staging / "identifiers.json", {**identifiers.to_json(), "tokens": id_tokens})
+        if two_tower is not None:
+            save_two_tower(two_tower, staging / "alignment.safetensors")
+        if image_embeddings is not None:
+            np.save(staging / "image_embeddings.npy", image_embeddings.astype(np.float32))
+        full_manifest = {
+            "format_version": FORMAT_VERSION,
+            "name": dest.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "scheme": identifiers.scheme,
+            "catalog_size": len(catalog),
+            "prefix": {"feature_dim": prefix.mlp[0].normalized_shape[0], "n_tokens": prefix.n_tokens,
+                       "model_dim": prefix.model_dim, "hidden": prefix.mlp[1].out_features},
+            **manifest,
+        }
+        write_json(staging / MANIFEST, full_manifest)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}-old-{int(time.time())}")
+            dest.rename(old)
+            staging.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest
+
+
+@dataclass
+class StoredModel:
+    """A model directory, read lazily: the id map is cheap, the weights are loaded on demand."""
+
+    path: Path
+    manifest: dict = field(repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "StoredModel":
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.exists():
+            raise ModelStoreError(f"{path}: not a trained model (no {MANIFEST}); train one with `genret train`")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelStoreError(f"{manifest_path}: unreadable manifest ({e})") from e
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ModelStoreError(f"{manifest_path}: format {manifest.get('format_version')} is not {FORMAT_VERSION}")
+        return cls(path, manifest)
+
+    @property
+    def lm_path(self) -> Path:
+        return self.path / "lm"
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        return Catalog.from_records(json.loads((self.path / "catalog.json").read_text()))
+
+    @cached_property
+    def _identifiers_json(self) -> dict:
+        return json.loads((self.path / "identifiers.json").read_text())
+
+    @cached_property
+    def identifiers(self) -> IdentifierAssignment:
+        return IdentifierAssignment.from_json(self._identifiers_json)
+
+    @property
+    def id_tokens(self) -> dict[str, list[int]]:
+        return self._identifiers_json["tokens"]
+
+    @property
+    def end_token(self) -> int:
+        return self.manifest["end_token"]
+
+    def trie(self, keys=None) -> IdTrie:
+        tokens = self.id_tokens
+        chosen = tokens if keys is None else {k: tokens[k] for k in keys}
+        return IdTrie(chosen, end_token=self.end_token)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.lm_path)
+
+    def load_lm(self, device: str = "cpu", dtype=torch.float32):
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM.from_pretrained(self.lm_path, dtype=dtype).to(device).eval()
+
+    def load_prefix(self, device: str = "cpu") -> VisualPrefix:
+        p = self.manifest["prefix"]
+        prefix = VisualPrefix(p["feature_dim"], p["model_dim"], p["n_tokens"], p["hidden"])
+        prefix.load_state_dict(load_file(self.path / "visual_prefix.safetensors"))
+        return prefix.to(device).eval()
+
+    def load_two_tower(self):
+        from .alignment import load_two_tower
+
+        path = self.path / "alignment.safetensors"
+        return load_two_tower(path) if path.exists() else None
+
+    def image_embeddings(self) -> np.ndarray | None:
+        path = self.path / "image_embeddings.npy"
+        return np.load(path) if path.exists() else None

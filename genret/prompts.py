@@ -1,0 +1,64 @@
+"""The token layouts of every task, shared by training and by every decoding engine.
+
+Prompts are built as token-id lists, never as strings, so an identifier is always the exact
+token sequence that the trie holds, whatever text surrounds it. The serving engines send
+these same ids to the model (vLLM takes token prompts), so training and serving cannot drift.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+RETRIEVE = "Find the image: {query}\nImage id:"
+MEMORIZE = "Image id:"  # after the visual prefix
+CAPTION = "Caption:"  # after the visual prefix
+DESCRIBE = ("Describe image ", ":")  # around the identifier
+ASK = ("Image ", ". Question: {question}\nAnswer:")  # around the identifier
+
+PROMPT_TEXTS = [RETRIEVE.format(query=""), MEMORIZE, CAPTION, *DESCRIBE, ASK[0], ASK[1].format(question="")]
+
+
+def normalize_caption(text: str) -> str:
+    """Flickr-style captions end in ' .' and vary in case; the model answers in one style."""
+    text = re.sub(r"\s+", " ", text.strip())
+    text = re.sub(r"\s+([.,!?])", r"\1", text)
+    if text and text[-1] not in ".!?":
+        text += "."
+    return text[:1].upper() + text[1:]
+
+
+@dataclass
+class Prompts:
+    tokenizer: PreTrainedTokenizerBase
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @property
+    def end(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def retrieve(self, query: str) -> list[int]:
+        return self.encode(RETRIEVE.format(query=query.strip()))
+
+    def memorize(self) -> list[int]:
+        return self.encode(MEMORIZE)
+
+    def caption(self) -> list[int]:
+        return self.encode(CAPTION)
+
+    def describe(self, id_tokens: list[int]) -> list[int]:
+        return self.encode(DESCRIBE[0]) + list(id_tokens) + self.encode(DESCRIBE[1])
+
+    def ask(self, id_tokens: list[int], question: str) -> list[int]:
+        return self.encode(ASK[0]) + list(id_tokens) + self.encode(ASK[1].format(question=question.strip()))
+
+    def answer(self, text: str) -> list[int]:
+        """A generated continuation: leading space, then the end token."""
+        return self.encode(" " + text.strip()) + [self.end]
+
+    def decode_answer(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

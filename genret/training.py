@@ -1,0 +1,363 @@
+"""Training: align, name, memorize, retrieve (GRACE's two stages, with GENIUS's lessons).
+
+    catalog --features--> two-tower alignment --aligned image embeddings--> identifiers
+            --> LM (SmolLM2, pruned) + visual prefix
+            --> stage 1, memorize: image -> id   (+ id -> caption, image -> caption)
+            --> pseudo-queries for images without captions (optional)
+            --> stage 2, retrieve: query -> id   (+ replay of stage 1, describe, ask)
+            --> model_store/<name>/
+
+The run folder holds the prepared inputs and a checkpoint after every epoch, so a killed run
+(or a GPU call cut at its time limit) resumes where it stopped with the same command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import zlib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+
+from .catalog import Catalog
+from .identifiers import STOP_WORDS, IdentifierAssignment, make_scheme
+from .language_model import add_tokens, keep_first_layers, load_base, prune_vocabulary
+from .model import Example, MultimodalLM, VisualPrefix
+from .model_store import save_model
+from .prompts import PROMPT_TEXTS, Prompts, normalize_caption
+
+log = logging.getLogger(__name__)
+
+QUESTIONS_ABOUT_CONTENT = ["What is in this image?", "What does this image show?", "What is happening here?"]
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides a model; recorded in its manifest."""
+
+    scheme: str = "structured"
+    scheme_options: dict = Field(default_factory=dict)
+    num_layers: int | None = Field(None, description="keep the first N decoder layers (None: all 30)")
+    prune_vocab: bool = True
+    visual_tokens: int = 4
+    align_epochs: int = 30
+    align_dim: int = 256
+    memorize_epochs: int = 4
+    retrieve_epochs: int = 8
+    pseudo_queries: Literal["none", "captioner", "neighbors"] = "none"
+    pseudo_per_image: int = 3
+    describe: bool = True
+    ask: bool = True
+    batch_size: int = 32
+    lr: float = 5e-4
+    prefix_lr: float = 1e-3
+    warmup_steps: int = 20
+    seed: int = 0
+    device: str = "auto"
+
+    def fingerprint(self) -> str:
+        return hashlib.sha1(self.model_dump_json().encode()).hexdigest()[:12]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def content_words(text: str) -> list[str]:
+    words = [w for w in text.lower().replace(".", " ").replace(",", " ").split() if w.isalpha()]
+    return [w for w in words if w not in STOP_WORDS and len(w) > 2]
+
+
+class Trainer:
+    def __init__(self, catalog: Catalog, config: TrainConfig, run_dir: Path, *, image_features: np.ndarray | None = None,
+                 caption_features: dict[str, np.ndarray] | None = None, progress: bool = True):
+        self.catalog, self.config, self.run_dir, self.progress = catalog, config, Path(run_dir), progress
+        self.keys = catalog.keys()
+        self.captions = {k: [normalize_caption(c) for c in cs] for k, cs in catalog.captions().items()}
+        self.device = pick_device(config.device)
+        self._image_features, self._caption_features = image_features, caption_features
+        self.rng = random.Random(config.seed)
+        torch.manual_seed(config.seed)
+
+    # ---- preparation: features, alignment, identifiers, the initial LM (cached in the run dir)
+
+    @property
+    def prepared(self) -> Path:
+        return self.run_dir / "prepared"
+
+    def image_features(self) -> np.ndarray:
+        if self._image_features is None:
+            path = self.prepared / "image_features.npy"
+            if path.exists():
+                self._image_features = np.load(path)
+            else:
+                from .encoders import ImageEncoder
+
+                feats = ImageEncoder(device=str(self.device)).encode_paths(
+                    [self.catalog[k].path for k in self.keys], progress=self.progress)
+                np.save(path, feats)
+                self._image_features = feats
+        return self._image_features
+
+    def caption_pairs(self) -> tuple[list[str], np.ndarray]:
+        """Every training caption with the row of its image."""
+        texts, rows = [], []
+        for i, key in enumerate(self.keys):
+            for caption in self.captions.get(key, []):
+                texts.append(caption)
+                rows.append(i)
+        return texts, np.array(rows, dtype=np.int64)
+
+    def caption_features(self, texts: list[str]) -> np.ndarray:
+        path = self.prepared / "caption_features.npy"
+        if path.exists():
+            return np.load(path)
+        from .encoders import TextEncoder
+
+        feats = TextEncoder(device=str(self.device)).encode(texts, progress=self.progress)
+        np.save(path, feats)
+        return feats
+
+    def align(self):
+        """Two-tower on the catalog's own captions: the aligned space the semantic ids need."""
+        from .alignment import load_two_tower, save_two_tower, train_two_tower
+
+        path = self.prepared / "alignment.safetensors"
+        if path.exists():
+            return load_two_tower(path)
+        texts, rows = self.caption_pairs()
+        if not texts:
+            raise ValueError("the catalog has no captions: nothing to learn retrieval from")
+        tower = train_two_tower(self.image_features(), self.caption_features(texts), rows,
+                                dim=self.config.align_dim, epochs=self.config.align_epochs,
+                                seed=self.config.seed, device=str(self.device), progress=self.progress)
+        save_two_tower(tower, path)
+        return tower
+
+    def aligned_image_embeddings(self, tower) -> np.ndarray:
+        with torch.inference_mode():
+            feats = torch.from_numpy(self.image_features()).to(next(tower.parameters()).device)
+            return tower.embed_images(feats).float().cpu().numpy()
+
+    def assign_identifiers(self, embeddings: np.ndarray) -> IdentifierAssignment:
+        path = self.prepared / "identifiers.json"
+        if path.exists():
+            return IdentifierAssignment.from_json(json.loads(path.read_text()))
+        scheme = make_scheme(self.config.scheme, **self.config.scheme_options)
+        assignment = scheme.assign(self.keys, self.captions, embeddings)
+        path.write_text(json.dumps(assignment.to_json()))
+        return assignment
+
+    def initial_lm(self, identifiers: IdentifierAssignment):
+        from transformers import AutoTokenizer, LlamaForCausalLM
+
+        path = self.prepared / "lm_init"
+        if not (path / "config.json").exists():
+            lm, tokenizer = load_base()
+            lm = keep_first_layers(lm, self.config.num_layers)
+            if self.config.prune_vocab:
+                corpus = PROMPT_TEXTS + QUESTIONS_ABOUT_CONTENT + ["Yes.", "No.", " Yes.", " No.", "Is there a in this image?"]
+                corpus += [" " + c for cs in self.captions.values() for c in cs]
+                corpus += [c for cs in self.captions.values() for c in cs]
+                corpus += [t for t in identifiers.ids.values() if not t.startswith("<")]
+                lm, tokenizer = prune_vocabulary(lm, tokenizer, corpus)
+            lm, tokenizer = add_tokens(lm, tokenizer, identifiers.new_tokens)
+            lm.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+    # ---- tasks
+
+    def id_tokens(self, prompts: Prompts, identifiers: IdentifierAssignment) -> dict[str, list[int]]:
+        return {k: prompts.encode(identifiers.ids[k]) for k in self.keys}
+
+    def examples(self, stage: str, epoch: int, prompts: Prompts, ids: dict[str, list[int]],
+                 pseudo: dict[str, list[str]]) -> list[Example]:
+        rng = random.Random(zlib.crc32(f"{self.config.seed}/{stage}/{epoch}".encode()))
+        cfg = self.config
+        memorize = [Example(prompts.memorize(), ids[k] + [prompts.end], image=i) for i, k in enumerate(self.keys)]
+        out = list(memorize)
+        described = {**pseudo, **self.captions} if cfg.pseudo_queries == "captioner" else self.captions
+        if cfg.describe:
+            out += [Example(prompts.describe(ids[k]), prompts.answer(rng.choice(cs)))
+                    for k, cs in described.items() if cs]
+        if cfg.pseudo_queries == "captioner":
+            out += [Example(prompts.caption(), prompts.answer(rng.choice(self.captions[k])), image=i)
+                    for i, k in enumerate(self.keys) if self.captions.get(k)]
+        if stage == "retrieve":
+            out += [Example(prompts.retrieve(c), ids[k] + [prompts.end])
+                    for k, cs in {**pseudo, **self.captions}.items() for c in cs]
+            if cfg.ask:
+                out += self.ask_examples(rng, prompts, ids, described)
+        rng.shuffle(out)
+        return out
+
+    def ask_examples(self, rng, prompts, ids, described) -> list[Example]:
+        """Questions built from the captions: open ones answered by a caption, yes/no about objects."""
+        vocabulary = sorted({w for cs in described.values() for c in cs for w in content_words(c)})
+        out = []
+        for key, captions in described.items():
+            if not captions:
+                continue
+            caption = rng.choice(captions)
+            out.append(Example(prompts.ask(ids[key], rng.choice(QUESTIONS_ABOUT_CONTENT)), prompts.answer(caption)))
+            present = sorted({w for c in captions for w in content_words(c)})
+            if present:
+                word, answer = rng.choice(present), "Yes."
+                if rng.random() < 0.5 and vocabulary:
+                    absent = rng.choice(vocabulary)
+                    if absent not in present:
+                        word, answer = absent, "No."
+                question = f"Is there a {word} in this image?"
+                out.append(Example(prompts.ask(ids[key], question), prompts.answer(answer)))
+        return out
+
+    def pseudo_queries(self, model: MultimodalLM, prompts: Prompts, tower, embeddings) -> dict[str, list[str]]:
+        """Queries for images without captions, so retrieval is trained for every image."""
+        uncaptioned = [i for i, k in enumerate(self.keys) if not self.captions.get(k)]
+        mode = self.config.pseudo_queries
+        if mode == "none" or not uncaptioned:
+            return {}
+        path = self.prepared / f"pseudo_queries_{mode}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        out: dict[str, list[str]] = {}
+        if mode == "neighbors":
+            # the training captions nearest to the image in the aligned space
+            texts, rows = self.caption_pairs()
+            with torch.inference_mode():
+                feats = torch.from_numpy(self.caption_features(texts)).to(next(tower.parameters()).device)
+                text_emb = tower.embed_texts(feats).float().cpu().numpy()
+            sims = embeddings[uncaptioned] @ text_emb.T
+            for row, i in enumerate(uncaptioned):
+                best = np.argsort(-sims[row])[: self.config.pseudo_per_image]
+                out[self.keys[i]] = [texts[j] for j in best]
+        else:
+            model.eval()
+            feats = torch.from_numpy(self.image_features()).to(self.device)
+            for start in tqdm(range(0, len(uncaptioned), 64), desc="pseudo-captions", disable=not self.progress):
+                batch = uncaptioned[start : start + 64]
+                seqs = model.generate_from_images(feats[batch], prompts.caption(), 40, prompts.end)
+                for i, seq in zip(batch, seqs):
+                    text = prompts.decode_answer(seq)
+                    if text:
+                        out[self.keys[i]] = [normalize_caption(text)]
+            model.train()
+        path.write_text(json.dumps(out))
+        return out
+
+    # ---- the loop
+
+    def schedule(self) -> list[tuple[str, int]]:
+        cfg = self.config
+        return [("memorize", e) for e in range(cfg.memorize_epochs)] + [("retrieve", e) for e in range(cfg.retrieve_epochs)]
+
+    def train(self, dest: Path, name: str | None = None) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.prepared.mkdir(exist_ok=True)
+        config_path = self.run_dir / "config.json"
+        if config_path.exists() and json.loads(config_path.read_text()).get("fingerprint") != self.config.fingerprint():
+            raise ValueError(f"{self.run_dir} holds a run with another config; use another run dir or --fresh")
+        config_path.write_text(json.dumps({"fingerprint": self.config.fingerprint(), **self.config.model_dump()}, indent=1))
+
+        tower = self.align().to(self.device).eval()
+        embeddings = self.aligned_image_embeddings(tower)
+        identifiers = self.assign_identifiers(embeddings)
+        lm, tokenizer = self.initial_lm(identifiers)
+        prompts = Prompts(tokenizer)
+        ids = self.id_tokens(prompts, identifiers)
+        prefix = VisualPrefix(self.image_features().shape[1], lm.config.hidden_size, self.config.visual_tokens)
+        model = MultimodalLM(lm, prefix).to(self.device)
+        features = torch.from_numpy(self.image_features()).to(self.device)
+
+        schedule = self.schedule()
+        steps_per_epoch = {stage: math.ceil(len(self.examples(stage, 0, prompts, ids, {})) / self.config.batch_size)
+                           for stage in ("memorize", "retrieve")}
+        total_steps = sum(steps_per_epoch[s] for s, _ in schedule)
+        optimizer = torch.optim.AdamW([
+            {"params": model.lm.parameters(), "lr": self.config.lr},
+            {"params": model.prefix.parameters(), "lr": self.config.prefix_lr},
+        ], weight_decay=0.0)
+        base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+        checkpoint = self.run_dir / "checkpoint.pt"
+        done, step, history = 0, 0, []
+        if checkpoint.exists():
+            state = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            done, step, history = state["epochs_done"], state["step"], state["history"]
+            log.info("resuming %s after %d of %d epochs", self.run_dir, done, len(schedule))
+
+        pseudo: dict[str, list[str]] = {}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _no_autocast()
+        pad = prompts.end
+        model.train()
+        for index, (stage, epoch) in enumerate(schedule):
+            if stage == "retrieve" and not pseudo and self.config.pseudo_queries != "none":
+                pseudo = self.pseudo_queries(model, prompts, tower, embeddings)
+            if index < done:
+                continue
+            examples = self.examples(stage, epoch, prompts, ids, pseudo)
+            losses = []
+            bar = tqdm(range(0, len(examples), self.config.batch_size), desc=f"{stage} {epoch + 1}", disable=not self.progress)
+            for start in bar:
+                batch = model.collate(examples[start : start + self.config.batch_size], pad, self.device)
+                scale = min(1.0, (step + 1) / max(1, self.config.warmup_steps))
+                scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * max(scale, 0.05)
+                with autocast:
+                    loss = model.loss(batch, features)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                step += 1
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            history.append({"stage": stage, "epoch": epoch, "loss": float(np.mean(losses)), "examples": len(examples)})
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epochs_done": index + 1,
+                        "step": step, "history": history}, checkpoint)
+
+        model.eval()
+        dest = Path(dest)
+        manifest = {
+            "end_token": prompts.end,
+            "train_config": self.config.model_dump(),
+            "history": history,
+            "uncaptioned_images": sum(1 for k in self.keys if not self.captions.get(k)),
+            "pseudo_queries": {"mode": self.config.pseudo_queries, "images": len(pseudo)},
+            "versions": _versions(),
+        }
+        return save_model(dest, lm=model.lm, tokenizer=tokenizer, prefix=model.prefix, catalog=self.catalog,
+                          identifiers=identifiers, id_tokens=ids, two_tower=tower.cpu(), image_embeddings=embeddings,
+                          manifest=manifest)
+
+
+class _no_autocast:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def clear_run(run_dir: Path) -> None:
+    shutil.rmtree(run_dir, ignore_errors=True)
