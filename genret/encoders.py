@@ -78,6 +78,7 @@ class ImageEncoder:
         return torch.cat(out).numpy()
 
     def encode_paths(self, paths: Sequence[str | os.PathLike], batch_size: int = 64, progress: bool = True) -> np.ndarray:
+        paths = list(paths)
         out = [np.zeros((0, self.dim), np.float32)]
         for start in tqdm(range(0, len(paths), batch_size), desc="images", unit="batch", disable=not progress):
             batch = []

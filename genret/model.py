@@ -27,6 +27,9 @@ class VisualPrefix(nn.Module):
             nn.GELU(),
             nn.Linear(hidden, n_tokens * model_dim),
         )
+        # start near the scale of token embeddings, so the first steps do not wreck the LM
+        nn.init.normal_(self.mlp[-1].weight, std=0.02 / hidden**0.5)
+        nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp(features).view(-1, self.n_tokens, self.model_dim)
@@ -77,9 +80,18 @@ class MultimodalLM(nn.Module):
         return {k: v.to(device) for k, v in batch.items()}
 
     def loss(self, batch: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+        """Mean over examples of each example's mean target-token loss.
+
+        Averaging over all target tokens instead would let long captions (describe, ask)
+        outweigh the two or three tokens of an identifier, which is what retrieval needs most.
+        """
         embeds = self._embed(batch["tokens"], batch["images"], batch["has_image"], features)
-        out = self.lm(inputs_embeds=embeds, attention_mask=batch["mask"], labels=batch["labels"])
-        return out.loss
+        logits = self.lm(inputs_embeds=embeds, attention_mask=batch["mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        token_loss = nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        counts = (labels != IGNORE).sum(1).clamp(min=1)
+        return (token_loss.sum(1) / counts).mean()
 
     @torch.inference_mode()
     def generate_from_images(

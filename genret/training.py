@@ -59,6 +59,9 @@ class TrainConfig(BaseModel):
     batch_size: int = 32
     lr: float = 5e-4
     prefix_lr: float = 1e-3
+    # New id tokens start far from what the query states predict; a faster embedding/head
+    # escapes the "predict the id prior" plateau in tens of steps instead of hundreds.
+    embedding_lr: float = 1e-2
     warmup_steps: int = 20
     seed: int = 0
     device: str = "auto"
@@ -284,8 +287,10 @@ class Trainer:
         steps_per_epoch = {stage: math.ceil(len(self.examples(stage, 0, prompts, ids, {})) / self.config.batch_size)
                            for stage in ("memorize", "retrieve")}
         total_steps = sum(steps_per_epoch[s] for s, _ in schedule)
+        embedding = model.lm.get_input_embeddings().weight  # tied with the output head
         optimizer = torch.optim.AdamW([
-            {"params": model.lm.parameters(), "lr": self.config.lr},
+            {"params": [p for p in model.lm.parameters() if p is not embedding], "lr": self.config.lr},
+            {"params": [embedding], "lr": self.config.embedding_lr},
             {"params": model.prefix.parameters(), "lr": self.config.prefix_lr},
         ], weight_decay=0.0)
         base_lrs = [g["lr"] for g in optimizer.param_groups]

@@ -67,11 +67,11 @@ def synthetic():
     images = rng.normal(size=(n_images, 1280)).astype(np.float32)
     proj = rng.normal(size=(1280, 384)).astype(np.float32) / np.sqrt(1280)
     owner = np.repeat(np.arange(n_images), n_captions)
-    texts = images[owner] @ proj + 0.3 * rng.normal(size=(len(owner), 384)).astype(np.float32)
+    texts = images[owner] @ proj + 1.0 * rng.normal(size=(len(owner), 384)).astype(np.float32)
     texts /= np.linalg.norm(texts, axis=1, keepdims=True)
     held_out = np.arange(len(owner)) % n_captions == 0  # one caption per image never trained on
     model = train_two_tower(
-        images, texts[~held_out], owner[~held_out], dim=64, hidden=256, epochs=40, batch_size=128, device="cpu", progress=False
+        images, texts[~held_out], owner[~held_out], dim=64, hidden=256, epochs=15, batch_size=200, device="cpu", progress=False
     )
     return model, images, texts[held_out], owner[held_out]
 

@@ -1,0 +1,241 @@
+"""The HTTP API: search, describe, ask; health, readiness, metrics; the demo's images.
+
+The engine loads in the background after startup (vLLM takes a minute), so /healthz answers
+at once and /readyz says why the service is not ready yet. Every client mistake is a 4xx
+with a reason; a dependency that is down is a 503 with a reason; a slow request is a 504.
+"""
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager, suppress
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Path, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from genret.model_store import StoredModel
+
+from .engine import Engine, EngineError, InputTooLong, make_engine
+from .id_store import EmbeddedIdStore, IdStore, IdStoreUnavailable, RedisIdStore
+from .settings import Settings
+
+log = logging.getLogger("service")
+
+
+class SearchHit(BaseModel):
+    model_config = ConfigDict(extra="allow")  # further metadata from the id store passes through
+    image_id: str
+    url: str
+    score: float = Field(description="the id's log-probability given the query (higher is better)")
+    caption: str | None = None
+
+
+class SearchResponse(BaseModel):
+    query: str
+    model: str
+    results: list[SearchHit]
+
+
+class DescribeResponse(BaseModel):
+    image_id: str
+    description: str
+
+
+class AskResponse(BaseModel):
+    image_id: str
+    question: str
+    answer: str
+
+
+class Metrics:
+    """Per-app registry, so several apps (tests) can live in one process."""
+
+    def __init__(self, engine: Engine):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("genret_requests", "HTTP requests", ["endpoint", "method", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("genret_request_seconds", "HTTP request latency", ["endpoint"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        queue = Gauge("genret_engine_queue_depth", "engine calls waiting or running", registry=self.registry)
+        queue.set_function(lambda: engine.queue_depth)
+
+
+class Services:
+    """What the routes share: the model, the engine, the id store, and whether they are ready."""
+
+    def __init__(self, settings: Settings, engine: Engine, id_store: IdStore):
+        self.settings, self.engine, self.id_store = settings, engine, id_store
+        self.stored: StoredModel = engine.stored
+        self.model_name: str = self.stored.manifest["name"]
+        self.engine_ready = False
+        self.load_error: str | None = None
+
+    async def load(self) -> None:
+        try:
+            t = time.perf_counter()
+            await self.engine.start()
+            await self.engine.search("warm up", 1, 1)  # the first request compiles and allocates; not a user's
+            self.engine_ready = True
+            log.info("%s engine ready on model %s in %.1f s", self.engine.name, self.model_name, time.perf_counter() - t)
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.exception("the engine failed to load")
+
+    def require_engine(self) -> Engine:
+        if not self.engine_ready:
+            raise EngineError(self.load_error or f"the {self.engine.name} engine is still loading the model")
+        return self.engine
+
+    def require_known(self, image_id: str) -> None:
+        if image_id not in self.stored.id_tokens:
+            raise HTTPException(404, f"unknown image_id {image_id!r}: model {self.model_name!r} has not memorized it")
+
+    async def deadline(self, coro):
+        try:
+            return await asyncio.wait_for(coro, self.settings.request_timeout_s)
+        except TimeoutError:
+            raise HTTPException(504, f"the request took longer than {self.settings.request_timeout_s:g} s") from None
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None, id_store: IdStore | None = None) -> FastAPI:
+    """An engine or id store passed in belongs to the caller (tests share one vLLM engine
+    between apps): the app starts the engine if needed but closes only what it made."""
+    settings = settings or Settings()
+    own_engine, own_store = engine is None, id_store is None
+    if engine is None:
+        engine = make_engine(settings, StoredModel.open(settings.model_path))
+    if id_store is None:
+        id_store = (RedisIdStore(settings.redis_url, settings.id_store_namespace, settings.redis_timeout_s)
+                    if settings.redis_url else EmbeddedIdStore(engine.stored, settings.public_url))
+    services = Services(settings, engine, id_store)
+    metrics = Metrics(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading = asyncio.create_task(services.load())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with suppress(asyncio.CancelledError):
+                await loading
+            if own_engine:
+                await engine.close()
+            if own_store:
+                await id_store.close()
+
+    app = FastAPI(title="genret", description="Generative cross-modal retrieval: text -> memorized image ids, "
+                  "and descriptions / answers about an image from its id alone.", lifespan=lifespan)
+    app.state.services = services
+
+    # Built here because the limits come from the settings. (No `from __future__ import
+    # annotations` in this module: FastAPI must see these local classes, not their names.)
+    Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=settings.max_query_chars)]
+
+    class SearchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        query: Query
+        k: int = Field(settings.default_k, ge=1, le=settings.max_k)
+
+    class AskRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        image_id: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+        question: Query
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        t = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            metrics.requests.labels(endpoint, request.method, str(status)).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - t)
+
+    @app.exception_handler(IdStoreUnavailable)
+    async def id_store_unavailable(_: Request, e: IdStoreUnavailable):
+        return JSONResponse({"detail": f"id store unavailable: {e}"}, status_code=503)
+
+    @app.exception_handler(EngineError)
+    async def engine_unavailable(_: Request, e: EngineError):
+        return JSONResponse({"detail": f"engine unavailable: {e}"}, status_code=503)
+
+    @app.exception_handler(InputTooLong)
+    async def input_too_long(_: Request, e: InputTooLong):
+        return JSONResponse({"detail": str(e)}, status_code=422)
+
+    @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
+    async def search(body: SearchRequest) -> SearchResponse:
+        """Top-k catalog images for a text query, by the model's trie-constrained beam search."""
+        engine = services.require_engine()
+
+        async def run():
+            hits = await engine.search(body.query, body.k, max(settings.beams, body.k))
+            return hits, await id_store.lookup([h.key for h in hits])
+
+        hits, records = await services.deadline(run())
+        results = []
+        for h in hits:
+            # A key the active id map lacks (an image unpublished from Redis) is not returned.
+            if h.key in records:
+                try:
+                    results.append(SearchHit.model_validate({**records[h.key], "image_id": h.key, "score": h.score}))
+                except ValidationError as e:
+                    log.warning("id store record of %r is unusable, skipped: %s", h.key, e)
+        return SearchResponse(query=body.query, model=services.model_name, results=results)
+
+    @app.post("/describe/{image_id:path}", response_model=DescribeResponse)
+    async def describe(image_id: Annotated[str, Path(max_length=1000)]) -> DescribeResponse:
+        """A description of a memorized image, generated from its id alone."""
+        services.require_known(image_id)
+        engine = services.require_engine()
+        return DescribeResponse(image_id=image_id, description=await services.deadline(engine.describe(image_id)))
+
+    @app.post("/ask", response_model=AskResponse)
+    async def ask(body: AskRequest) -> AskResponse:
+        """An answer to a question about a memorized image, from its id alone."""
+        services.require_known(body.image_id)
+        engine = services.require_engine()
+        answer = await services.deadline(engine.ask(body.image_id, body.question))
+        return AskResponse(image_id=body.image_id, question=body.question, answer=answer)
+
+    @app.get("/healthz")
+    async def healthz():
+        """The process answers (it may still be loading the model: see /readyz)."""
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz():
+        """200 once the engine has loaded the model and the id store answers; 503 with the reason otherwise."""
+        if not services.engine_ready:
+            reason = services.load_error or f"the {engine.name} engine is loading model {services.model_name!r}"
+            return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        try:
+            store = await asyncio.wait_for(id_store.ping(), settings.redis_timeout_s + 1)
+        except (IdStoreUnavailable, TimeoutError) as e:
+            return JSONResponse({"status": "not ready", "reason": f"id store: {e or 'timed out'}"}, status_code=503)
+        return {"status": "ready", "model": services.model_name, "engine": engine.name, "id_store": store}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/images/{image_id:path}")
+    async def image(image_id: str):
+        """The catalog's image file, for the demo (URLs of the embedded id store point here)."""
+        if image_id not in services.stored.catalog or not services.stored.catalog[image_id].path.is_file():
+            raise HTTPException(404, f"no image {image_id!r} in model {services.model_name!r}")
+        return FileResponse(services.stored.catalog[image_id].path)
+
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return {"service": "genret", "model": services.model_name, "engine": engine.name, "docs": "/docs"}
+
+    return app

@@ -1,0 +1,91 @@
+"""The transformers engine: genret's reference decoder behind the async Engine interface.
+
+transformers' generate() blocks and the model is not meant to be driven from two threads,
+so every call runs on one dedicated worker thread: requests queue there in arrival order
+(that thread is the engine's one lock) and the event loop stays free for /healthz and the
+id store. No batching across requests: machines with traffic run vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from genret.decoding import Hit, TransformersEngine
+from genret.model_store import StoredModel
+
+from .engine import EngineError
+
+
+class HFEngine:
+    name = "transformers"
+
+    def __init__(self, stored: StoredModel, device: str | None = None, max_answer_tokens: int = 48):
+        self.stored = stored
+        self.device = device
+        self.max_answer_tokens = max_answer_tokens
+        self._engine: TransformersEngine | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genret-hf")
+        self._pending = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending
+
+    async def _run(self, fn, *args, **kwargs):
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
+        finally:
+            self._pending -= 1
+
+    async def start(self) -> None:
+        if self._engine is None:
+            self._engine = await self._run(TransformersEngine, self.stored, self.device)
+
+    async def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+        self._engine = None
+
+    @property
+    def engine(self) -> TransformersEngine:
+        if self._engine is None:
+            raise EngineError("the transformers engine is not loaded")
+        return self._engine
+
+    async def search(self, query: str, k: int, beams: int) -> list[Hit]:
+        if max(beams, k) == 1:
+            return await self._run(_greedy_search, self.engine, query)
+        [hits] = await self._run(self.engine.search, [query], k=k, beams=max(beams, k))
+        return hits
+
+    async def describe(self, key: str) -> str:
+        prompt = self.engine.prompts.describe(self.stored.id_tokens[key])
+        [text] = await self._run(self.engine.generate, [prompt], max_new_tokens=self.max_answer_tokens)
+        return text
+
+    async def ask(self, key: str, question: str) -> str:
+        prompt = self.engine.prompts.ask(self.stored.id_tokens[key], question)
+        [text] = await self._run(self.engine.generate, [prompt], max_new_tokens=self.max_answer_tokens)
+        return text
+
+
+@torch.inference_mode()
+def _greedy_search(engine: TransformersEngine, query: str) -> list[Hit]:
+    """beams=1: TransformersEngine.search runs generate() with num_beams=1, which is greedy search
+    and returns no `sequences_scores` (AttributeError). Same constrained path here, with the
+    score summed from the raw logits so it matches the beam scores' scale."""
+    prompt = engine.prompts.retrieve(query)
+    trie, end = engine.trie, engine.prompts.end
+    out = engine.lm.generate(
+        input_ids=torch.tensor([prompt], device=engine.device), max_new_tokens=trie.max_depth(), do_sample=False,
+        num_beams=1, prefix_allowed_tokens_fn=lambda _, seq: trie.allowed_next(seq[len(prompt):].tolist()) or [end],
+        output_logits=True, return_dict_in_generate=True, pad_token_id=end, eos_token_id=end,
+    )
+    tokens = out.sequences[0, len(prompt):].tolist()
+    score = sum(float(logits[0].float().log_softmax(-1)[t]) for logits, t in zip(out.logits, tokens))
+    key = trie.key_for(tokens[: tokens.index(end)] if end in tokens else tokens)
+    return [] if key is None else [Hit(key, score)]

@@ -1,0 +1,52 @@
+"""`python -m service.publish MODEL`: load a model's catalog into Redis as the active id map.
+
+Servers reading the same Redis and namespace serve the new mapping from their next request
+on; the switch is atomic (see service/id_store.py). Defaults come from the GENRET_* settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from .settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings()
+    parser = argparse.ArgumentParser(prog="python -m service.publish", description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default=settings.model, help="a name under model_store/ or a model folder")
+    parser.add_argument("--redis-url", default=settings.redis_url or "redis://127.0.0.1:6379/0")
+    parser.add_argument("--namespace", default=settings.id_store_namespace)
+    parser.add_argument("--url-template", default=settings.public_url + "/images/{key}",
+                        help="image URL; {key} is the image key, {name} its file name (both URL-quoted)")
+    args = parser.parse_args(argv)
+
+    from genret.model_store import ModelStoreError, StoredModel
+    from redis.exceptions import RedisError
+
+    from .id_store import catalog_records, connect, publish
+
+    async def run() -> str:
+        stored = StoredModel.open(Settings(model=args.model).model_path)
+        records = catalog_records(stored, args.url_template)
+        redis = connect(args.redis_url)
+        try:
+            version = await publish(redis, args.namespace, records, info={"model": stored.manifest["name"]})
+        finally:
+            await redis.aclose()
+        print(f"published {len(records)} images of model {stored.manifest['name']!r} "
+              f"as version {version} in namespace {args.namespace!r}")
+        return version
+
+    try:
+        asyncio.run(run())
+    except (ModelStoreError, RedisError, RuntimeError, KeyError, ValueError) as e:
+        print(f"publish: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Every knob of the service, typed, read from the environment (prefix GENRET_) in one place.
+
+Nothing else in service/ reads os.environ: a setting that is not here does not exist, and a
+bad value (GENRET_MAX_K=lots) stops the server at startup with the field's name instead of
+failing on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENRET_", extra="ignore")
+
+    # --- what to serve
+    model: str = Field("demo", description="a name under model_store/ or a path to a trained model folder")
+    model_store: Path = Field(REPO / "model_store", description="where model names are looked up")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="auto = vLLM when it is installed, else transformers")
+    device: str | None = Field(None, description="transformers engine device (default: cuda if available)")
+
+    # --- id store
+    redis_url: str | None = Field(None, description="None = the id map comes from the model's catalog.json")
+    id_store_namespace: str = "genret"
+    redis_timeout_s: float = Field(2.0, gt=0, description="a Redis call that takes longer is a 503, not a hang")
+    public_url: str = Field("http://localhost:8000", description="base of the image URLs the service serves itself")
+
+    # --- HTTP server
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: str = "info"
+
+    # --- requests
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1)
+    beams: int = Field(10, ge=1, description="beam width; a search uses max(beams, k)")
+    max_query_chars: int = Field(1000, ge=1)
+    max_answer_tokens: int = Field(48, ge=1, le=1024)
+    request_timeout_s: float = Field(30.0, gt=0)
+
+    # --- vLLM
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="on CPU: the fraction of RAM for the KV cache")
+    max_model_len: int = Field(2048, ge=64)
+    dtype: str = Field("auto", description="auto = float32 on CPU, bfloat16 on GPU")
+    enforce_eager: bool | None = Field(None, description="None = True on CPU (no graph capture there)")
+    max_num_seqs: int = Field(256, ge=1, description="the most sequences vLLM batches in one step")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k={self.default_k} exceeds max_k={self.max_k}")
+        self.public_url = self.public_url.rstrip("/")
+        return self
+
+    @property
+    def model_path(self) -> Path:
+        path = Path(self.model).expanduser()
+        return path if path.exists() or os.sep in self.model else self.model_store / self.model
+
+    def resolved_engine(self) -> str:
+        if self.engine != "auto":
+            return self.engine
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            return "transformers"
+        return "vllm"
+
+    def image_url(self, key: str) -> str:
+        from urllib.parse import quote
+
+        return f"{self.public_url}/images/{quote(key)}"

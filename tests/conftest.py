@@ -1,0 +1,49 @@
+"""Shared fixtures: one tiny model trained once per test session on part of the demo catalog.
+
+Everything is real: the demo images, the pretrained encoders and SmolLM2 (cut to its first
+layers and pruned to the catalog's tokens so a CPU trains it in a minute or two).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_IMAGES = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "coins.jpg", "horse.jpg", "moon.jpg",
+               "motorcycle.jpg", "rocket.jpg"]
+TINY_CONFIG = dict(scheme="structured", scheme_options={"branching": 4}, num_layers=2, memorize_epochs=4,
+                   retrieve_epochs=16, batch_size=16, lr=2e-3, prefix_lr=3e-3, align_epochs=20, warmup_steps=5)
+
+
+@pytest.fixture(scope="session")
+def demo_catalog(tmp_path_factory):
+    from genret.catalog import load_catalog
+    from genret.demo_catalog import write_demo_catalog
+
+    images, captions = write_demo_catalog(tmp_path_factory.mktemp("demo"))
+    return load_catalog(images, captions)
+
+
+@pytest.fixture(scope="session")
+def tiny_catalog(demo_catalog):
+    return demo_catalog.subset(TINY_IMAGES)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_catalog, tmp_path_factory):
+    """A trained tiny model (structured ids); GENRET_TEST_MODEL reuses one across runs."""
+    from genret.training import TrainConfig, Trainer
+
+    reuse = os.environ.get("GENRET_TEST_MODEL")
+    if reuse and (Path(reuse) / "manifest.json").exists():
+        return Path(reuse)
+    root = tmp_path_factory.mktemp("tiny_model")
+    dest = Path(reuse) if reuse else root / "model"
+    Trainer(tiny_catalog, TrainConfig(**TINY_CONFIG), root / "run", progress=False).train(dest)
+    return dest

@@ -1,0 +1,70 @@
+"""The core promise on a real (tiny) model: it memorizes its catalog and retrieves only real ids."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from genret.decoding import TransformersEngine
+from genret.evaluation import recall
+from genret.model_store import StoredModel
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return TransformersEngine(StoredModel.open(tiny_model_dir), device="cpu")
+
+
+def test_training_captions_retrieve_their_own_image(engine, tiny_catalog):
+    queries = [(c, img.key) for img in tiny_catalog for c in img.captions]
+    hits = []
+    for start in range(0, len(queries), 20):
+        hits += engine.search([q for q, _ in queries[start : start + 20]], k=5, beams=5)
+    scores = recall([[h.key for h in row] for row in hits], [t for _, t in queries], ks=(1, 5))
+    assert scores["R@1"] >= 0.9, scores
+
+
+def test_results_are_ranked_unique_catalog_images(engine, tiny_catalog):
+    [hits] = engine.search(["a cat lying on a blanket"], k=5, beams=5)
+    keys = [h.key for h in hits]
+    assert len(keys) == len(set(keys)) == 5
+    assert set(keys) <= set(tiny_catalog.keys())
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+words = st.lists(st.sampled_from("a the dog red sky moon of zebra 42 ü ??? space coffee cat #".split()), max_size=12)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(query=words.map(" ".join), k=st.integers(1, 8))
+def test_random_queries_never_yield_an_id_outside_the_catalog(engine, tiny_catalog, query, k):
+    [hits] = engine.search([query], k=k, beams=k)
+    assert 1 <= len(hits) <= k
+    assert all(h.key in tiny_catalog for h in hits)
+
+
+def test_a_subset_trie_only_returns_that_subset(engine, tiny_catalog):
+    subset = random.Random(0).sample(tiny_catalog.keys(), 3)
+    [hits] = engine.search(["a photo"], k=10, beams=10, trie=engine.stored.trie(subset))
+    assert {h.key for h in hits} == set(subset)
+
+
+def test_saved_model_reloads_with_the_same_top_k(engine, tiny_model_dir):
+    again = TransformersEngine(StoredModel.open(tiny_model_dir), device="cpu")
+    queries = ["a rocket at night", "an astronaut in a suit", "brown coffee"]
+    first = engine.search(queries, k=3, beams=3)
+    second = again.search(queries, k=3, beams=3)
+    assert [[h.key for h in row] for row in first] == [[h.key for h in row] for row in second]
+    for a, b in zip(first, second):
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+
+
+def test_describe_and_ask_answer_from_the_id_alone(engine, tiny_catalog):
+    key = "rocket.jpg"
+    description = engine.describe(key)
+    assert description and len(description) < 400
+    answer = engine.ask(key, "What is in this image?")
+    assert answer and len(answer) < 400

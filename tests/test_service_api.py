@@ -1,0 +1,211 @@
+"""The HTTP contract, over ASGI, on the tiny model with the transformers engine and the
+embedded id store: results, errors (4xx with reasons, never a 500), readiness, metrics."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from genret.model_store import StoredModel
+from service.app import create_app
+from service.engine_hf import HFEngine
+from service.settings import Settings
+from tests.service_helpers import Served, run  # noqa: F401  (fixture)
+
+MAX_K, MAX_CHARS = 8, 200
+SETTINGS = dict(max_k=MAX_K, default_k=3, beams=3, max_query_chars=MAX_CHARS, public_url="http://img.test")
+
+
+@pytest.fixture(scope="module")
+def engine(run, tiny_model_dir):
+    engine = HFEngine(StoredModel.open(tiny_model_dir), device="cpu")
+    run(engine.start())
+    yield engine
+    run(engine.close())
+
+
+@pytest.fixture(scope="module")
+def served(run, engine):
+    served = Served(run, create_app(Settings(**SETTINGS), engine=engine))
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def client(served):
+    return served.client
+
+
+def test_healthz_and_readyz(run, client):
+    assert run(client.get("/healthz")).json() == {"status": "alive"}
+    ready = run(client.get("/readyz"))
+    assert ready.status_code == 200
+    assert ready.json()["engine"] == "transformers" and "embedded" in ready.json()["id_store"]
+
+
+def test_search_returns_k_catalog_images_with_urls(run, client, tiny_catalog):
+    r = run(client.post("/search", json={"query": "an astronaut in an orange suit", "k": 4}))
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 4
+    keys = [hit["image_id"] for hit in results]
+    assert len(set(keys)) == 4 and set(keys) <= set(tiny_catalog.keys())
+    assert [hit["score"] for hit in results] == sorted((hit["score"] for hit in results), reverse=True)
+    for hit in results:
+        assert hit["url"] == f"http://img.test/images/{hit['image_id']}"
+        assert hit["caption"] == tiny_catalog[hit["image_id"]].captions[0]
+
+
+def test_default_k_and_the_image_urls_serve_the_catalog_files(run, client, tiny_catalog):
+    results = run(client.post("/search", json={"query": "a cup of coffee"})).json()["results"]
+    assert len(results) == SETTINGS["default_k"]
+    image = run(client.get(urlsplit(results[0]["url"]).path))
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert image.content == tiny_catalog[results[0]["image_id"]].path.read_bytes()
+
+
+def test_describe_and_ask_answer_from_the_id(run, client, engine):
+    r = run(client.post("/describe/rocket.jpg"))
+    assert r.status_code == 200, r.text
+    assert r.json()["image_id"] == "rocket.jpg"
+    assert r.json()["description"] == run(engine.describe("rocket.jpg")) != ""
+    r = run(client.post("/ask", json={"image_id": "moon.jpg", "question": "  What is in this image? "}))
+    assert r.status_code == 200, r.text
+    assert r.json()["question"] == "What is in this image?"
+    assert r.json()["answer"] == run(engine.ask("moon.jpg", "What is in this image?")) != ""
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("post", "/describe/no-such.jpg", None),
+    ("post", "/ask", {"image_id": "no-such.jpg", "question": "what?"}),
+    ("get", "/images/no-such.jpg", None),
+])
+def test_unknown_image_is_404_with_a_reason(run, client, method, path, body):
+    r = run(getattr(client, method)(path, **({"json": body} if body else {})))
+    assert r.status_code == 404
+    assert "no-such.jpg" in r.json()["detail"] or "no image" in r.json()["detail"]
+
+
+BAD_REQUESTS = [
+    ("/search", {"query": ""}, "at least 1 character"),
+    ("/search", {"query": "   \n "}, "at least 1 character"),
+    ("/search", {"query": "x" * (MAX_CHARS + 1)}, f"at most {MAX_CHARS} characters"),
+    ("/search", {"query": "a dog", "k": 0}, "greater than or equal to 1"),
+    ("/search", {"query": "a dog", "k": MAX_K + 1}, f"less than or equal to {MAX_K}"),
+    ("/search", {"query": "a dog", "k": "many"}, "valid integer"),
+    ("/search", {"query": "a dog", "k": 2.5}, "valid integer"),
+    ("/search", {"query": None}, "valid string"),
+    ("/search", {"k": 3}, "Field required"),
+    ("/search", {"query": "a dog", "beams": 3}, "Extra inputs"),
+    ("/search", [], "valid dictionary"),
+    ("/search", "a dog", "valid dictionary"),
+    ("/ask", {"image_id": "moon.jpg", "question": ""}, "at least 1 character"),
+    ("/ask", {"image_id": "", "question": "why?"}, "at least 1 character"),
+    ("/ask", {"question": "why?"}, "Field required"),
+]
+
+
+@pytest.mark.parametrize("path,body,reason", BAD_REQUESTS)
+def test_bad_requests_are_422_with_a_reason(run, client, path, body, reason):
+    r = run(client.post(path, json=body))
+    assert r.status_code == 422, r.text
+    assert reason in r.text
+
+
+@pytest.mark.parametrize("content,headers", [
+    (b'{"query": "a dog", "k": ', {"content-type": "application/json"}),
+    (b"\xff\xfe not json", {"content-type": "application/json"}),
+    (b"", {"content-type": "application/json"}),
+    (b"query=a+dog", {"content-type": "application/x-www-form-urlencoded"}),
+])
+def test_malformed_bodies_are_4xx_never_500(run, client, content, headers):
+    r = run(client.post("/search", content=content, headers=headers))
+    assert r.status_code in (400, 422), r.text  # 400: a body that is not even UTF-8
+    assert r.json()["detail"]
+
+
+def test_a_request_over_the_time_limit_is_504(run, engine):
+    slow = Served(run, create_app(Settings(**SETTINGS, request_timeout_s=0.001), engine=engine))
+    try:
+        r = run(slow.client.post("/search", json={"query": "a horse in a field", "k": 8}))
+        assert r.status_code == 504 and "longer than" in r.json()["detail"]
+        assert run(slow.client.get("/healthz")).status_code == 200
+    finally:
+        slow.close()
+
+
+def test_before_the_engine_is_loaded_it_is_alive_but_not_ready(run, tiny_model_dir):
+    import httpx
+
+    # No lifespan: the engine never starts, which is how a server looks while vLLM loads.
+    app = create_app(Settings(**SETTINGS), engine=HFEngine(StoredModel.open(tiny_model_dir), device="cpu"))
+
+    async def probe():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return [await c.get("/healthz"), await c.get("/readyz"), await c.post("/search", json={"query": "a"}),
+                    await c.post("/describe/moon.jpg")]
+
+    health, ready, search, describe = run(probe())
+    assert health.status_code == 200
+    assert ready.status_code == 503 and "loading" in ready.json()["reason"]
+    assert search.status_code == describe.status_code == 503 and "loading" in search.json()["detail"]
+
+
+def test_metrics_count_requests_per_endpoint(run, client):
+    run(client.post("/search", json={"query": "coins", "k": 2}))
+    run(client.post("/search", json={"query": ""}))
+    run(client.post("/describe/nope.jpg"))
+    text = run(client.get("/metrics")).text
+
+    def value(pattern):
+        match = re.search("^" + pattern + r" (\S+)$", text, re.M)
+        assert match, f"{pattern} not in /metrics"
+        return float(match.group(1))
+
+    assert value(r'genret_requests_total\{endpoint="/search",method="POST",status="200"\}') >= 1
+    assert value(r'genret_requests_total\{endpoint="/search",method="POST",status="422"\}') >= 1
+    assert value(r'genret_requests_total\{endpoint="/describe/\{image_id:path\}",method="POST",status="404"\}') >= 1
+    assert value(r'genret_request_seconds_count\{endpoint="/search"\}') >= 2
+    assert value(r"genret_engine_queue_depth") == 0
+    assert "/docs" in run(client.get("/")).text and run(client.get("/openapi.json")).status_code == 200
+
+
+words = st.lists(st.sampled_from("a the dog red sky moon of zebra 42 ü ??? space coffee cat # \n {} ".split(" ")),
+                 min_size=1, max_size=12)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(query=words.map(" ".join), k=st.integers(1, MAX_K))
+def test_random_queries_only_ever_return_catalog_ids(run, client, tiny_catalog, query, k):
+    r = run(client.post("/search", json={"query": query, "k": k}))
+    if not query.strip():
+        assert r.status_code == 422
+        return
+    assert r.status_code == 200, r.text
+    keys = [hit["image_id"] for hit in r.json()["results"]]
+    assert 1 <= len(keys) <= k and len(set(keys)) == len(keys)
+    assert set(keys) <= set(tiny_catalog.keys())
+
+
+def test_settings_come_from_the_environment_typed(monkeypatch, tmp_path):
+    monkeypatch.setenv("GENRET_MAX_K", "17")
+    monkeypatch.setenv("GENRET_REDIS_URL", "redis://example:6379/1")
+    monkeypatch.setenv("GENRET_MODEL", str(tmp_path))
+    s = Settings()
+    assert (s.max_k, s.redis_url, s.model_path) == (17, "redis://example:6379/1", tmp_path)
+    assert Settings(model="demo").model_path == s.model_store / "demo"
+    monkeypatch.setenv("GENRET_MAX_K", "lots")
+    with pytest.raises(ValidationError, match="max_k"):
+        Settings()
+
+
+def test_a_missing_model_fails_at_startup_with_its_path(tmp_path):
+    from genret.model_store import ModelStoreError
+
+    with pytest.raises(ModelStoreError, match="not a trained model"):
+        create_app(Settings(model=str(tmp_path), engine="transformers"))

@@ -1,0 +1,211 @@
+"""The Redis id store on a real Redis: publish, the atomic version switch under concurrent
+readers, a running server picking up a new version, and 503 -> recovery when Redis goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+import redis.asyncio as aioredis
+
+from genret.model_store import StoredModel
+from service.app import create_app
+from service.engine_hf import HFEngine
+from service.id_store import IdStoreUnavailable, RedisIdStore, catalog_records, publish
+from service.settings import Settings
+from tests.service_helpers import REDIS_URL, RedisServer, Served, namespace, run  # noqa: F401  (fixtures)
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def stored(tiny_model_dir):
+    return StoredModel.open(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(run, stored):
+    engine = HFEngine(stored, device="cpu")
+    run(engine.start())
+    yield engine
+    run(engine.close())
+
+
+def records(stored, host: str) -> dict[str, dict]:
+    return catalog_records(stored, f"https://{host}/img/{{key}}")
+
+
+async def publish_to(url: str, ns: str, recs: dict[str, dict]) -> str:
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        return await publish(client, ns, recs)
+    finally:
+        await client.aclose()
+
+
+def test_publish_then_lookup(run, stored, namespace):
+    version = run(publish_to(REDIS_URL, namespace, records(stored, "cdn1")))
+    store = RedisIdStore(REDIS_URL, namespace)
+    try:
+        found = run(store.lookup(["moon.jpg", "rocket.jpg", "not-there.jpg"]))
+        assert found == {k: {"url": f"https://cdn1/img/{k}", "caption": stored.catalog[k].captions[0]}
+                         for k in ["moon.jpg", "rocket.jpg"]}
+        assert f"version {version}" in run(store.ping())
+    finally:
+        run(store.close())
+
+
+def test_republishing_switches_atomically_under_concurrent_readers(run, stored, namespace):
+    keys = stored.catalog.keys()
+    run(publish_to(REDIS_URL, namespace, records(stored, "cdn0")))
+    store = RedisIdStore(REDIS_URL, namespace)
+    seen_hosts = []
+
+    async def read_until(done: asyncio.Event):
+        while not done.is_set():
+            found = await store.lookup(keys)
+            hosts = {record["url"].split("/")[2] for record in found.values()}
+            assert set(found) == set(keys), "a lookup lost mappings"
+            assert len(hosts) == 1, f"a lookup mixed versions: {hosts}"
+            seen_hosts.append(hosts.pop())
+            await asyncio.sleep(0)
+
+    async def republish(done: asyncio.Event):
+        for i in range(1, 16):
+            await publish_to(REDIS_URL, namespace, records(stored, f"cdn{i}"))
+            await asyncio.sleep(0.002)
+        done.set()
+
+    async def scenario():
+        done = asyncio.Event()
+        await asyncio.gather(republish(done), *(read_until(done) for _ in range(4)))
+        return await store.lookup(keys)
+
+    try:
+        final = run(scenario())
+    finally:
+        run(store.close())
+    assert {record["url"].split("/")[2] for record in final.values()} == {"cdn15"}
+    assert len(set(seen_hosts)) > 2, "the readers never overlapped a switch"
+    # Only the active version and the one before it are kept.
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    assert sorted(r.scan_iter(match=f"{namespace}:v:*")) == [f"{namespace}:v:15", f"{namespace}:v:16"]
+
+
+def test_concurrent_publishers_never_move_the_pointer_back(run, stored, namespace):
+    async def both():
+        return await asyncio.gather(*(publish_to(REDIS_URL, namespace, records(stored, f"p{i}")) for i in range(2)),
+                                    return_exceptions=True)
+
+    outcomes = run(both())
+    won = [int(v) for v in outcomes if isinstance(v, str)]
+    assert won and all(isinstance(o, (str, RuntimeError)) for o in outcomes)
+    store = RedisIdStore(REDIS_URL, namespace)
+    try:
+        assert f"version {max(won)}" in run(store.ping())
+        assert len(run(store.lookup(stored.catalog.keys()))) == len(stored.catalog)
+    finally:
+        run(store.close())
+
+
+def test_publish_cli(stored, namespace):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "service.publish", *args], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    done = cli(str(stored.path), "--redis-url", REDIS_URL, "--namespace", namespace,
+               "--url-template", "https://cdn.example.com/{name}")
+    assert done.returncode == 0, done.stderr
+    assert "published 8 images" in done.stdout
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    version = r.get(f"{namespace}:active")
+    assert '"url": "https://cdn.example.com/moon.jpg"' in r.hget(f"{namespace}:v:{version}", "moon.jpg")
+    failed = cli("/no/such/model", "--redis-url", REDIS_URL, "--namespace", namespace)
+    assert failed.returncode == 2 and "not a trained model" in failed.stderr
+    failed = cli(str(stored.path), "--redis-url", "redis://127.0.0.1:1/0", "--namespace", namespace)
+    assert failed.returncode == 2 and "ConnectionError" in failed.stderr
+
+
+def test_a_running_server_serves_each_new_version(run, engine, stored, namespace):
+    run(publish_to(REDIS_URL, namespace, records(stored, "old")))
+    served = Served(run, create_app(Settings(redis_url=REDIS_URL, id_store_namespace=namespace), engine=engine))
+    try:
+        search = lambda: run(served.client.post("/search", json={"query": "the moon at night", "k": 3})).json()
+        assert {hit["url"].split("/")[2] for hit in search()["results"]} == {"old"}
+        run(publish_to(REDIS_URL, namespace, records(stored, "new")))
+        assert {hit["url"].split("/")[2] for hit in search()["results"]} == {"new"}
+        # An image unpublished from the id map is no longer returned.
+        unpublished = {k: r for k, r in records(stored, "newer").items() if k != "moon.jpg"}
+        run(publish_to(REDIS_URL, namespace, unpublished))
+        assert "moon.jpg" not in {hit["image_id"] for hit in search()["results"]}
+        assert "redis" in run(served.client.get("/readyz")).json()["id_store"]
+    finally:
+        served.close()
+
+
+def test_nothing_published_is_503_with_the_fix(run, engine, namespace):
+    served = Served.__new__(Served)  # not via Served(): it waits for /readyz, which is the point here
+    app = create_app(Settings(redis_url=REDIS_URL, id_store_namespace=namespace), engine=engine)
+    import httpx
+
+    async def probe():
+        async with app.router.lifespan_context(app):
+            while not app.state.services.engine_ready:
+                await asyncio.sleep(0.05)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return await c.get("/readyz"), await c.post("/search", json={"query": "a horse"})
+
+    del served
+    ready, search = run(probe())
+    assert ready.status_code == search.status_code == 503
+    assert "nothing is published" in search.json()["detail"] and "service.publish" in search.json()["detail"]
+
+
+def test_redis_down_is_503_and_the_service_recovers_by_itself(run, engine, stored, tmp_path):
+    redis_server = RedisServer(tmp_path).start()
+    try:
+        run(publish_to(redis_server.url, "genret", records(stored, "cdn")))
+        settings = Settings(redis_url=redis_server.url, redis_timeout_s=0.5)
+        served = Served(run, create_app(settings, engine=engine))
+        try:
+            client = served.client
+            search = lambda: run(client.post("/search", json={"query": "a cup of coffee", "k": 2}))
+            assert search().status_code == 200
+
+            redis_server.stop()  # refused connections
+            down = search()
+            assert down.status_code == 503 and "Redis is unavailable" in down.json()["detail"]
+            assert run(client.get("/readyz")).status_code == 503
+            assert run(client.get("/healthz")).status_code == 200
+
+            redis_server.start()  # same port, data kept: no restart, no re-publish
+            assert search().status_code == 200
+            assert run(client.get("/readyz")).status_code == 200
+
+            redis_server.freeze()  # a hung Redis: the socket timeout turns it into a 503, not a hang
+            try:
+                hung = search()
+                assert hung.status_code == 503 and "Timeout" in hung.json()["detail"]
+            finally:
+                redis_server.thaw()
+            recovered = search()
+            assert recovered.status_code == 200 and len(recovered.json()["results"]) == 2
+        finally:
+            served.close()
+    finally:
+        redis_server.stop()
+
+
+def test_store_errors_are_typed(run):
+    store = RedisIdStore("redis://127.0.0.1:1/0", "x", timeout_s=0.5)
+    try:
+        with pytest.raises(IdStoreUnavailable, match="Redis is unavailable"):
+            run(store.lookup(["a"]))
+    finally:
+        run(store.close())
