@@ -55,11 +55,11 @@ class TransformersEngine:
         out = self.lm.generate(
             input_ids=ids, attention_mask=mask, num_beams=beams, num_return_sequences=beams,
             max_new_tokens=trie.max_depth(), prefix_allowed_tokens_fn=allowed, do_sample=False,
-            length_penalty=0.0, early_stopping=True, output_scores=True, return_dict_in_generate=True,
-            pad_token_id=end, eos_token_id=end,
+            length_penalty=0.0, early_stopping=True, output_scores=True, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=end, eos_token_id=end,
         )
         sequences = out.sequences[:, width:].tolist()
-        scores = out.sequences_scores.tolist()
+        scores = out.sequences_scores.tolist() if beams > 1 else _greedy_scores(out, width, end)
         results = []
         for q in range(len(queries)):
             hits, seen = [], set()
@@ -83,6 +83,15 @@ class TransformersEngine:
 
     def ask(self, key: str, question: str) -> str:
         return self.generate([self.prompts.ask(self.stored.id_tokens[key], question)])[0]
+
+
+def _greedy_scores(out, width: int, end: int) -> list[float]:
+    """Log-probability of each greedy sequence, on the same scale as beam search's scores."""
+    chosen = out.sequences[:, width:]
+    logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+    token_lp = logprobs.gather(-1, chosen[:, : logprobs.shape[1], None]).squeeze(-1)
+    finished = (chosen == end).int().cumsum(1) - (chosen == end).int()  # steps after the end token
+    return token_lp.masked_fill(finished[:, : token_lp.shape[1]] > 0, 0.0).sum(1).tolist()
 
 
 def _until_end(sequence: list[int], end: int) -> list[int]:

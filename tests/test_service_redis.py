@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,7 +18,7 @@ from service.id_store import IdStoreUnavailable, RedisIdStore, catalog_records, 
 from service.settings import Settings
 from tests.service_helpers import REDIS_URL, RedisServer, Served, namespace, run  # noqa: F401  (fixtures)
 
-REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -150,18 +151,17 @@ def test_a_running_server_serves_each_new_version(run, engine, stored, namespace
 
 
 def test_nothing_published_is_503_with_the_fix(run, engine, namespace):
-    served = Served.__new__(Served)  # not via Served(): it waits for /readyz, which is the point here
-    app = create_app(Settings(redis_url=REDIS_URL, id_store_namespace=namespace), engine=engine)
     import httpx
 
-    async def probe():
+    app = create_app(Settings(redis_url=REDIS_URL, id_store_namespace=namespace), engine=engine)
+
+    async def probe():  # not via Served: that waits for /readyz, which is what this checks
         async with app.router.lifespan_context(app):
             while not app.state.services.engine_ready:
                 await asyncio.sleep(0.05)
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
                 return await c.get("/readyz"), await c.post("/search", json={"query": "a horse"})
 
-    del served
     ready, search = run(probe())
     assert ready.status_code == search.status_code == 503
     assert "nothing is published" in search.json()["detail"] and "service.publish" in search.json()["detail"]
