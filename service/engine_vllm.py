@@ -31,8 +31,9 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-# vLLM returns the log-probs of named tokens (`logprob_token_ids`) for at most this many;
-# a wider trie node (atomic ids: one token per image) asks for the whole vocabulary's instead.
+# vLLM returns the log-probs of at most this many named tokens (`logprob_token_ids`) per request
+# (vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS); it is also far below the 1024 allowed_token_ids
+# that vLLM's GPU model runner accepts.
 MAX_LISTED_TOKENS = 128
 
 
@@ -68,7 +69,7 @@ class VLLMEngine:
             max_model_len=s.max_model_len,
             max_num_seqs=s.max_num_seqs,
             enable_prefix_caching=True,  # every beam step repeats the query prompt
-            max_logprobs=-1,  # wide trie nodes ask for the whole vocabulary's log-probs
+            max_logprobs=MAX_LISTED_TOKENS,
             logprobs_mode="raw_logprobs",  # before the allowed-token mask: transformers' scale
             disable_log_stats=True,
             seed=0,
@@ -108,21 +109,26 @@ class VLLMEngine:
                                f"the engine's max_model_len={self.settings.max_model_len}")
 
     async def next_logprobs(self, prompt: list[int], allowed: list[int]) -> dict[int, float]:
-        """One forward pass: the log-probability of each allowed next token."""
+        """The log-probability of each allowed next token after `prompt`."""
+        n = self.max_listed_tokens
+        if len(allowed) <= n:
+            return await self._listed_logprobs(prompt, allowed)
+        # A wide node (atomic ids: one token per image) takes several requests on the same
+        # prompt; prefix caching computes the prompt once and vLLM batches them.
+        parts = await asyncio.gather(*(self._listed_logprobs(prompt, allowed[i:i + n]) for i in range(0, len(allowed), n)))
+        return {t: lp for part in parts for t, lp in part.items()}
+
+    async def _listed_logprobs(self, prompt: list[int], tokens: list[int]) -> dict[int, float]:
+        # Only `logprob_token_ids`, never `logprobs=N`: vLLM 0.32 gives a logprobs=N request that
+        # shares a batch with a logprob_token_ids one only its sampled token's log-prob.
+        # allowed_token_ids does not change the scores; it keeps even the token that vLLM
+        # samples (and that is ignored) inside the trie.
         from vllm import SamplingParams
 
-        if len(allowed) <= self.max_listed_tokens:
-            # allowed_token_ids is not needed for the scores, but it keeps even the token vLLM
-            # samples (and ignores) inside the trie.
-            params = SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=allowed,
-                                    logprob_token_ids=allowed, detokenize=False)
-            [position] = (await self._generate(prompt, params)).logprobs
-            return {t: position[t].logprob for t in allowed}
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True, detokenize=False)
-        flat = (await self._generate(prompt, params)).logprobs
-        row = dict(zip(flat.token_ids[flat.start_indices[0]:flat.end_indices[0]],
-                       flat.logprobs[flat.start_indices[0]:flat.end_indices[0]]))
-        return {t: row[t] for t in allowed}
+        params = SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=tokens, logprob_token_ids=tokens,
+                                detokenize=False)
+        [position] = (await self._generate(prompt, params)).logprobs
+        return {t: position[t].logprob for t in tokens}
 
     async def search(self, query: str, k: int, beams: int) -> list[Hit]:
         trie, end = self.trie, self.end

@@ -56,7 +56,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.default_k > self.max_k:
-            raise ValueError(f"default_k={self.default_k} exceeds max_k={self.max_k}")
+            if "default_k" in self.model_fields_set:
+                raise ValueError(f"default_k={self.default_k} exceeds max_k={self.max_k}")
+            self.default_k = self.max_k
         self.public_url = self.public_url.rstrip("/")
         return self
 

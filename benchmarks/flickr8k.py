@@ -1,0 +1,215 @@
+"""The benchmark that decides: generative retrieval vs a dense two-tower on Flickr8k.
+
+Protocol (GRACE's): every catalog image is memorized (image -> id); retrieval is trained on
+the train split's captions only; the test split's captions are the queries, and test images
+are never trained on with their captions. Recall@1/5/10 is reported over the test images and
+over the whole catalog, for each identifier scheme and for the dense baseline built from the
+same encoders (EfficientNet image features, MiniLM text features, contrastive heads trained
+on the same train captions) on the same machine.
+
+    python benchmarks/flickr8k.py --setting cpu            # reduced: minutes per scheme on a CPU
+    python benchmarks/flickr8k.py --setting gpu            # the full protocol (8,091 images)
+
+Every step writes its result and every training run checkpoints each epoch, so the same
+command resumes after an interruption (a GPU call cut at its time limit, say). Results:
+<out>/results.json, <out>/results.md and <out>/recall.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = Path(os.environ.get("GENRET_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
+
+# name -> (train images, test images, training config, evaluation beams)
+SETTINGS = {
+    "cpu": dict(train_images=400, test_images=100, beams=10, config=dict(
+        num_layers=2, memorize_epochs=3, retrieve_epochs=6, batch_size=32, lr=2e-3, prefix_lr=3e-3,
+        embedding_lr=1e-2, describe=False, ask=False, align_epochs=40)),
+    "gpu": dict(train_images=None, test_images=None, beams=20, config=dict(
+        num_layers=None, memorize_epochs=3, retrieve_epochs=8, batch_size=128, lr=3e-4, prefix_lr=1e-3,
+        embedding_lr=3e-3, describe=True, ask=True, align_epochs=40)),
+}
+# scheme runs: name -> (scheme, options, pseudo-query mode)
+RUNS = {
+    "string": ("string", {}, "none"),
+    "numeric": ("numeric", {}, "none"),
+    "semantic": ("semantic", {}, "none"),
+    "structured": ("structured", {"branching": 32}, "none"),
+    "structured+pq": ("structured", {"branching": 32}, "neighbors"),
+    "atomic": ("atomic", {}, "none"),
+    "rq": ("rq", {"levels": 3, "codebook_size": 64}, "none"),
+    "rq+pq": ("rq", {"levels": 3, "codebook_size": 64}, "neighbors"),
+}
+
+
+def build_catalog(data: Path, setting: dict, seed: int = 0):
+    """The catalog as the trainer sees it (test captions removed) and the test queries."""
+    from genret.catalog import load_catalog, read_split
+
+    full = load_catalog(data / "images", data / "captions.csv", duplicates="keep", verify_images=False)
+    train, dev, test = (read_split(data / "splits" / f"{s}.txt") for s in ("train", "dev", "test"))
+    rng = random.Random(seed)
+    if setting["train_images"]:
+        train = sorted(rng.sample(train, setting["train_images"]))
+        test = sorted(rng.sample(test, setting["test_images"]))
+        catalog = full.subset(train + test)
+    else:
+        catalog = full
+    held_out = [k for k in catalog.keys() if k not in set(train)]
+    queries = [(c, k) for k in test for c in full[k].captions]
+    return catalog.without_captions_for(held_out), queries, test
+
+
+def dense_baseline(trainer, queries, test_keys, keys) -> dict:
+    import torch
+
+    from genret.alignment import dense_rank
+    from genret.encoders import TextEncoder
+    from genret.evaluation import recall
+
+    tower = trainer.align().cpu().eval()
+    with torch.inference_mode():
+        image_emb = tower.embed_images(torch.from_numpy(trainer.image_features())).numpy()
+        text_feats = TextEncoder(device="cpu").encode([q for q, _ in queries])
+        query_emb = tower.embed_texts(torch.from_numpy(text_feats)).numpy()
+    targets = [t for _, t in queries]
+    out = {}
+    for scope, subset in (("test", test_keys), ("catalog", keys)):
+        rows = np.array([keys.index(k) for k in subset])
+        started = time.perf_counter()
+        ranked, _ = dense_rank(query_emb, image_emb[rows], k=10)
+        seconds = time.perf_counter() - started
+        out[scope] = {**recall([[subset[i] for i in r] for r in ranked], targets), "candidates": len(subset),
+                      "seconds_per_query": seconds / len(queries)}
+    return out
+
+
+def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_prepared: Path) -> dict:
+    from genret.decoding import EmbeddingReranker, TransformersEngine
+    from genret.evaluation import evaluate_generative
+    from genret.model_store import StoredModel
+    from genret.training import TrainConfig, Trainer
+
+    result_path = out / "runs" / name / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    scheme, options, pseudo = RUNS[name]
+    config = TrainConfig(scheme=scheme, scheme_options=options, pseudo_queries=pseudo, **setting["config"])
+    run_dir = out / "runs" / name
+    prepared = run_dir / "prepared"
+    prepared.mkdir(parents=True, exist_ok=True)
+    for shared in shared_prepared.iterdir():  # features and alignment are the same for every scheme
+        if not (prepared / shared.name).exists():
+            shutil.copy(shared, prepared / shared.name)
+    started = time.perf_counter()
+    model_dir = Trainer(catalog, config, run_dir).train(run_dir / "model")
+    train_seconds = time.perf_counter() - started
+    stored = StoredModel.open(model_dir)
+    engine = TransformersEngine(stored)
+    reranker = EmbeddingReranker(stored, device=engine.device)
+    result = {"scheme": scheme, "options": options, "pseudo_queries": pseudo, "train_seconds": train_seconds,
+              "train_history": stored.manifest["history"]}
+    for scope, candidates in (("test", test_keys), ("catalog", None)):
+        result[scope] = evaluate_generative(engine, queries, candidates=candidates, beams=setting["beams"],
+                                            reranker=reranker)
+    result_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def write_report(out: Path, results: dict, meta: dict) -> None:
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    lines = [f"# Flickr8k generative retrieval ({meta['setting']} setting)", "",
+             f"catalog {meta['catalog_images']} images, {meta['train_captions']} training captions, "
+             f"{meta['queries']} test queries over {meta['test_images']} test images; beams {meta['beams']}; "
+             f"machine: {meta['machine']}", "",
+             "| approach | test R@1 | test R@5 | test R@10 | catalog R@1 | catalog R@5 | catalog R@10 | "
+             "test R@10 reranked | s/query |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        t, c = r["test"], r["catalog"]
+        rr = t.get("reranked", {}).get("R@10")
+        lines.append(f"| {name} | {t['R@1']:.3f} | {t['R@5']:.3f} | {t['R@10']:.3f} | {c['R@1']:.3f} | "
+                     f"{c['R@5']:.3f} | {c['R@10']:.3f} | {'' if rr is None else f'{rr:.3f}'} | "
+                     f"{t['seconds_per_query']:.4f} |")
+    lines += ["", f"Reproduce: `{meta['command']}`"]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 4))
+    for i, k in enumerate(("R@1", "R@5", "R@10")):
+        ax.bar(np.arange(len(names)) + (i - 1) * 0.27, [results[n]["test"][k] for n in names], 0.27, label=k)
+    ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("recall over test images")
+    ax.set_title(f"Flickr8k, {meta['setting']} setting")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "recall.png", dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--schemes", nargs="+", choices=sorted(RUNS), default=list(RUNS))
+    args = parser.parse_args()
+    if not (args.data / "captions.csv").exists():
+        print(f"flickr8k: no data at {args.data} (set GENRET_FLICKR8K)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from genret.training import TrainConfig, Trainer
+
+    setting = SETTINGS[args.setting]
+    out = args.out or REPO / "benchmarks" / "results" / f"flickr8k-{args.setting}"
+    out.mkdir(parents=True, exist_ok=True)
+    catalog, queries, test_keys = build_catalog(args.data, setting)
+    keys = catalog.keys()
+
+    # features and the two-tower, computed once and shared by the baseline and every scheme
+    base = Trainer(catalog, TrainConfig(**setting["config"]), out / "shared")
+    base.prepared.mkdir(parents=True, exist_ok=True)
+    base.image_features()
+    base.caption_features(base.caption_pairs()[0])
+    base.align()
+
+    results = {}
+    dense_path = out / "dense.json"
+    if not dense_path.exists():
+        dense_path.write_text(json.dumps(dense_baseline(base, queries, test_keys, keys), indent=1))
+    results["dense two-tower"] = json.loads(dense_path.read_text())
+    meta = {"setting": args.setting, "catalog_images": len(catalog), "test_images": len(test_keys),
+            "train_captions": len(base.caption_pairs()[0]), "queries": len(queries), "beams": setting["beams"],
+            "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores",
+            "command": "python benchmarks/flickr8k.py " + " ".join(sys.argv[1:])}
+    for name in args.schemes:
+        results[name] = run_scheme(name, catalog, queries, test_keys, setting, out, base.prepared)
+        write_report(out, results, meta)
+        print(f"{name}: test {results[name]['test']}", flush=True)
+    write_report(out, results, meta)
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""A real vLLM engine (one per module; ~1 min to start on a CPU) on the tiny model, over HTTP:
+only catalog ids ever, the same results as the transformers engine, batching under load.
+
+Deselect with `-m "not vllm"` on machines without vLLM (they skip anyway)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("vllm")
+
+from genret.model_store import StoredModel  # noqa: E402
+from service.app import create_app  # noqa: E402
+from service.engine_hf import HFEngine  # noqa: E402
+from service.engine_vllm import VLLMEngine  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from tests.service_helpers import Served, run  # noqa: E402,F401  (fixture)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+MAX_MODEL_LEN = 512
+SETTINGS = Settings(gpu_memory_utilization=0.15, max_model_len=MAX_MODEL_LEN, max_k=8, beams=3,
+                    public_url="http://img.test")
+QUERIES = ["a rocket at night", "an astronaut in an orange suit", "a cup of brown coffee", "a cat on a blanket",
+           "old coins on a table", "the full moon", "a horse in a field", "a red motorcycle", "zebra 42 ü ???"]
+
+
+@pytest.fixture(scope="module")
+def stored(tiny_model_dir):
+    return StoredModel.open(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(run, stored):
+    engine = VLLMEngine(stored, SETTINGS)
+    run(engine.start())
+    yield engine
+    run(engine.close())
+
+
+@pytest.fixture(scope="module")
+def hf_engine(run, stored):
+    engine = HFEngine(stored, device="cpu")
+    run(engine.start())
+    yield engine
+    run(engine.close())
+
+
+@pytest.fixture(scope="module")
+def client(run, vllm_engine):
+    served = Served(run, create_app(SETTINGS, engine=vllm_engine))
+    yield served.client
+    served.close()
+
+
+def test_search_over_http(run, client, tiny_catalog):
+    assert run(client.get("/readyz")).json()["engine"] == "vllm"
+    r = run(client.post("/search", json={"query": "an astronaut in an orange suit", "k": 5}))
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    keys = [hit["image_id"] for hit in results]
+    assert len(keys) == len(set(keys)) == 5 and set(keys) <= set(tiny_catalog.keys())
+    assert [hit["score"] for hit in results] == sorted((hit["score"] for hit in results), reverse=True)
+    assert all(hit["url"] == f"http://img.test/images/{hit['image_id']}" for hit in results)
+
+
+def test_greedy_top1_is_the_transformers_engines(run, vllm_engine, hf_engine):
+    for query in QUERIES:
+        [v] = run(vllm_engine.search(query, k=1, beams=1))
+        [h] = run(hf_engine.search(query, k=1, beams=1))
+        assert v.key == h.key, query
+        assert v.score == pytest.approx(h.score, abs=1e-3)
+
+
+@pytest.mark.parametrize("k,beams", [(3, 3), (5, 5), (8, 10)])
+def test_top_k_beam_search_is_the_transformers_engines(run, vllm_engine, hf_engine, k, beams):
+    for query in QUERIES:
+        v = run(vllm_engine.search(query, k=k, beams=beams))
+        h = run(hf_engine.search(query, k=k, beams=beams))
+        assert [x.key for x in v] == [x.key for x in h], query
+        assert [x.score for x in v] == pytest.approx([x.score for x in h], abs=1e-3)
+
+
+words = st.lists(st.sampled_from("a the dog red sky moon of zebra 42 ü ??? space coffee cat # \n".split(" ")),
+                 min_size=1, max_size=12)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(query=words.map(" ".join), k=st.integers(1, 8), beams=st.integers(1, 10))
+def test_random_queries_only_ever_return_catalog_ids(run, vllm_engine, tiny_catalog, query, k, beams):
+    hits = run(vllm_engine.search(query, k=k, beams=beams))
+    assert 1 <= len(hits) <= k
+    assert len({h.key for h in hits}) == len(hits)
+    assert all(h.key in tiny_catalog for h in hits)
+
+
+def test_concurrent_requests_batch_and_agree_with_sequential_ones(run, client, vllm_engine):
+    bodies = [{"query": q, "k": k} for q in QUERIES for k in (1, 4)]
+    sequential = [run(client.post("/search", json=b)).json()["results"] for b in bodies]
+
+    async def together():
+        depth = []
+
+        async def watch():
+            while True:
+                depth.append(vllm_engine.queue_depth)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await asyncio.gather(*(client.post("/search", json=b) for b in bodies)), max(depth)
+        finally:
+            watcher.cancel()
+
+    responses, most_in_flight = run(together())
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    for response, alone in zip(responses, sequential):
+        together_ = response.json()["results"]
+        assert [h["image_id"] for h in together_] == [h["image_id"] for h in alone]
+        assert [h["score"] for h in together_] == pytest.approx([h["score"] for h in alone], abs=1e-4)
+    assert most_in_flight > len(QUERIES), "the engine never had the concurrent searches' steps in flight together"
+
+
+def test_wide_trie_nodes_split_into_several_requests_agree(run, vllm_engine):
+    """Atomic ids make nodes wider than the 128 tokens vLLM scores per request; such a node is
+    scored by several requests at once. Here every node is "wide" (1 token per request)."""
+    listed = run(vllm_engine.search("a horse in a field", k=8, beams=8))
+    vllm_engine.max_listed_tokens = 1
+    try:
+        whole = run(vllm_engine.search("a horse in a field", k=8, beams=8))
+    finally:
+        vllm_engine.max_listed_tokens = 128
+    assert [h.key for h in whole] == [h.key for h in listed]
+    assert [h.score for h in whole] == pytest.approx([h.score for h in listed], abs=1e-4)
+
+
+def test_describe_and_ask_match_the_transformers_engine(run, client, hf_engine):
+    r = run(client.post("/describe/rocket.jpg"))
+    assert r.status_code == 200, r.text
+    assert r.json()["description"] == run(hf_engine.describe("rocket.jpg"))
+    r = run(client.post("/ask", json={"image_id": "coffee.jpg", "question": "What is in this image?"}))
+    assert r.status_code == 200, r.text
+    assert r.json()["answer"] == run(hf_engine.ask("coffee.jpg", "What is in this image?"))
+    assert run(client.post("/describe/unknown.jpg")).status_code == 404
+
+
+def test_a_prompt_longer_than_the_context_is_422(run, client, vllm_engine):
+    query = " ".join(f"w{i}ü" for i in range(150))  # under max_query_chars, over max_model_len in tokens
+    assert len(vllm_engine.prompts.retrieve(query)) > MAX_MODEL_LEN
+    r = run(client.post("/search", json={"query": query, "k": 2}))
+    assert r.status_code == 422 and "max_model_len" in r.json()["detail"]
+    assert run(client.post("/search", json={"query": "a horse", "k": 2})).status_code == 200
+
+
+def test_metrics_include_the_engine_queue(run, client):
+    text = run(client.get("/metrics")).text
+    assert "genret_engine_queue_depth 0.0" in text
+    assert 'genret_requests_total{endpoint="/search",method="POST",status="200"}' in text
