@@ -36,8 +36,8 @@ DEFAULT_DATA = Path(os.environ.get("GENRET_FLICKR8K", REPO.parent / "shared" / "
 
 # name -> (train images, test images, training config, evaluation beams)
 SETTINGS = {
-    "cpu": dict(train_images=400, test_images=100, beams=10, config=dict(
-        num_layers=2, memorize_epochs=3, retrieve_epochs=6, batch_size=32, lr=2e-3, prefix_lr=3e-3,
+    "cpu": dict(train_images=200, test_images=50, beams=10, config=dict(
+        num_layers=2, memorize_epochs=3, retrieve_epochs=8, batch_size=32, lr=2e-3, prefix_lr=3e-3,
         embedding_lr=1e-2, describe=False, ask=False, align_epochs=40)),
     "gpu": dict(train_images=None, test_images=None, beams=20, config=dict(
         num_layers=None, memorize_epochs=3, retrieve_epochs=8, batch_size=128, lr=3e-4, prefix_lr=1e-3,

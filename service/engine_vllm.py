@@ -90,6 +90,8 @@ class VLLMEngine:
             llm.shutdown()
 
     async def _generate(self, prompt: list[int], params):
+        from vllm.inputs import tokens_input
+
         if self._llm is None:
             raise EngineError("the vLLM engine is not loaded")
         if self._llm.errored:
@@ -97,7 +99,8 @@ class VLLMEngine:
         self._pending += 1
         try:
             final = None
-            async for out in self._llm.generate({"prompt_token_ids": prompt}, params, request_id=uuid.uuid4().hex):
+            # An engine input of token ids: vLLM neither tokenizes nor renders anything.
+            async for out in self._llm.generate(tokens_input(prompt), params, request_id=uuid.uuid4().hex):
                 final = out
             return final.outputs[0]
         finally:

@@ -1,0 +1,51 @@
+"""The CLI's user errors end in one clear line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+from genret.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_on_a_missing_captions_file_names_the_file(capsys, tmp_path):
+    (tmp_path / "images").mkdir()
+    code, _, err = run(capsys, "train", "--images", str(tmp_path / "images"), "--captions",
+                       str(tmp_path / "nope.csv"), "--name", "x")
+    assert code == 2 and "nope.csv" in err and "Traceback" not in err
+
+
+def test_train_on_a_catalog_with_an_empty_caption_names_the_row(capsys, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.jpg")
+    (tmp_path / "captions.csv").write_text("image,caption\na.jpg,a black square\na.jpg,   \n")
+    code, _, err = run(capsys, "train", "--images", str(tmp_path / "images"), "--captions",
+                       str(tmp_path / "captions.csv"), "--name", "x", "--run-dir", str(tmp_path / "run"),
+                       "--out", str(tmp_path / "model"))
+    assert code == 2 and "captions.csv" in err and "row 3" in err
+    assert not (tmp_path / "model").exists()
+
+
+def test_bad_training_option_is_reported(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--images", str(tmp_path), "--captions", str(tmp_path / "c.csv"),
+                       "--name", "x", "--set", "batch_size=many")
+    assert code == 2 and "batch_size" in err
+
+
+def test_unknown_model_and_unknown_image(capsys, tiny_model_dir):
+    code, _, err = run(capsys, "search", "no-such-model", "a dog")
+    assert code == 2 and "no-such-model" in err
+    code, _, err = run(capsys, "describe", str(tiny_model_dir), "not-an-image.jpg")
+    assert code == 2 and "not-an-image.jpg" in err
+
+
+def test_search_prints_ranked_catalog_images(capsys, tiny_model_dir, tiny_catalog):
+    code, out, _ = run(capsys, "search", str(tiny_model_dir), "a rocket on a launch pad", "-k", "3")
+    assert code == 0
+    keys = [line.split()[1] for line in out.strip().splitlines()]
+    assert len(keys) == 3 and set(keys) <= set(tiny_catalog.keys())
