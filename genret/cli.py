@@ -98,8 +98,9 @@ def cmd_train(args) -> None:
     run_dir = Path(args.run_dir) if args.run_dir else RUNS / args.name
     if args.fresh:
         clear_run(run_dir)
-    dest = Trainer(catalog, config, run_dir).train(MODEL_STORE / args.name if not args.out else Path(args.out))
-    print(f"model saved to {dest}")
+    dest = Trainer(catalog, config, run_dir).train(Path(args.out) if args.out else MODEL_STORE / args.name,
+                                                   time_budget_s=args.time_budget)
+    print(f"model saved to {dest}" if dest else f"stopped at the time budget; rerun to resume from {run_dir}")
 
 
 def cmd_evaluate(args) -> None:
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", help="checkpoint folder (default runs/<name>); rerun to resume")
     p.add_argument("--out", help="model folder (default model_store/<name>)")
     p.add_argument("--fresh", action="store_true", help="discard an earlier run's checkpoints")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop at the first epoch boundary after this long (resume by rerunning)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="Recall@1/5/10 of held-out queries")

@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import shutil
+import time
 import zlib
 from pathlib import Path
 from typing import Literal
@@ -265,7 +266,13 @@ class Trainer:
         cfg = self.config
         return [("memorize", e) for e in range(cfg.memorize_epochs)] + [("retrieve", e) for e in range(cfg.retrieve_epochs)]
 
-    def train(self, dest: Path, name: str | None = None) -> Path:
+    def train(self, dest: Path, time_budget_s: float | None = None) -> Path | None:
+        """Train (or resume) and save the model to `dest`.
+
+        With a time budget, training stops at the first epoch boundary past it, leaving the
+        checkpoint, and returns None: the same call later resumes (GPU calls have time limits).
+        """
+        started = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.prepared.mkdir(exist_ok=True)
         config_path = self.run_dir / "config.json"
@@ -334,6 +341,9 @@ class Trainer:
             history.append({"stage": stage, "epoch": epoch, "loss": float(np.mean(losses)), "examples": len(examples)})
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epochs_done": index + 1,
                         "step": step, "history": history}, checkpoint)
+            if time_budget_s is not None and time.monotonic() - started > time_budget_s and index + 1 < len(schedule):
+                log.warning("time budget spent after %d of %d epochs; run again to resume", index + 1, len(schedule))
+                return None
 
         model.eval()
         dest = Path(dest)

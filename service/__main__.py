@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from .settings import Settings
 
 
-def main() -> None:
+def main() -> int:
     import uvicorn
+
+    from genret.model_store import ModelStoreError
 
     from .app import create_app
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(settings)
+    except ModelStoreError as e:
+        hint = " (`genret demo` trains the demo model)" if settings.model == "demo" else ""
+        print(f"service: {e}{hint}", file=sys.stderr)
+        return 2
     # One worker process: the engine holds the model (and vLLM its KV cache) once; vLLM batches
     # concurrent requests inside that process.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    return 0
 
 
 if __name__ == "__main__":  # vLLM starts processes with spawn: they re-import this module
-    main()
+    sys.exit(main())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import logging
 import uuid
 
 from genret.decoding import Hit
@@ -28,8 +27,6 @@ from genret.prompts import Prompts
 
 from .engine import EngineError, InputTooLong
 from .settings import Settings
-
-log = logging.getLogger(__name__)
 
 # vLLM returns the log-probs of at most this many named tokens (`logprob_token_ids`) per request
 # (vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS); it is also far below the 1024 allowed_token_ids
@@ -90,6 +87,7 @@ class VLLMEngine:
             llm.shutdown()
 
     async def _generate(self, prompt: list[int], params):
+        from vllm.exceptions import VLLMClientError, VLLMServerError
         from vllm.inputs import tokens_input
 
         if self._llm is None:
@@ -103,6 +101,10 @@ class VLLMEngine:
             async for out in self._llm.generate(tokens_input(prompt), params, request_id=uuid.uuid4().hex):
                 final = out
             return final.outputs[0]
+        except VLLMClientError as e:  # our prompts are checked first; this would be a bug of ours
+            raise EngineError(f"vLLM rejected the request: {e}") from e
+        except VLLMServerError as e:
+            raise EngineError(f"vLLM failed: {type(e).__name__}: {e}") from e
         finally:
             self._pending -= 1
 

@@ -1,0 +1,38 @@
+"""Training resumes where it stopped, to the same model, and never leaves a half-written one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from genret.model_store import StoredModel
+from genret.training import TrainConfig, Trainer
+
+from .conftest import TINY_CONFIG
+
+SHORT = {**TINY_CONFIG, "memorize_epochs": 1, "retrieve_epochs": 2, "align_epochs": 3}
+
+
+def test_interrupted_training_resumes_to_the_same_model(tiny_catalog, tmp_path):
+    catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
+    config = TrainConfig(**SHORT)
+    assert Trainer(catalog, config, tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0) is None
+    assert not (tmp_path / "m").exists()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epochs_done"] == 1
+    resumed = Trainer(catalog, config, tmp_path / "run", progress=False).train(tmp_path / "m")
+    straight = Trainer(catalog, config, tmp_path / "run2", progress=False).train(tmp_path / "m2")
+
+    history = lambda d: [h["loss"] for h in json.loads((d / "manifest.json").read_text())["history"]]
+    assert history(resumed) == pytest.approx(history(straight), rel=1e-4)
+    manifest = StoredModel.open(resumed).manifest
+    assert manifest["train_config"]["retrieve_epochs"] == 2 and len(manifest["history"]) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
+
+
+def test_a_run_folder_refuses_a_different_config(tiny_catalog, tmp_path):
+    catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
+    Trainer(catalog, TrainConfig(**SHORT), tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0)
+    with pytest.raises(ValueError, match="another config"):
+        Trainer(catalog, TrainConfig(**{**SHORT, "lr": 1e-4}), tmp_path / "run", progress=False).train(tmp_path / "m")
