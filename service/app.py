@@ -77,7 +77,7 @@ class Services:
         try:
             t = time.perf_counter()
             await self.engine.start()
-            await self.engine.search("warm up", 1, 1)  # the first request compiles and allocates; not a user's
+            await self.engine.search("warm up", 1, 1)  # the slow first request (allocations) is not a user's
             self.engine_ready = True
             log.info("%s engine ready on model %s in %.1f s", self.engine.name, self.model_name, time.perf_counter() - t)
         except Exception as e:
@@ -214,8 +214,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     @app.get("/readyz")
     async def readyz():
         """200 once the engine has loaded the model and the id store answers; 503 with the reason otherwise."""
-        if not services.engine_ready:
-            reason = services.load_error or f"the {engine.name} engine is loading model {services.model_name!r}"
+        if not services.engine_ready or engine.failure():
+            reason = (engine.failure() or services.load_error
+                      or f"the {engine.name} engine is loading model {services.model_name!r}")
             return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
         try:
             store = await asyncio.wait_for(id_store.ping(), settings.redis_timeout_s + 1)

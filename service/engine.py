@@ -43,6 +43,9 @@ class Engine(Protocol):
 
     async def ask(self, key: str, question: str) -> str: ...
 
+    def failure(self) -> str | None:
+        """Why the loaded engine cannot serve any more (it died), or None."""
+
     @property
     def queue_depth(self) -> int:
         """Engine calls waiting or running now (exported as a Prometheus gauge)."""

@@ -50,6 +50,9 @@ class HFEngine:
         self._worker.shutdown(wait=False, cancel_futures=True)
         self._engine = None
 
+    def failure(self) -> str | None:
+        return None  # in-process: if it fails, the request fails, and the next one tries again
+
     @property
     def engine(self) -> TransformersEngine:
         if self._engine is None:

@@ -79,7 +79,17 @@ class VLLMEngine:
 
         # Building the engine blocks for a minute (it starts the engine-core process and loads
         # the weights): do it on a thread so the event loop keeps answering /healthz.
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args())
+        building = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, self.engine_args())
+        try:
+            self._llm = await asyncio.shield(building)
+        except asyncio.CancelledError:  # shut down while loading: stop the engine once it exists
+            building.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().shutdown())
+            raise
+
+    def failure(self) -> str | None:
+        if self._llm is not None and self._llm.errored:
+            return f"the vLLM engine died: {self._llm.dead_error}"
+        return None
 
     async def close(self) -> None:
         llm, self._llm = self._llm, None
@@ -92,8 +102,8 @@ class VLLMEngine:
 
         if self._llm is None:
             raise EngineError("the vLLM engine is not loaded")
-        if self._llm.errored:
-            raise EngineError(f"the vLLM engine died: {self._llm.dead_error}")
+        if failure := self.failure():
+            raise EngineError(failure)
         self._pending += 1
         try:
             final = None

@@ -179,7 +179,7 @@ words = st.lists(st.sampled_from("a the dog red sky moon of zebra 42 ü ??? spac
                  min_size=1, max_size=12)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(query=words.map(" ".join), k=st.integers(1, MAX_K))
 def test_random_queries_only_ever_return_catalog_ids(run, client, tiny_catalog, query, k):
     r = run(client.post("/search", json={"query": query, "k": k}))

@@ -113,13 +113,12 @@ def test_concurrent_publishers_never_move_the_pointer_back(run, stored, namespac
         run(store.close())
 
 
-def test_publish_cli(stored, namespace):
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "service.publish", *args], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=120)
+def test_publish_cli(stored, namespace, capsys):
+    from service.publish import main
 
-    done = cli(str(stored.path), "--redis-url", REDIS_URL, "--namespace", namespace,
-               "--url-template", "https://cdn.example.com/{name}")
+    done = subprocess.run([sys.executable, "-m", "service.publish", str(stored.path), "--redis-url", REDIS_URL,
+                           "--namespace", namespace, "--url-template", "https://cdn.example.com/{name}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "published 8 images" in done.stdout
     import redis
@@ -127,10 +126,14 @@ def test_publish_cli(stored, namespace):
     r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     version = r.get(f"{namespace}:active")
     assert '"url": "https://cdn.example.com/moon.jpg"' in r.hget(f"{namespace}:v:{version}", "moon.jpg")
-    failed = cli("/no/such/model", "--redis-url", REDIS_URL, "--namespace", namespace)
-    assert failed.returncode == 2 and "not a trained model" in failed.stderr
-    failed = cli(str(stored.path), "--redis-url", "redis://127.0.0.1:1/0", "--namespace", namespace)
-    assert failed.returncode == 2 and "ConnectionError" in failed.stderr
+    # Failures: one line on stderr, status 2 (in-process: the same main()).
+    assert main(["/no/such/model", "--redis-url", REDIS_URL, "--namespace", namespace]) == 2
+    assert "not a trained model" in capsys.readouterr().err
+    assert main([str(stored.path), "--redis-url", "redis://127.0.0.1:1/0", "--namespace", namespace]) == 2
+    assert "ConnectionError" in capsys.readouterr().err
+    assert main([str(stored.path), "--namespace", namespace, "--url-template", "https://x/{nope}"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert r.get(f"{namespace}:active") == version
 
 
 def test_a_running_server_serves_each_new_version(run, engine, stored, namespace):

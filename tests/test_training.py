@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from genret.model_store import StoredModel
+from genret.prompts import normalize_caption
 from genret.training import TrainConfig, Trainer
 
 from .conftest import TINY_CONFIG
@@ -36,3 +37,19 @@ def test_a_run_folder_refuses_a_different_config(tiny_catalog, tmp_path):
     Trainer(catalog, TrainConfig(**SHORT), tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0)
     with pytest.raises(ValueError, match="another config"):
         Trainer(catalog, TrainConfig(**{**SHORT, "lr": 1e-4}), tmp_path / "run", progress=False).train(tmp_path / "m")
+
+
+@pytest.mark.parametrize("mode", ["neighbors", "captioner"])
+def test_images_without_captions_get_pseudo_queries(tiny_catalog, tmp_path, mode):
+    keys = tiny_catalog.keys()[:5]
+    catalog = tiny_catalog.subset(keys).without_captions_for(keys[:2])
+    config = TrainConfig(**{**SHORT, "pseudo_queries": mode, "pseudo_per_image": 2})
+    model = Trainer(catalog, config, tmp_path / "run", progress=False).train(tmp_path / "m")
+    pseudo = json.loads((tmp_path / "run" / "prepared" / f"pseudo_queries_{mode}.json").read_text())
+    assert set(pseudo) <= set(keys[:2]) and pseudo, pseudo
+    assert all(q.strip() for queries in pseudo.values() for q in queries)
+    if mode == "neighbors":  # the nearest training captions of the other images
+        trained = {normalize_caption(c) for k in keys[2:] for c in catalog[k].captions}
+        assert set(pseudo) == set(keys[:2])
+        assert all(len(qs) == 2 and set(qs) <= trained for qs in pseudo.values())
+    assert StoredModel.open(model).manifest["pseudo_queries"] == {"mode": mode, "images": len(pseudo)}
