@@ -18,6 +18,7 @@ Prompts are token ids from genret.prompts (vLLM token prompts), exactly as in tr
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import uuid
 
@@ -79,12 +80,15 @@ class VLLMEngine:
 
         # Building the engine blocks for a minute (it starts the engine-core process and loads
         # the weights): do it on a thread so the event loop keeps answering /healthz.
-        building = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, self.engine_args())
+        # (The engine goes into `built`, not the future's result, which asyncio keeps referenced.)
+        args, built = self.engine_args(), []
+        building = asyncio.get_running_loop().run_in_executor(None, lambda: built.append(AsyncLLM.from_engine_args(args)))
         try:
-            self._llm = await asyncio.shield(building)
+            await asyncio.shield(building)
         except asyncio.CancelledError:  # shut down while loading: stop the engine once it exists
-            building.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().shutdown())
+            building.add_done_callback(lambda _: built and built.pop().shutdown())
             raise
+        self._llm = built.pop()
 
     def failure(self) -> str | None:
         if self._llm is not None and self._llm.errored:
@@ -95,6 +99,8 @@ class VLLMEngine:
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
+            del llm
+            gc.collect()  # AsyncLLM sits in reference cycles; collected at exit, its __del__ fails noisily
 
     async def _generate(self, prompt: list[int], params):
         from vllm.exceptions import VLLMClientError, VLLMServerError

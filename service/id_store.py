@@ -17,6 +17,7 @@ kept until the next publish so that lookups in flight during a switch still find
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Iterable, Protocol
 
@@ -24,6 +25,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from genret.model_store import StoredModel
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EmbeddedIdStore", "IdStore", "IdStoreUnavailable", "RedisIdStore", "catalog_records", "publish"]
 
@@ -83,6 +86,13 @@ def connect(redis_url: str, timeout_s: float = 2.0) -> aioredis.Redis:
                                    health_check_interval=10, decode_responses=True)
 
 
+def _parse(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return None
+
+
 class RedisIdStore:
     name = "redis"
 
@@ -109,11 +119,17 @@ class RedisIdStore:
         for _ in range(3):
             version = await self.active_version()
             values = await self._call(self.redis.hmget(f"{self.ns}:v:{version}", keys))
-            # A version is deleted two publishes after it stopped being active; a lookup that
-            # slept through both finds its hash gone and reads the new pointer again.
+            # Publishing keeps the version it replaces and deletes older ones, so only a lookup
+            # that slept through two publishes finds its hash gone: it reads the pointer again.
             if any(v is not None for v in values) or await self.active_version() == version:
                 break
-        return {k: json.loads(v) for k, v in zip(keys, values) if v is not None}
+        found = {}
+        for key, value in zip(keys, values):
+            if value is not None and isinstance(record := _parse(value), dict):
+                found[key] = record
+            elif value is not None:
+                log.warning("id store record of %r in %s:v:%s is not a JSON object; skipped", key, self.ns, version)
+        return found
 
     async def ping(self) -> str:
         version = await self.active_version()

@@ -54,6 +54,11 @@ def test_publish_then_lookup(run, stored, namespace):
         assert found == {k: {"url": f"https://cdn1/img/{k}", "caption": stored.catalog[k].captions[0]}
                          for k in ["moon.jpg", "rocket.jpg"]}
         assert f"version {version}" in run(store.ping())
+        # A record damaged by hand is left out, not a 500.
+        import redis
+
+        redis.Redis.from_url(REDIS_URL).hset(f"{namespace}:v:{version}", mapping={"moon.jpg": "{oops", "rocket.jpg": "[]"})
+        assert set(run(store.lookup(["moon.jpg", "rocket.jpg", "horse.jpg"]))) == {"horse.jpg"}
     finally:
         run(store.close())
 
