@@ -1,0 +1,95 @@
+"""Locust load test of the genret service: mostly searches with held-out queries, some
+descriptions and questions about memorized images, and ~4 % requests that must be refused.
+
+    locust -f loadtest/locustfile.py --host http://localhost:8000              # web UI on :8089
+    locust -f loadtest/locustfile.py --headless -u 8 -r 2 -t 60s --host ...    # headless
+    .venv/bin/python loadtest/run.py --engine transformers                      # service + locust + report
+
+What is sent, and what counts as a failure, is in request_mix.py (LOADTEST_QUERIES,
+LOADTEST_IDS, LOADTEST_MIX, LOADTEST_MAX_K, LOADTEST_SEED). An expected 404 / 422 is a
+success; a 5xx, a timeout, or any status other than the expected one is a failure.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # request_mix, wherever locust is started
+
+from locust import FastHttpUser, between, events, task  # noqa: E402
+from locust.stats import PERCENTILES_TO_REPORT, StatsCSV  # noqa: E402
+
+from request_mix import DEFAULT_MIX, KnownIds, RequestMix, check, env_int, load_ids, load_queries, parse_mix  # noqa: E402
+
+QUERIES = load_queries()
+KNOWN = KnownIds(load_ids())  # shared by all users: grows with the ids searches return
+WEIGHTS = parse_mix(os.environ.get("LOADTEST_MIX", DEFAULT_MIX))
+MAX_K = env_int("LOADTEST_MAX_K", 100)
+SEED = os.environ.get("LOADTEST_SEED", "").strip()
+_user_numbers = itertools.count()
+_environment = None
+
+
+@events.init.add_listener
+def _remember_environment(environment, **_):
+    global _environment
+    _environment = environment
+
+
+@events.quit.add_listener
+def _write_final_stats(**_):
+    """LOADTEST_FINAL_CSV=PREFIX: the final statistics as PREFIX_stats.csv / PREFIX_failures.csv.
+    (Locust's own --csv files are rewritten once a second and can miss the last requests of
+    the stop phase; these match the summary Locust prints.) loadtest/run.py reads them."""
+    prefix = os.environ.get("LOADTEST_FINAL_CSV", "").strip()
+    if not prefix or _environment is None:
+        return
+    stats = StatsCSV(_environment, PERCENTILES_TO_REPORT)
+    for suffix, write in (("stats", stats.requests_csv), ("failures", stats.failures_csv)):
+        with open(f"{prefix}_{suffix}.csv", "w", newline="") as f:
+            write(csv.writer(f))
+
+
+class GenretUser(FastHttpUser):
+    """One client: a short think time, then the next request of the mix."""
+
+    wait_time = between(0.05, 0.5)
+    network_timeout = 120.0
+    connection_timeout = 30.0
+
+    def on_start(self):
+        seed = int(SEED) * 1_000_003 + next(_user_numbers) if SEED else None
+        self.mix = RequestMix(QUERIES, KNOWN, WEIGHTS, MAX_K, random.Random(seed))
+
+    @task
+    def request(self):
+        call = self.mix.next()
+        kwargs: dict = {"name": call.name, "catch_response": True}
+        if call.json is not None:
+            kwargs["json"] = call.json
+        elif call.data is not None:
+            kwargs["data"] = call.data
+            kwargs["headers"] = {"content-type": "application/json"}
+        with self.client.request(call.method, call.path, **kwargs) as response:
+            try:
+                body = json.loads(response.text) if response.text else None
+            except ValueError:
+                body = None
+            problem = check(call, response.status_code or 0, body)
+            if problem is None:
+                response.success()
+                if call.path == "/search":
+                    KNOWN.add(r.get("image_id") for r in body["results"] if isinstance(r, dict))
+                return
+            detail = body.get("detail") if isinstance(body, dict) else None
+            if detail:
+                problem += f": {str(detail)[:200]}"
+            elif not response.status_code and response.error:
+                problem += f" ({response.error})"
+            response.failure(problem)

