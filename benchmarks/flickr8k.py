@@ -43,16 +43,26 @@ SETTINGS = {
         num_layers=None, memorize_epochs=3, retrieve_epochs=8, batch_size=128, lr=3e-4, prefix_lr=1e-3,
         embedding_lr=3e-3, describe=True, ask=True, align_epochs=40)),
 }
-# scheme runs: name -> (scheme, options, pseudo-query mode)
+# runs: name -> the TrainConfig fields that make it (on top of the setting's config).
+# "+pq": pseudo-queries for the uncaptioned (test) images; "+qp": the query prefix (the query's
+# aligned embedding as soft tokens before the retrieve prompt, see genret.model).
+STRUCTURED = dict(scheme="structured", scheme_options={"branching": 32})
+RQ = dict(scheme="rq", scheme_options={"levels": 3, "codebook_size": 64})
+NEIGHBORS = dict(pseudo_queries="neighbors")
+QUERY_PREFIX = dict(query_tokens=4)
 RUNS = {
-    "string": ("string", {}, "none"),
-    "numeric": ("numeric", {}, "none"),
-    "semantic": ("semantic", {}, "none"),
-    "structured": ("structured", {"branching": 32}, "none"),
-    "structured+pq": ("structured", {"branching": 32}, "neighbors"),
-    "atomic": ("atomic", {}, "none"),
-    "rq": ("rq", {"levels": 3, "codebook_size": 64}, "none"),
-    "rq+pq": ("rq", {"levels": 3, "codebook_size": 64}, "neighbors"),
+    "string": dict(scheme="string"),
+    "numeric": dict(scheme="numeric"),
+    "semantic": dict(scheme="semantic"),
+    "structured": STRUCTURED,
+    "structured+pq": {**STRUCTURED, **NEIGHBORS},
+    "structured+pq+qp": {**STRUCTURED, **NEIGHBORS, **QUERY_PREFIX},
+    "atomic": dict(scheme="atomic"),
+    "atomic+pq+qp": dict(scheme="atomic", **NEIGHBORS, **QUERY_PREFIX),
+    "rq": RQ,
+    "rq+pq": {**RQ, **NEIGHBORS},
+    "rq+qp": {**RQ, **QUERY_PREFIX},
+    "rq+pq+qp": {**RQ, **NEIGHBORS, **QUERY_PREFIX},
 }
 
 
@@ -109,8 +119,7 @@ def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_pre
     if result_path.exists():
         result = json.loads(result_path.read_text())
     else:
-        scheme, options, pseudo = RUNS[name]
-        config = TrainConfig(scheme=scheme, scheme_options=options, pseudo_queries=pseudo, **setting["config"])
+        config = TrainConfig(**{**setting["config"], **RUNS[name]})
         prepared = run_dir / "prepared"
         prepared.mkdir(parents=True, exist_ok=True)
         for shared in shared_prepared.iterdir():  # features and alignment are the same for every scheme
@@ -118,8 +127,8 @@ def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_pre
                 shutil.copy(shared, prepared / shared.name)
         started = time.perf_counter()
         Trainer(catalog, config, run_dir).train(run_dir / "model")
-        result = {"scheme": scheme, "options": options, "pseudo_queries": pseudo,
-                  "train_seconds": time.perf_counter() - started}
+        result = {"scheme": config.scheme, "options": config.scheme_options, "pseudo_queries": config.pseudo_queries,
+                  "query_tokens": config.query_tokens, "train_seconds": time.perf_counter() - started}
     # scope -> (candidates, beams, queries per batch); "catalog_wide" is GENIUS's wide beam, which
     # gives the re-ranker more candidates (their beam 50: R@5 24 -> 68)
     scopes = {"test": (test_keys, setting["beams"], 16), "catalog": (None, setting["beams"], 16),

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "TwoTower",
+    "QueryEncoder",
     "train_two_tower",
     "save_two_tower",
     "load_two_tower",
@@ -166,6 +167,24 @@ def image_embeddings(model: TwoTower, feats: np.ndarray, batch_size: int = 4096)
 def text_embeddings(model: TwoTower, feats: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """Encoder features (N, text_dim) -> unit vectors (N, dim) in the shared space."""
     return _embed(model, feats, model.embed_texts, batch_size)
+
+
+class QueryEncoder:
+    """Query text -> its aligned embedding: MiniLM, then the two-tower's text head.
+
+    Serving needs it to re-rank beams and, for models with a query prefix, to build the prompt.
+    """
+
+    def __init__(self, tower: TwoTower, device: str = "cpu"):
+        from .encoders import TextEncoder
+
+        self.tower, self.device = tower.to(device).eval(), device
+        self.text = TextEncoder(device=device)
+
+    @torch.inference_mode()
+    def __call__(self, queries: list[str]) -> Tensor:
+        feats = torch.from_numpy(self.text.encode(queries)).to(self.device)
+        return self.tower.embed_texts(feats).float()
 
 
 def save_two_tower(model: TwoTower, path: str | os.PathLike) -> None:

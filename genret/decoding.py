@@ -31,6 +31,8 @@ class TransformersEngine:
         self.tokenizer = stored.load_tokenizer()
         self.prompts = Prompts(self.tokenizer)
         self.trie = stored.trie()
+        self.query_prefix = stored.load_query_prefix(self.device)
+        self.query_encoder = stored.load_query_encoder(self.device) if self.query_prefix is not None else None
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, prompts))
@@ -39,6 +41,23 @@ class TransformersEngine:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         return ids, mask
 
+    def retrieval_inputs(self, queries: list[str]) -> tuple[dict[str, torch.Tensor], int]:
+        """generate() inputs for the retrieve prompts, and how many leading positions of its
+        output sequences are prompt (none when the prompt is given as embeddings)."""
+        prompts = [self.prompts.retrieve(q) for q in queries]
+        if self.query_prefix is None:
+            ids, mask = self._left_padded(prompts)
+            return {"input_ids": ids, "attention_mask": mask}, ids.shape[1]
+        soft = self.query_prefix.embed_queries(self.query_encoder(queries))
+        table = self.lm.get_input_embeddings()
+        rows = [torch.cat([s.to(table.weight.dtype), table(torch.tensor(p, device=self.device))]) for s, p in zip(soft, prompts)]
+        width = max(len(r) for r in rows)
+        embeds = torch.zeros(len(rows), width, rows[0].shape[1], dtype=rows[0].dtype, device=self.device)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):  # left-padded, as for token prompts
+            embeds[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        return {"inputs_embeds": embeds, "attention_mask": mask}, 0
+
     @torch.inference_mode()
     def search(self, queries: list[str], k: int = 10, beams: int | None = None,
                trie: IdTrie | None = None) -> list[list[Hit]]:
@@ -46,14 +65,14 @@ class TransformersEngine:
         trie = trie or self.trie
         k = min(k, len(trie))
         beams = max(beams or k, k)
-        ids, mask = self._left_padded([self.prompts.retrieve(q) for q in queries])
-        width, end = ids.shape[1], self.prompts.end
+        inputs, width = self.retrieval_inputs(queries)
+        end = self.prompts.end
 
         def allowed(_, sequence: torch.Tensor) -> list[int]:
             return trie.allowed_next(sequence[width:].tolist()) or [end]
 
         out = self.lm.generate(
-            input_ids=ids, attention_mask=mask, num_beams=beams, num_return_sequences=beams,
+            **inputs, num_beams=beams, num_return_sequences=beams,
             max_new_tokens=trie.max_depth(), prefix_allowed_tokens_fn=allowed, do_sample=False,
             length_penalty=0.0, early_stopping=True, output_scores=True, output_logits=True,
             return_dict_in_generate=True, pad_token_id=end, eos_token_id=end,
@@ -102,21 +121,14 @@ class EmbeddingReranker:
     """GENIUS's re-ranking: add the two-tower's query-image similarity to each beam's score."""
 
     def __init__(self, stored: StoredModel, weight: float = 10.0, device: str = "cpu"):
-        from .encoders import TextEncoder
-
-        self.tower = stored.load_two_tower()
-        if self.tower is None:
-            raise ValueError(f"{stored.path} has no alignment model to re-rank with")
-        self.tower = self.tower.to(device).eval()
-        self.text = TextEncoder(device=device)
+        self.encode = stored.load_query_encoder(device)
         self.row = {k: i for i, k in enumerate(stored.catalog.keys())}
         self.image_embeddings = stored.image_embeddings()
         self.weight, self.device = weight, device
 
     @torch.inference_mode()
     def __call__(self, queries: list[str], hits: list[list[Hit]]) -> list[list[Hit]]:
-        feats = torch.from_numpy(self.text.encode(queries)).to(self.device)
-        query_emb = self.tower.embed_texts(feats).float().cpu().numpy()
+        query_emb = self.encode(queries).cpu().numpy()
         out = []
         for q, candidates in zip(query_emb, hits):
             rescored = [Hit(h.key, h.score + self.weight * float(self.image_embeddings[self.row[h.key]] @ q))

@@ -1,9 +1,16 @@
-"""The multimodal LM: image features become a short prefix of soft tokens (LLaVA-style).
+"""The multimodal LM: vectors become short prefixes of soft tokens (LLaVA-style).
 
 The language model stays a plain HF `LlamaForCausalLM` so that its checkpoint loads unchanged
-in transformers and vLLM; only the visual prefix (a small MLP from EfficientNet's 1280-d
-features to `n_tokens` embeddings) lives beside it. Serving needs no image: retrieval,
-describe and ask are text-only prompts, the prefix is used while memorizing.
+in transformers and vLLM; the prefixes (small MLPs from a vector to `n_tokens` embeddings)
+live beside it:
+
+- the visual prefix turns EfficientNet's 1280-d image features into soft tokens; it is used
+  while memorizing (image -> id) and captioning, never at serving time;
+- the optional query prefix turns an aligned (two-tower) embedding into soft tokens in front
+  of the retrieve prompt. It is trained on caption embeddings (query -> id) and on the
+  catalog's image embeddings (image -> id), all in the space the semantic ids come from, so a
+  query never seen in training still lands near its image's id (GENIUS feeds its decoder the
+  query's CLIP embedding for the same reason). Serving computes it from the query text.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from transformers import LlamaForCausalLM
 IGNORE = -100
 
 
-class VisualPrefix(nn.Module):
+class SoftPrefix(nn.Module):
+    """A vector -> `n_tokens` embeddings in the LM's input space."""
+
     def __init__(self, feature_dim: int, model_dim: int, n_tokens: int = 4, hidden: int = 1024):
         super().__init__()
         self.n_tokens, self.model_dim = n_tokens, model_dim
@@ -34,36 +43,70 @@ class VisualPrefix(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp(features).view(-1, self.n_tokens, self.model_dim)
 
+    @property
+    def shape(self) -> dict[str, int]:
+        """The constructor's arguments, recorded in a model's manifest."""
+        return {"feature_dim": self.mlp[0].normalized_shape[0], "n_tokens": self.n_tokens,
+                "model_dim": self.model_dim, "hidden": self.mlp[1].out_features}
+
+
+class QueryPrefix(SoftPrefix):
+    """An aligned embedding -> soft tokens, after removing its modality's mean.
+
+    Two-tower spaces keep captions and images in two separate cones (the "modality gap"): the
+    prefix is trained on both, so each is centred on its own mean and re-normalised first, and
+    a caption then lands where its image does.
+    """
+
+    def __init__(self, feature_dim: int, model_dim: int, n_tokens: int = 4, hidden: int = 1024):
+        super().__init__(feature_dim, model_dim, n_tokens, hidden)
+        self.register_buffer("text_mean", torch.zeros(feature_dim))
+        self.register_buffer("image_mean", torch.zeros(feature_dim))
+
+    def centre(self, embeddings: torch.Tensor, modality: str) -> torch.Tensor:
+        mean = self.text_mean if modality == "text" else self.image_mean
+        return nn.functional.normalize(embeddings.float() - mean, dim=-1)
+
+    @torch.inference_mode()
+    def embed_queries(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """(Q, dim) aligned query embeddings -> (Q, n_tokens, model_dim) soft tokens."""
+        return self(self.centre(text_embeddings.to(self.text_mean.device), "text"))
+
+
 
 @dataclass
 class Example:
-    """One training sequence: [visual prefix] + prompt -> target (loss on the target only)."""
+    """One training sequence: [soft prefix] + prompt -> target (loss on the target only)."""
 
     prompt: list[int]
     target: list[int]
     image: int | None = None  # row in the image-feature table when the prompt starts with the image
+    query: int | None = None  # row in the aligned-embedding table when it starts with the query prefix
 
 
 class MultimodalLM(nn.Module):
-    def __init__(self, lm: LlamaForCausalLM, prefix: VisualPrefix):
+    def __init__(self, lm: LlamaForCausalLM, prefix: SoftPrefix, query_prefix: QueryPrefix | None = None):
         super().__init__()
-        self.lm, self.prefix = lm, prefix
+        self.lm, self.prefix, self.query_prefix = lm, prefix, query_prefix
 
-    def _embed(self, tokens: torch.Tensor, images: torch.Tensor, has_image: torch.Tensor, features):
-        embeds = self.lm.get_input_embeddings()(tokens)
-        if has_image.any():
-            n = self.prefix.n_tokens
-            visual = self.prefix(features[images[has_image]]).to(embeds.dtype)
-            embeds = embeds.clone()
-            embeds[has_image, :n] = visual
+    def _embed(self, batch: dict[str, torch.Tensor], features, query_table):
+        embeds = self.lm.get_input_embeddings()(batch["tokens"])
+        for prefix, has, rows, table in ((self.prefix, batch["has_image"], batch["images"], features),
+                                         (self.query_prefix, batch["has_query"], batch["queries"], query_table)):
+            if has.any():
+                soft = prefix(table[rows[has]]).to(embeds.dtype)
+                embeds = embeds.clone()
+                embeds[has, : prefix.n_tokens] = soft
         return embeds
 
     def collate(self, examples: list[Example], pad_id: int, device) -> dict[str, torch.Tensor]:
-        """Right-padded batch; image examples get `n_tokens` placeholder slots at the start."""
-        n = self.prefix.n_tokens
+        """Right-padded batch; prefixed examples get `n_tokens` placeholder slots at the start."""
         rows, labels = [], []
         for ex in examples:
-            lead = [pad_id] * n if ex.image is not None else []
+            if ex.image is not None and ex.query is not None:
+                raise ValueError("an example starts with the image or with the query, not both")
+            lead = ([pad_id] * self.prefix.n_tokens if ex.image is not None else
+                    [pad_id] * self.query_prefix.n_tokens if ex.query is not None else [])
             rows.append(lead + ex.prompt + ex.target)
             labels.append([IGNORE] * (len(lead) + len(ex.prompt)) + ex.target)
         width = max(map(len, rows))
@@ -76,16 +119,20 @@ class MultimodalLM(nn.Module):
             mask[i, : len(row)] = 1
         images = torch.tensor([ex.image if ex.image is not None else 0 for ex in examples])
         has_image = torch.tensor([ex.image is not None for ex in examples])
-        batch = dict(tokens=tokens, labels=label_t, mask=mask, images=images, has_image=has_image)
+        queries = torch.tensor([ex.query if ex.query is not None else 0 for ex in examples])
+        has_query = torch.tensor([ex.query is not None for ex in examples])
+        batch = dict(tokens=tokens, labels=label_t, mask=mask, images=images, has_image=has_image,
+                     queries=queries, has_query=has_query)
         return {k: v.to(device) for k, v in batch.items()}
 
-    def loss(self, batch: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    def loss(self, batch: dict[str, torch.Tensor], features: torch.Tensor,
+             query_table: torch.Tensor | None = None) -> torch.Tensor:
         """Mean over examples of each example's mean target-token loss.
 
         Averaging over all target tokens instead would let long captions (describe, ask)
         outweigh the two or three tokens of an identifier, which is what retrieval needs most.
         """
-        embeds = self._embed(batch["tokens"], batch["images"], batch["has_image"], features)
+        embeds = self._embed(batch, features, query_table)
         logits = self.lm(inputs_embeds=embeds, attention_mask=batch["mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         token_loss = nn.functional.cross_entropy(

@@ -3,6 +3,8 @@
     manifest.json          what this is: scheme, training config, catalog size, metrics, versions
     lm/                    plain HF checkpoint + tokenizer with the id tokens (transformers and vLLM load it)
     visual_prefix.safetensors   image features -> soft tokens (used for memorizing and captioning)
+    query_prefix.safetensors    aligned query embedding -> soft tokens before the retrieve prompt
+                                (only models trained with query_tokens > 0)
     identifiers.json       key -> identifier text and its token ids (the trie is built from these)
     catalog.json           key -> image path and captions
     alignment.safetensors  two-tower heads (query/image embeddings for re-ranking beams)
@@ -28,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .catalog import Catalog
 from .identifiers import IdentifierAssignment
-from .model import VisualPrefix
+from .model import QueryPrefix, SoftPrefix
 from .trie import IdTrie
 
 MANIFEST = "manifest.json"
@@ -48,7 +50,8 @@ def save_model(
     *,
     lm,
     tokenizer,
-    prefix: VisualPrefix,
+    prefix: SoftPrefix,
+    query_prefix: QueryPrefix | None = None,
     catalog: Catalog,
     identifiers: IdentifierAssignment,
     id_tokens: dict[str, list[int]],
@@ -65,6 +68,9 @@ def save_model(
         lm.save_pretrained(staging / "lm")
         tokenizer.save_pretrained(staging / "lm")
         save_file({k: v.contiguous().cpu() for k, v in prefix.state_dict().items()}, staging / "visual_prefix.safetensors")
+        if query_prefix is not None:
+            save_file({k: v.contiguous().cpu() for k, v in query_prefix.state_dict().items()},
+                      staging / "query_prefix.safetensors")
         write_json(staging / "catalog.json", catalog.to_records())
         write_json(staging / "identifiers.json", {**identifiers.to_json(), "tokens": id_tokens})
         if two_tower is not None:
@@ -77,8 +83,8 @@ def save_model(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "scheme": identifiers.scheme,
             "catalog_size": len(catalog),
-            "prefix": {"feature_dim": prefix.mlp[0].normalized_shape[0], "n_tokens": prefix.n_tokens,
-                       "model_dim": prefix.model_dim, "hidden": prefix.mlp[1].out_features},
+            "prefix": prefix.shape,
+            "query_prefix": query_prefix.shape if query_prefix is not None else None,
             **manifest,
         }
         write_json(staging / MANIFEST, full_manifest)
@@ -155,10 +161,23 @@ class StoredModel:
 
         return LlamaForCausalLM.from_pretrained(self.lm_path, dtype=dtype).to(device).eval()
 
-    def load_prefix(self, device: str = "cpu") -> VisualPrefix:
+    def load_prefix(self, device: str = "cpu") -> SoftPrefix:
         p = self.manifest["prefix"]
-        prefix = VisualPrefix(p["feature_dim"], p["model_dim"], p["n_tokens"], p["hidden"])
+        prefix = SoftPrefix(p["feature_dim"], p["model_dim"], p["n_tokens"], p["hidden"])
         prefix.load_state_dict(load_file(self.path / "visual_prefix.safetensors"))
+        return prefix.to(device).eval()
+
+    @property
+    def uses_query_prefix(self) -> bool:
+        """Whether retrieval prompts start with the query's aligned embedding (see genret.model)."""
+        return bool(self.manifest.get("query_prefix"))
+
+    def load_query_prefix(self, device: str = "cpu") -> QueryPrefix | None:
+        p = self.manifest.get("query_prefix")
+        if not p:
+            return None
+        prefix = QueryPrefix(p["feature_dim"], p["model_dim"], p["n_tokens"], p["hidden"])
+        prefix.load_state_dict(load_file(self.path / "query_prefix.safetensors"))
         return prefix.to(device).eval()
 
     def load_two_tower(self):
@@ -166,6 +185,14 @@ class StoredModel:
 
         path = self.path / "alignment.safetensors"
         return load_two_tower(path) if path.exists() else None
+
+    def load_query_encoder(self, device: str = "cpu"):
+        from .alignment import QueryEncoder
+
+        tower = self.load_two_tower()
+        if tower is None:
+            raise ModelStoreError(f"{self.path} has no alignment model (alignment.safetensors) to embed queries with")
+        return QueryEncoder(tower, device)
 
     def image_embeddings(self) -> np.ndarray | None:
         path = self.path / "image_embeddings.npy"

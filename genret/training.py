@@ -1,7 +1,7 @@
 """Training: align, name, memorize, retrieve (GRACE's two stages, with GENIUS's lessons).
 
     catalog --features--> two-tower alignment --aligned image embeddings--> identifiers
-            --> LM (SmolLM2, pruned) + visual prefix
+            --> LM (SmolLM2, pruned) + visual prefix (+ query prefix, optional)
             --> stage 1, memorize: image -> id   (+ id -> caption, image -> caption)
             --> pseudo-queries for images without captions (optional)
             --> stage 2, retrieve: query -> id   (+ replay of stage 1, describe, ask)
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .catalog import Catalog
 from .identifiers import STOP_WORDS, IdentifierAssignment, make_scheme
 from .language_model import add_tokens, keep_first_layers, load_base, prune_vocabulary
-from .model import Example, MultimodalLM, VisualPrefix
+from .model import Example, MultimodalLM, QueryPrefix, SoftPrefix
 from .model_store import save_model
 from .prompts import PROMPT_TEXTS, Prompts, normalize_caption
 
@@ -49,6 +49,8 @@ class TrainConfig(BaseModel):
     num_layers: int | None = Field(None, description="keep the first N decoder layers (None: all 30)")
     prune_vocab: bool = True
     visual_tokens: int = 4
+    query_tokens: int = Field(0, description="soft tokens carrying the query's aligned embedding before the "
+                                             "retrieve prompt (0: the query is text only)")
     align_epochs: int = 30
     align_dim: int = 256
     memorize_epochs: int = 4
@@ -180,17 +182,48 @@ class Trainer:
             tokenizer.save_pretrained(path)
         return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
+    def aligned_text_embeddings(self, tower, texts: list[str]) -> np.ndarray:
+        """Two-tower embeddings of any texts (training captions come from the feature cache)."""
+        known, _ = self.caption_pairs()
+        known_feats = self.caption_features(known)
+        row = {t: i for i, t in enumerate(known)}
+        missing = sorted({t for t in texts if t not in row})
+        if missing:
+            from .encoders import TextEncoder
+
+            extra = TextEncoder(device=str(self.device)).encode(missing, progress=False)
+            row.update({t: len(known) + i for i, t in enumerate(missing)})
+            known_feats = np.concatenate([known_feats, extra])
+        feats = known_feats[[row[t] for t in texts]] if texts else known_feats[:0]
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(feats)).to(next(tower.parameters()).device)
+            return tower.embed_texts(x).float().cpu().numpy()
+
+    def query_table(self, tower, query_prefix: QueryPrefix, embeddings: np.ndarray,
+                    pseudo: dict[str, list[str]]) -> tuple[torch.Tensor, dict[str, int]]:
+        """Centred aligned embeddings the query prefix reads: the images (row i = image i), then
+        every text a retrieve example uses; and each text's row."""
+        texts = sorted({c for cs in {**pseudo, **self.captions}.values() for c in cs})
+        text_emb = torch.from_numpy(self.aligned_text_embeddings(tower, texts)).to(self.device)
+        images = torch.from_numpy(embeddings).to(self.device)
+        table = torch.cat([query_prefix.centre(images, "image"), query_prefix.centre(text_emb, "text")])
+        return table, {t: len(images) + i for i, t in enumerate(texts)}
+
     # ---- tasks
 
     def id_tokens(self, prompts: Prompts, identifiers: IdentifierAssignment) -> dict[str, list[int]]:
         return {k: prompts.encode(identifiers.ids[k]) for k in self.keys}
 
     def examples(self, stage: str, epoch: int, prompts: Prompts, ids: dict[str, list[int]],
-                 pseudo: dict[str, list[str]]) -> list[Example]:
+                 pseudo: dict[str, list[str]], query_rows: dict[str, int] | None = None) -> list[Example]:
+        """One epoch's examples. `query_rows` (text -> row of the aligned-embedding table, images
+        first) is given when the model has a query prefix."""
         rng = random.Random(zlib.crc32(f"{self.config.seed}/{stage}/{epoch}".encode()))
         cfg = self.config
         memorize = [Example(prompts.memorize(), ids[k] + [prompts.end], image=i) for i, k in enumerate(self.keys)]
         out = list(memorize)
+        if query_rows is not None:  # the image's own aligned embedding, in the query's place
+            out += [Example(prompts.retrieve(""), ids[k] + [prompts.end], query=i) for i, k in enumerate(self.keys)]
         described = {**pseudo, **self.captions} if cfg.pseudo_queries == "captioner" else self.captions
         if cfg.describe:
             out += [Example(prompts.describe(ids[k]), prompts.answer(rng.choice(cs)))
@@ -199,7 +232,7 @@ class Trainer:
             out += [Example(prompts.caption(), prompts.answer(rng.choice(self.captions[k])), image=i)
                     for i, k in enumerate(self.keys) if self.captions.get(k)]
         if stage == "retrieve":
-            out += [Example(prompts.retrieve(c), ids[k] + [prompts.end])
+            out += [Example(prompts.retrieve(c), ids[k] + [prompts.end], query=query_rows[c] if query_rows else None)
                     for k, cs in {**pseudo, **self.captions}.items() for c in cs]
             if cfg.ask:
                 out += self.ask_examples(rng, prompts, ids, described)
@@ -286,19 +319,28 @@ class Trainer:
         lm, tokenizer = self.initial_lm(identifiers)
         prompts = Prompts(tokenizer)
         ids = self.id_tokens(prompts, identifiers)
-        prefix = VisualPrefix(self.image_features().shape[1], lm.config.hidden_size, self.config.visual_tokens)
-        model = MultimodalLM(lm, prefix).to(self.device)
+        prefix = SoftPrefix(self.image_features().shape[1], lm.config.hidden_size, self.config.visual_tokens)
+        query_prefix = None
+        if self.config.query_tokens:
+            query_prefix = QueryPrefix(embeddings.shape[1], lm.config.hidden_size, self.config.query_tokens)
+            texts, _ = self.caption_pairs()
+            query_prefix.text_mean.copy_(torch.from_numpy(self.aligned_text_embeddings(tower, texts).mean(0)))
+            query_prefix.image_mean.copy_(torch.from_numpy(embeddings.mean(0)))
+        model = MultimodalLM(lm, prefix, query_prefix).to(self.device)
         features = torch.from_numpy(self.image_features()).to(self.device)
+        query_table, query_rows = (self.query_table(tower, query_prefix, embeddings, {})
+                                   if query_prefix is not None else (None, None))
 
         schedule = self.schedule()
-        steps_per_epoch = {stage: math.ceil(len(self.examples(stage, 0, prompts, ids, {})) / self.config.batch_size)
-                           for stage in ("memorize", "retrieve")}
+        steps_per_epoch = {stage: math.ceil(len(self.examples(stage, 0, prompts, ids, {}, query_rows))
+                                            / self.config.batch_size) for stage in ("memorize", "retrieve")}
         total_steps = sum(steps_per_epoch[s] for s, _ in schedule)
         embedding = model.lm.get_input_embeddings().weight  # tied with the output head
         optimizer = torch.optim.AdamW([
             {"params": [p for p in model.lm.parameters() if p is not embedding], "lr": self.config.lr},
             {"params": [embedding], "lr": self.config.embedding_lr},
-            {"params": model.prefix.parameters(), "lr": self.config.prefix_lr},
+            {"params": [*model.prefix.parameters(), *(query_prefix.parameters() if query_prefix else [])],
+             "lr": self.config.prefix_lr},
         ], weight_decay=0.0)
         base_lrs = [g["lr"] for g in optimizer.param_groups]
 
@@ -318,9 +360,11 @@ class Trainer:
         for index, (stage, epoch) in enumerate(schedule):
             if stage == "retrieve" and not pseudo and self.config.pseudo_queries != "none":
                 pseudo = self.pseudo_queries(model, prompts, tower, embeddings)
+                if query_prefix is not None:
+                    query_table, query_rows = self.query_table(tower, query_prefix, embeddings, pseudo)
             if index < done:
                 continue
-            examples = self.examples(stage, epoch, prompts, ids, pseudo)
+            examples = self.examples(stage, epoch, prompts, ids, pseudo, query_rows)
             losses = []
             bar = tqdm(range(0, len(examples), self.config.batch_size), desc=f"{stage} {epoch + 1}", disable=not self.progress)
             for start in bar:
@@ -330,7 +374,7 @@ class Trainer:
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * max(scale, 0.05)
                 with autocast:
-                    loss = model.loss(batch, features)
+                    loss = model.loss(batch, features, query_table)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -355,7 +399,8 @@ class Trainer:
             "pseudo_queries": {"mode": self.config.pseudo_queries, "images": len(pseudo)},
             "versions": _versions(),
         }
-        return save_model(dest, lm=model.lm, tokenizer=tokenizer, prefix=model.prefix, catalog=self.catalog,
+        return save_model(dest, lm=model.lm, tokenizer=tokenizer, prefix=model.prefix, query_prefix=query_prefix,
+                          catalog=self.catalog,
                           identifiers=identifiers, id_tokens=ids, two_tower=tower.cpu(), image_embeddings=embeddings,
                           manifest=manifest)
 

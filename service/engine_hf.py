@@ -81,14 +81,14 @@ def _greedy_search(engine: TransformersEngine, query: str) -> list[Hit]:
     """beams=1: TransformersEngine.search runs generate() with num_beams=1, which is greedy search
     and returns no `sequences_scores` (AttributeError). Same constrained path here, with the
     score summed from the raw logits so it matches the beam scores' scale."""
-    prompt = engine.prompts.retrieve(query)
+    inputs, width = engine.retrieval_inputs([query])
     trie, end = engine.trie, engine.prompts.end
     out = engine.lm.generate(
-        input_ids=torch.tensor([prompt], device=engine.device), max_new_tokens=trie.max_depth(), do_sample=False,
-        num_beams=1, prefix_allowed_tokens_fn=lambda _, seq: trie.allowed_next(seq[len(prompt):].tolist()) or [end],
+        **inputs, max_new_tokens=trie.max_depth(), do_sample=False,
+        num_beams=1, prefix_allowed_tokens_fn=lambda _, seq: trie.allowed_next(seq[width:].tolist()) or [end],
         output_logits=True, return_dict_in_generate=True, pad_token_id=end, eos_token_id=end,
     )
-    tokens = out.sequences[0, len(prompt):].tolist()
+    tokens = out.sequences[0, width:].tolist()
     score = sum(float(logits[0].float().log_softmax(-1)[t]) for logits, t in zip(out.logits, tokens))
     key = trie.key_for(tokens[: tokens.index(end)] if end in tokens else tokens)
     return [] if key is None else [Hit(key, score)]

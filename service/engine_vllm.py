@@ -13,6 +13,10 @@ transformers' beam search (2*beams candidates per step, finished ids only from t
 `beams`, stop when `beams` ids are finished), so both engines rank alike.
 
 Prompts are token ids from genret.prompts (vLLM token prompts), exactly as in training.
+A model trained with a query prefix (genret.model.QueryPrefix) starts its retrieve prompt
+with soft tokens computed from the query's aligned embedding: those requests go to vLLM as
+prompt embeddings (the soft tokens, then the LM's own embedding rows of the prompt's tokens),
+which its prefix cache hashes like tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import gc
 import heapq
 import uuid
 
+import torch
 from genret.decoding import Hit
 from genret.model_store import StoredModel
 from genret.prompts import Prompts
@@ -47,6 +52,10 @@ class VLLMEngine:
         if self.end != self.prompts.end:
             raise EngineError(f"{stored.path}: manifest end token {self.end} is not the tokenizer's eos {self.prompts.end}")
         self.max_listed_tokens = MAX_LISTED_TOKENS
+        self.query_prefix = stored.load_query_prefix()
+        if self.query_prefix is not None:
+            self.query_encoder = stored.load_query_encoder()
+            self.token_embeddings = _input_embeddings(stored)
         self._llm = None
         self._pending = 0
 
@@ -67,6 +76,7 @@ class VLLMEngine:
             max_model_len=s.max_model_len,
             max_num_seqs=s.max_num_seqs,
             enable_prefix_caching=True,  # every beam step repeats the query prompt
+            enable_prompt_embeds=self.query_prefix is not None,
             max_logprobs=MAX_LISTED_TOKENS,
             logprobs_mode="raw_logprobs",  # before the allowed-token mask: transformers' scale
             disable_log_stats=True,
@@ -102,9 +112,10 @@ class VLLMEngine:
             del llm
             gc.collect()  # AsyncLLM sits in reference cycles; collected at exit, its __del__ fails noisily
 
-    async def _generate(self, prompt: list[int], params):
+    async def _generate(self, prompt: list[int], params, soft_prefix=None):
+        """One request; `soft_prefix` (n, dim) puts soft tokens in front of the prompt's tokens."""
         from vllm.exceptions import VLLMClientError, VLLMServerError
-        from vllm.inputs import tokens_input
+        from vllm.inputs import embeds_input, tokens_input
 
         if self._llm is None:
             raise EngineError("the vLLM engine is not loaded")
@@ -113,8 +124,12 @@ class VLLMEngine:
         self._pending += 1
         try:
             final = None
-            # An engine input of token ids: vLLM neither tokenizes nor renders anything.
-            async for out in self._llm.generate(tokens_input(prompt), params, request_id=uuid.uuid4().hex):
+            # Engine inputs (token ids, or embeddings): vLLM neither tokenizes nor renders anything.
+            if soft_prefix is None:
+                engine_input = tokens_input(prompt)
+            else:
+                engine_input = embeds_input(torch.cat([soft_prefix, self.token_embeddings[prompt]]))
+            async for out in self._llm.generate(engine_input, params, request_id=uuid.uuid4().hex):
                 final = out
             return final.outputs[0]
         except VLLMClientError as e:  # our prompts are checked first; this would be a bug of ours
@@ -124,22 +139,31 @@ class VLLMEngine:
         finally:
             self._pending -= 1
 
-    def _check_fits(self, prompt: list[int], new_tokens: int) -> None:
-        if len(prompt) + new_tokens > self.settings.max_model_len:
-            raise InputTooLong(f"the prompt is {len(prompt)} tokens; with {new_tokens} to generate it exceeds "
+    def _check_fits(self, prompt: list[int], new_tokens: int, soft_tokens: int = 0) -> None:
+        length = soft_tokens + len(prompt)
+        if length + new_tokens > self.settings.max_model_len:
+            raise InputTooLong(f"the prompt is {length} tokens; with {new_tokens} to generate it exceeds "
                                f"the engine's max_model_len={self.settings.max_model_len}")
 
-    async def next_logprobs(self, prompt: list[int], allowed: list[int]) -> dict[int, float]:
-        """The log-probability of each allowed next token after `prompt`."""
+    async def next_logprobs(self, prompt: list[int], allowed: list[int], soft_prefix=None) -> dict[int, float]:
+        """The log-probability of each allowed next token after [soft prefix] + `prompt`."""
         n = self.max_listed_tokens
         if len(allowed) <= n:
-            return await self._listed_logprobs(prompt, allowed)
+            return await self._listed_logprobs(prompt, allowed, soft_prefix)
         # A wide node (atomic ids: one token per image) takes several requests on the same
         # prompt; prefix caching computes the prompt once and vLLM batches them.
-        parts = await asyncio.gather(*(self._listed_logprobs(prompt, allowed[i:i + n]) for i in range(0, len(allowed), n)))
+        parts = await asyncio.gather(*(self._listed_logprobs(prompt, allowed[i:i + n], soft_prefix)
+                                       for i in range(0, len(allowed), n)))
         return {t: lp for part in parts for t, lp in part.items()}
 
-    async def _listed_logprobs(self, prompt: list[int], tokens: list[int]) -> dict[int, float]:
+    async def _query_soft_prefix(self, query: str):
+        """The query prefix's soft tokens for this query, or None for a text-only model."""
+        if self.query_prefix is None:
+            return None
+        # MiniLM on the CPU takes milliseconds per query: off the event loop all the same
+        return await asyncio.to_thread(lambda: self.query_prefix.embed_queries(self.query_encoder([query]))[0])
+
+    async def _listed_logprobs(self, prompt: list[int], tokens: list[int], soft_prefix=None) -> dict[int, float]:
         # Only `logprob_token_ids`, never `logprobs=N`: vLLM 0.32 gives a logprobs=N request that
         # shares a batch with a logprob_token_ids one only its sampled token's log-prob.
         # allowed_token_ids does not change the scores; it keeps even the token that vLLM
@@ -148,19 +172,20 @@ class VLLMEngine:
 
         params = SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=tokens, logprob_token_ids=tokens,
                                 detokenize=False)
-        [position] = (await self._generate(prompt, params)).logprobs
+        [position] = (await self._generate(prompt, params, soft_prefix)).logprobs
         return {t: position[t].logprob for t in tokens}
 
     async def search(self, query: str, k: int, beams: int) -> list[Hit]:
         trie, end = self.trie, self.end
         prompt = self.prompts.retrieve(query)
-        self._check_fits(prompt, trie.max_depth())
+        soft = await self._query_soft_prefix(query)
+        self._check_fits(prompt, trie.max_depth(), 0 if soft is None else len(soft))
         k = min(k, len(trie))
         beams = max(beams, k)
         running: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
         finished: list[tuple[float, tuple[int, ...]]] = []
         for _ in range(trie.max_depth()):
-            steps = await asyncio.gather(*(self.next_logprobs(prompt + list(seq), trie.allowed_next(seq))
+            steps = await asyncio.gather(*(self.next_logprobs(prompt + list(seq), trie.allowed_next(seq), soft)
                                            for _, seq in running))
             candidates = heapq.nlargest(2 * beams, ((score + lp, seq + (t,)) for (score, seq), lps in zip(running, steps)
                                                     for t, lp in lps.items()), key=lambda c: c[0])
@@ -192,3 +217,14 @@ class VLLMEngine:
 
     async def ask(self, key: str, question: str) -> str:
         return await self._greedy(self.prompts.ask(self.stored.id_tokens[key], question))
+
+
+def _input_embeddings(stored: StoredModel) -> torch.Tensor:
+    """The LM's token-embedding rows (to spell a prompt as embeddings), read from its checkpoint."""
+    from safetensors import safe_open
+
+    for path in sorted(stored.lm_path.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            if "model.embed_tokens.weight" in f.keys():
+                return f.get_tensor("model.embed_tokens.weight").float()
+    raise EngineError(f"{stored.lm_path}: no model.embed_tokens.weight in its safetensors")

@@ -19,6 +19,9 @@ TINY_IMAGES = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "coins.jpg", "horse
                "motorcycle.jpg", "rocket.jpg"]
 TINY_CONFIG = dict(scheme="structured", scheme_options={"branching": 4}, num_layers=2, memorize_epochs=4,
                    retrieve_epochs=16, batch_size=16, lr=2e-3, prefix_lr=3e-3, align_epochs=20, warmup_steps=5)
+# the same with the query's aligned embedding as a soft prefix (genret.model.QueryPrefix)
+TINY_QUERY_PREFIX_CONFIG = {**TINY_CONFIG, "scheme": "rq", "scheme_options": {"levels": 2, "codebook_size": 4},
+                            "query_tokens": 2}
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +50,17 @@ def tiny_model_dir(tiny_catalog, tmp_path_factory):
     dest = Path(reuse) if reuse else root / "model"
     Trainer(tiny_catalog, TrainConfig(**TINY_CONFIG), root / "run", progress=False).train(dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_query_prefix_model_dir(tiny_catalog, tmp_path_factory):
+    """A trained tiny model whose retrieve prompt starts with the query prefix (RQ ids)."""
+    from genret.training import TrainConfig, Trainer
+
+    root = tmp_path_factory.mktemp("tiny_query_prefix_model")
+    Trainer(tiny_catalog, TrainConfig(**TINY_QUERY_PREFIX_CONFIG), root / "run", progress=False).train(root / "model")
+    return root / "model"
+
+
+# module fixtures that take `params=MODEL_KINDS` run their module once per kind of model
+MODEL_KINDS = {"text prompt": "tiny_model_dir", "query prefix": "tiny_query_prefix_model_dir"}

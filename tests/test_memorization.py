@@ -12,10 +12,13 @@ from genret.decoding import TransformersEngine
 from genret.evaluation import recall
 from genret.model_store import StoredModel
 
+from .conftest import MODEL_KINDS
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return TransformersEngine(StoredModel.open(tiny_model_dir), device="cpu")
+
+@pytest.fixture(scope="module", params=list(MODEL_KINDS))
+def engine(request):
+    model_dir = request.getfixturevalue(MODEL_KINDS[request.param])
+    return TransformersEngine(StoredModel.open(model_dir), device="cpu")
 
 
 def test_training_captions_retrieve_their_own_image(engine, tiny_catalog):
@@ -52,8 +55,8 @@ def test_a_subset_trie_only_returns_that_subset(engine, tiny_catalog):
     assert {h.key for h in hits} == set(subset)
 
 
-def test_saved_model_reloads_with_the_same_top_k(engine, tiny_model_dir):
-    again = TransformersEngine(StoredModel.open(tiny_model_dir), device="cpu")
+def test_saved_model_reloads_with_the_same_top_k(engine):
+    again = TransformersEngine(StoredModel.open(engine.stored.path), device="cpu")
     queries = ["a rocket at night", "an astronaut in a suit", "brown coffee"]
     first = engine.search(queries, k=3, beams=3)
     second = again.search(queries, k=3, beams=3)

@@ -18,6 +18,7 @@ from service.app import create_app  # noqa: E402
 from service.engine_hf import HFEngine  # noqa: E402
 from service.engine_vllm import VLLMEngine  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from tests.conftest import MODEL_KINDS  # noqa: E402
 from tests.service_helpers import Served, run  # noqa: E402,F401  (fixture)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -29,9 +30,11 @@ QUERIES = ["a rocket at night", "an astronaut in an orange suit", "a cup of brow
            "old coins on a table", "the full moon", "a horse in a field", "a red motorcycle", "zebra 42 ü ???"]
 
 
-@pytest.fixture(scope="module")
-def stored(tiny_model_dir):
-    return StoredModel.open(tiny_model_dir)
+@pytest.fixture(scope="module", params=list(MODEL_KINDS))
+def stored(request):
+    """Both kinds of model: token prompts, and prompts that start with the query prefix
+    (sent to vLLM as prompt embeddings)."""
+    return StoredModel.open(request.getfixturevalue(MODEL_KINDS[request.param]))
 
 
 @pytest.fixture(scope="module")
