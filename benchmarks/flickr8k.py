@@ -38,14 +38,16 @@ DEFAULT_DATA = Path(os.environ.get("GENRET_FLICKR8K", REPO.parent / "shared" / "
 SETTINGS = {
     "cpu": dict(train_images=200, test_images=50, beams=10, wide_beams=50, config=dict(
         num_layers=2, memorize_epochs=3, retrieve_epochs=8, batch_size=32, lr=2e-3, prefix_lr=3e-3,
-        embedding_lr=1e-2, describe=False, ask=False, align_epochs=40)),
+        embedding_lr=1e-2, describe=False, ask=False, align_epochs=40, query_tokens=0)),
     "gpu": dict(train_images=None, test_images=None, beams=20, wide_beams=50, config=dict(
         num_layers=None, memorize_epochs=3, retrieve_epochs=8, batch_size=128, lr=3e-4, prefix_lr=1e-3,
-        embedding_lr=3e-3, describe=True, ask=True, align_epochs=40)),
+        embedding_lr=3e-3, describe=True, ask=True, align_epochs=40, query_tokens=0)),
 }
 # runs: name -> the TrainConfig fields that make it (on top of the setting's config).
 # "+pq": pseudo-queries for the uncaptioned (test) images; "+qp": the query prefix (the query's
-# aligned embedding as soft tokens before the retrieve prompt, see genret.model).
+# aligned embedding as soft tokens before the retrieve prompt, see genret.model); "+td": half
+# of the retrieve examples leave the query text out (query_text_dropout); "+mix": GENIUS's
+# query augmentation, mixes of a caption's and its image's embeddings (query_mixing).
 STRUCTURED = dict(scheme="structured", scheme_options={"branching": 32})
 RQ = dict(scheme="rq", scheme_options={"levels": 3, "codebook_size": 64})
 NEIGHBORS = dict(pseudo_queries="neighbors")
@@ -63,6 +65,8 @@ RUNS = {
     "rq+pq": {**RQ, **NEIGHBORS},
     "rq+qp": {**RQ, **QUERY_PREFIX},
     "rq+pq+qp": {**RQ, **NEIGHBORS, **QUERY_PREFIX},
+    "rq+pq+qp+td": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_text_dropout": 0.5},
+    "rq+pq+qp+mix": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_mixing": 0.5},
 }
 
 

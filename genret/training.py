@@ -49,8 +49,14 @@ class TrainConfig(BaseModel):
     num_layers: int | None = Field(None, description="keep the first N decoder layers (None: all 30)")
     prune_vocab: bool = True
     visual_tokens: int = 4
-    query_tokens: int = Field(0, description="soft tokens carrying the query's aligned embedding before the "
+    query_tokens: int = Field(4, ge=0, description="soft tokens carrying the query's aligned embedding before the "
                                              "retrieve prompt (0: the query is text only)")
+    query_text_dropout: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "with a query prefix: the share of retrieve examples whose prompt leaves the query text out, "
+        "so the model leans on the aligned embedding, which generalizes to unseen queries"))
+    query_mixing: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "with a query prefix: per (caption, image) pair and epoch, the chance of one more retrieve example "
+        "whose embedding is a fixed random mix of the two (GENIUS's query augmentation)"))
     align_epochs: int = 30
     align_dim: int = 256
     memorize_epochs: int = 4
@@ -200,14 +206,26 @@ class Trainer:
             return tower.embed_texts(x).float().cpu().numpy()
 
     def query_table(self, tower, query_prefix: QueryPrefix, embeddings: np.ndarray,
-                    pseudo: dict[str, list[str]]) -> tuple[torch.Tensor, dict[str, int]]:
-        """Centred aligned embeddings the query prefix reads: the images (row i = image i), then
-        every text a retrieve example uses; and each text's row."""
-        texts = sorted({c for cs in {**pseudo, **self.captions}.values() for c in cs})
+                    pseudo: dict[str, list[str]]) -> tuple[torch.Tensor, dict]:
+        """Centred aligned embeddings the query prefix reads, and where each one is: the images
+        (row i = image i), every text a retrieve example uses (by text), and with query mixing
+        one mix per (image key, text) pair, a random point between the two (by that pair)."""
+        pairs = [(k, c) for k, cs in {**pseudo, **self.captions}.items() for c in cs]
+        texts = sorted({c for _, c in pairs})
         text_emb = torch.from_numpy(self.aligned_text_embeddings(tower, texts)).to(self.device)
-        images = torch.from_numpy(embeddings).to(self.device)
-        table = torch.cat([query_prefix.centre(images, "image"), query_prefix.centre(text_emb, "text")])
-        return table, {t: len(images) + i for i, t in enumerate(texts)}
+        images = query_prefix.centre(torch.from_numpy(embeddings).to(self.device), "image")
+        table = [images, query_prefix.centre(text_emb, "text")]
+        rows: dict = {t: len(images) + i for i, t in enumerate(texts)}
+        if self.config.query_mixing and pairs:
+            image_row = {k: i for i, k in enumerate(self.keys)}
+            weights = torch.rand(len(pairs), 1, generator=torch.Generator().manual_seed(self.config.seed))
+            mixed_text = table[1][[rows[c] - len(images) for _, c in pairs]]
+            mixed_image = images[[image_row[k] for k, _ in pairs]]
+            weights = weights.to(self.device)
+            table.append(torch.nn.functional.normalize(weights * mixed_text + (1 - weights) * mixed_image, dim=-1))
+            start = len(images) + len(texts)
+            rows.update({pair: start + i for i, pair in enumerate(pairs)})
+        return torch.cat(table), rows
 
     # ---- tasks
 
@@ -215,7 +233,7 @@ class Trainer:
         return {k: prompts.encode(identifiers.ids[k]) for k in self.keys}
 
     def examples(self, stage: str, epoch: int, prompts: Prompts, ids: dict[str, list[int]],
-                 pseudo: dict[str, list[str]], query_rows: dict[str, int] | None = None) -> list[Example]:
+                 pseudo: dict[str, list[str]], query_rows: dict | None = None) -> list[Example]:
         """One epoch's examples. `query_rows` (text -> row of the aligned-embedding table, images
         first) is given when the model has a query prefix."""
         rng = random.Random(zlib.crc32(f"{self.config.seed}/{stage}/{epoch}".encode()))
@@ -232,8 +250,15 @@ class Trainer:
             out += [Example(prompts.caption(), prompts.answer(rng.choice(self.captions[k])), image=i)
                     for i, k in enumerate(self.keys) if self.captions.get(k)]
         if stage == "retrieve":
-            out += [Example(prompts.retrieve(c), ids[k] + [prompts.end], query=query_rows[c] if query_rows else None)
-                    for k, cs in {**pseudo, **self.captions}.items() for c in cs]
+            for k, cs in {**pseudo, **self.captions}.items():
+                for c in cs:
+                    if query_rows is None:
+                        out.append(Example(prompts.retrieve(c), ids[k] + [prompts.end]))
+                    else:
+                        text = "" if cfg.query_text_dropout and rng.random() < cfg.query_text_dropout else c
+                        out.append(Example(prompts.retrieve(text), ids[k] + [prompts.end], query=query_rows[c]))
+                        if (k, c) in query_rows and rng.random() < cfg.query_mixing:
+                            out.append(Example(prompts.retrieve(""), ids[k] + [prompts.end], query=query_rows[k, c]))
             if cfg.ask:
                 out += self.ask_examples(rng, prompts, ids, described)
         rng.shuffle(out)

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_IMAGES = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "coins.jpg", "horse.jpg", "moon.jpg",
                "motorcycle.jpg", "rocket.jpg"]
 TINY_CONFIG = dict(scheme="structured", scheme_options={"branching": 4}, num_layers=2, memorize_epochs=4,
-                   retrieve_epochs=16, batch_size=16, lr=2e-3, prefix_lr=3e-3, align_epochs=20, warmup_steps=5)
+                   retrieve_epochs=16, batch_size=16, lr=2e-3, prefix_lr=3e-3, align_epochs=20, warmup_steps=5,
+                   query_tokens=0)
 # the same with the query's aligned embedding as a soft prefix (genret.model.QueryPrefix)
 TINY_QUERY_PREFIX_CONFIG = {**TINY_CONFIG, "scheme": "rq", "scheme_options": {"levels": 2, "codebook_size": 4},
                             "query_tokens": 2}

@@ -16,9 +16,10 @@ from .conftest import TINY_CONFIG
 SHORT = {**TINY_CONFIG, "memorize_epochs": 1, "retrieve_epochs": 2, "align_epochs": 3}
 
 
-def test_interrupted_training_resumes_to_the_same_model(tiny_catalog, tmp_path):
+@pytest.mark.parametrize("query_tokens", [0, 2], ids=["text prompt", "query prefix"])
+def test_interrupted_training_resumes_to_the_same_model(tiny_catalog, tmp_path, query_tokens):
     catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
-    config = TrainConfig(**SHORT)
+    config = TrainConfig(**{**SHORT, "query_tokens": query_tokens})
     assert Trainer(catalog, config, tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0) is None
     assert not (tmp_path / "m").exists()
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epochs_done"] == 1
@@ -30,6 +31,7 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_catalog, tmp_path):
     manifest = StoredModel.open(resumed).manifest
     assert manifest["train_config"]["retrieve_epochs"] == 2 and len(manifest["history"]) == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
+    assert (resumed / "query_prefix.safetensors").exists() == bool(query_tokens)
 
 
 def test_a_run_folder_refuses_a_different_config(tiny_catalog, tmp_path):
@@ -39,11 +41,13 @@ def test_a_run_folder_refuses_a_different_config(tiny_catalog, tmp_path):
         Trainer(catalog, TrainConfig(**{**SHORT, "lr": 1e-4}), tmp_path / "run", progress=False).train(tmp_path / "m")
 
 
-@pytest.mark.parametrize("mode", ["neighbors", "captioner"])
-def test_images_without_captions_get_pseudo_queries(tiny_catalog, tmp_path, mode):
+@pytest.mark.parametrize("mode,query_tokens", [("neighbors", 0), ("captioner", 0), ("captioner", 2)])
+def test_images_without_captions_get_pseudo_queries(tiny_catalog, tmp_path, mode, query_tokens):
+    """(With a query prefix, the model's own captions are new texts: they get embedded too.)"""
     keys = tiny_catalog.keys()[:5]
     catalog = tiny_catalog.subset(keys).without_captions_for(keys[:2])
-    config = TrainConfig(**{**SHORT, "pseudo_queries": mode, "pseudo_per_image": 2})
+    config = TrainConfig(**{**SHORT, "pseudo_queries": mode, "pseudo_per_image": 2, "query_tokens": query_tokens,
+                            "query_text_dropout": 0.5})
     model = Trainer(catalog, config, tmp_path / "run", progress=False).train(tmp_path / "m")
     pseudo = json.loads((tmp_path / "run" / "prepared" / f"pseudo_queries_{mode}.json").read_text())
     assert set(pseudo) <= set(keys[:2]) and pseudo, pseudo
