@@ -190,8 +190,9 @@ def make_engine(lm, trie, prompts):
     from genret.decoding import TransformersEngine
 
     class SyntheticEngine(TransformersEngine):
-        def __init__(self):  # no model store: the LM, trie and prompts are given
+        def __init__(self):  # no model store: the LM, trie and prompts are given; text prompts only
             self.device, self.lm, self.trie, self.prompts = "cpu", lm, trie, prompts
+            self.query_prefix = self.query_encoder = None
 
     return SyntheticEngine()
 
