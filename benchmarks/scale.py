@@ -192,7 +192,7 @@ def make_engine(lm, trie, prompts):
     class SyntheticEngine(TransformersEngine):
         def __init__(self):  # no model store: the LM, trie and prompts are given; text prompts only
             self.device, self.lm, self.trie, self.prompts = "cpu", lm, trie, prompts
-            self.query_prefix = self.query_encoder = None
+            self.query_soft_prefix = None
 
     return SyntheticEngine()
 

@@ -31,8 +31,7 @@ class TransformersEngine:
         self.tokenizer = stored.load_tokenizer()
         self.prompts = Prompts(self.tokenizer)
         self.trie = stored.trie()
-        self.query_prefix = stored.load_query_prefix(self.device)
-        self.query_encoder = stored.load_query_encoder(self.device) if self.query_prefix is not None else None
+        self.query_soft_prefix = stored.load_query_soft_prefix(self.device)
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, prompts))
@@ -45,10 +44,10 @@ class TransformersEngine:
         """generate() inputs for the retrieve prompts, and how many leading positions of its
         output sequences are prompt (none when the prompt is given as embeddings)."""
         prompts = [self.prompts.retrieve(q) for q in queries]
-        if self.query_prefix is None:
+        if self.query_soft_prefix is None:
             ids, mask = self._left_padded(prompts)
             return {"input_ids": ids, "attention_mask": mask}, ids.shape[1]
-        soft = self.query_prefix.embed_queries(self.query_encoder(queries))
+        soft = self.query_soft_prefix(queries)
         table = self.lm.get_input_embeddings()
         rows = [torch.cat([s.to(table.weight.dtype), table(torch.tensor(p, device=self.device))]) for s, p in zip(soft, prompts)]
         width = max(len(r) for r in rows)

@@ -20,6 +20,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -67,10 +68,9 @@ def save_model(
     try:
         lm.save_pretrained(staging / "lm")
         tokenizer.save_pretrained(staging / "lm")
-        save_file({k: v.contiguous().cpu() for k, v in prefix.state_dict().items()}, staging / "visual_prefix.safetensors")
+        _save_module(prefix, staging / "visual_prefix.safetensors")
         if query_prefix is not None:
-            save_file({k: v.contiguous().cpu() for k, v in query_prefix.state_dict().items()},
-                      staging / "query_prefix.safetensors")
+            _save_module(query_prefix, staging / "query_prefix.safetensors")
         write_json(staging / "catalog.json", catalog.to_records())
         write_json(staging / "identifiers.json", {**identifiers.to_json(), "tokens": id_tokens})
         if two_tower is not None:
@@ -99,6 +99,10 @@ def save_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dest
+
+
+def _save_module(module: torch.nn.Module, path: Path) -> None:
+    save_file({k: v.contiguous().cpu() for k, v in module.state_dict().items()}, path)
 
 
 @dataclass
@@ -161,11 +165,13 @@ class StoredModel:
 
         return LlamaForCausalLM.from_pretrained(self.lm_path, dtype=dtype).to(device).eval()
 
-    def load_prefix(self, device: str = "cpu") -> SoftPrefix:
-        p = self.manifest["prefix"]
-        prefix = SoftPrefix(p["feature_dim"], p["model_dim"], p["n_tokens"], p["hidden"])
-        prefix.load_state_dict(load_file(self.path / "visual_prefix.safetensors"))
+    def _load_prefix(self, cls, shape: dict, filename: str, device: str):
+        prefix = cls(**shape)  # the manifest records the constructor's arguments (SoftPrefix.shape)
+        prefix.load_state_dict(load_file(self.path / filename))
         return prefix.to(device).eval()
+
+    def load_prefix(self, device: str = "cpu") -> SoftPrefix:
+        return self._load_prefix(SoftPrefix, self.manifest["prefix"], "visual_prefix.safetensors", device)
 
     @property
     def uses_query_prefix(self) -> bool:
@@ -173,12 +179,17 @@ class StoredModel:
         return bool(self.manifest.get("query_prefix"))
 
     def load_query_prefix(self, device: str = "cpu") -> QueryPrefix | None:
-        p = self.manifest.get("query_prefix")
-        if not p:
+        if not self.uses_query_prefix:
             return None
-        prefix = QueryPrefix(p["feature_dim"], p["model_dim"], p["n_tokens"], p["hidden"])
-        prefix.load_state_dict(load_file(self.path / "query_prefix.safetensors"))
-        return prefix.to(device).eval()
+        return self._load_prefix(QueryPrefix, self.manifest["query_prefix"], "query_prefix.safetensors", device)
+
+    def load_query_soft_prefix(self, device: str = "cpu") -> Callable[[list[str]], torch.Tensor] | None:
+        """Query texts -> the query prefix's soft tokens (Q, n_tokens, dim); None for a text-only model."""
+        prefix = self.load_query_prefix(device)
+        if prefix is None:
+            return None
+        encoder = self.load_query_encoder(device)
+        return lambda queries: prefix.embed_queries(encoder(queries))
 
     def load_two_tower(self):
         from .alignment import load_two_tower

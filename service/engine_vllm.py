@@ -52,10 +52,9 @@ class VLLMEngine:
         if self.end != self.prompts.end:
             raise EngineError(f"{stored.path}: manifest end token {self.end} is not the tokenizer's eos {self.prompts.end}")
         self.max_listed_tokens = MAX_LISTED_TOKENS
-        self.query_prefix = stored.load_query_prefix()
-        if self.query_prefix is not None:
-            self.query_encoder = stored.load_query_encoder()
-            self.token_embeddings = _input_embeddings(stored)
+        # with a query prefix (loaded by start(), beside the engine): query texts -> soft tokens,
+        # and the LM's token-embedding rows to spell the rest of the prompt
+        self.query_soft_prefix = self.token_embeddings = None
         self._llm = None
         self._pending = 0
 
@@ -76,7 +75,7 @@ class VLLMEngine:
             max_model_len=s.max_model_len,
             max_num_seqs=s.max_num_seqs,
             enable_prefix_caching=True,  # every beam step repeats the query prompt
-            enable_prompt_embeds=self.query_prefix is not None,
+            enable_prompt_embeds=self.stored.uses_query_prefix,
             max_logprobs=MAX_LISTED_TOKENS,
             logprobs_mode="raw_logprobs",  # before the allowed-token mask: transformers' scale
             disable_log_stats=True,
@@ -89,10 +88,17 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         # Building the engine blocks for a minute (it starts the engine-core process and loads
-        # the weights): do it on a thread so the event loop keeps answering /healthz.
+        # the weights, and the query prefix's): do it on a thread so the event loop keeps answering /healthz.
         # (The engine goes into `built`, not the future's result, which asyncio keeps referenced.)
         args, built = self.engine_args(), []
-        building = asyncio.get_running_loop().run_in_executor(None, lambda: built.append(AsyncLLM.from_engine_args(args)))
+
+        def build():
+            if self.stored.uses_query_prefix:
+                self.query_soft_prefix = self.stored.load_query_soft_prefix()
+                self.token_embeddings = _input_embeddings(self.stored)
+            built.append(AsyncLLM.from_engine_args(args))
+
+        building = asyncio.get_running_loop().run_in_executor(None, build)
         try:
             await asyncio.shield(building)
         except asyncio.CancelledError:  # shut down while loading: stop the engine once it exists
@@ -158,10 +164,10 @@ class VLLMEngine:
 
     async def _query_soft_prefix(self, query: str):
         """The query prefix's soft tokens for this query, or None for a text-only model."""
-        if self.query_prefix is None:
+        if self.query_soft_prefix is None:
             return None
         # MiniLM on the CPU takes milliseconds per query: off the event loop all the same
-        return await asyncio.to_thread(lambda: self.query_prefix.embed_queries(self.query_encoder([query]))[0])
+        return await asyncio.to_thread(lambda: self.query_soft_prefix([query])[0])
 
     async def _listed_logprobs(self, prompt: list[int], tokens: list[int], soft_prefix=None) -> dict[int, float]:
         # Only `logprob_token_ids`, never `logprobs=N`: vLLM 0.32 gives a logprobs=N request that
