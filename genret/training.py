@@ -379,12 +379,13 @@ class Trainer:
             log.info("resuming %s after %d of %d epochs", self.run_dir, done, len(schedule))
 
         pseudo: dict[str, list[str]] = {}
+        pseudo_ready = self.config.pseudo_queries == "none"  # made once, at the first retrieve epoch
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _no_autocast()
         pad = prompts.end
         model.train()
         for index, (stage, epoch) in enumerate(schedule):
-            if stage == "retrieve" and not pseudo and self.config.pseudo_queries != "none":
-                pseudo = self.pseudo_queries(model, prompts, tower, embeddings)
+            if stage == "retrieve" and not pseudo_ready:
+                pseudo, pseudo_ready = self.pseudo_queries(model, prompts, tower, embeddings), True
                 if query_prefix is not None:
                     query_table, query_rows = self.query_table(tower, query_prefix, embeddings, pseudo)
             if index < done:
