@@ -67,6 +67,9 @@ RUNS = {
     "rq+pq+qp": {**RQ, **NEIGHBORS, **QUERY_PREFIX},
     "rq+pq+qp+td": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_text_dropout": 0.5},
     "rq+pq+qp+mix": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_mixing": 0.5},
+    "rq+pq+qp+noise0.5": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_noise": 0.5},
+    "rq+pq+qp+noise1": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_noise": 1.0},
+    "rq+pq+qp+noise2": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_noise": 2.0},
 }
 
 

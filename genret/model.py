@@ -58,10 +58,22 @@ class QueryPrefix(SoftPrefix):
     a caption then lands where its image does.
     """
 
-    def __init__(self, feature_dim: int, model_dim: int, n_tokens: int = 4, hidden: int = 1024):
+    def __init__(self, feature_dim: int, model_dim: int, n_tokens: int = 4, hidden: int = 1024,
+                 noise: float = 0.0):
         super().__init__(feature_dim, model_dim, n_tokens, hidden)
         self.register_buffer("text_mean", torch.zeros(feature_dim))
         self.register_buffer("image_mean", torch.zeros(feature_dim))
+        self.noise = noise  # training only, not saved: see forward
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """While training, jitters each (unit) embedding by a random vector of length `noise`:
+        a held-out query lands near, not on, the training points, and the prefix should map that
+        whole neighbourhood to the same id."""
+        if self.training and self.noise:
+            jitter = torch.randn_like(embeddings)
+            jitter = self.noise * nn.functional.normalize(jitter, dim=-1)
+            embeddings = nn.functional.normalize(embeddings + jitter, dim=-1)
+        return super().forward(embeddings)
 
     def centre(self, embeddings: torch.Tensor, modality: str) -> torch.Tensor:
         mean = self.text_mean if modality == "text" else self.image_mean

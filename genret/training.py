@@ -57,6 +57,9 @@ class TrainConfig(BaseModel):
     query_mixing: float = Field(0.0, ge=0.0, le=1.0, description=(
         "with a query prefix: per (caption, image) pair and epoch, the chance of one more retrieve example "
         "whose embedding is a fixed random mix of the two (GENIUS's query augmentation)"))
+    query_noise: float = Field(0.0, ge=0.0, description=(
+        "with a query prefix: while training, each aligned embedding is moved by a random vector of this "
+        "length (they have length 1) before the prefix reads it, so neighbourhoods, not points, map to ids"))
     align_epochs: int = 30
     align_dim: int = 256
     memorize_epochs: int = 4
@@ -347,7 +350,8 @@ class Trainer:
         prefix = SoftPrefix(self.image_features().shape[1], lm.config.hidden_size, self.config.visual_tokens)
         query_prefix = None
         if self.config.query_tokens:
-            query_prefix = QueryPrefix(embeddings.shape[1], lm.config.hidden_size, self.config.query_tokens)
+            query_prefix = QueryPrefix(embeddings.shape[1], lm.config.hidden_size, self.config.query_tokens,
+                                       noise=self.config.query_noise)
             texts, _ = self.caption_pairs()
             query_prefix.text_mean.copy_(torch.from_numpy(self.aligned_text_embeddings(tower, texts).mean(0)))
             query_prefix.image_mean.copy_(torch.from_numpy(embeddings.mean(0)))

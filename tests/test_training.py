@@ -57,3 +57,20 @@ def test_images_without_captions_get_pseudo_queries(tiny_catalog, tmp_path, mode
         assert set(pseudo) == set(keys[:2])
         assert all(len(qs) == 2 and set(qs) <= trained for qs in pseudo.values())
     assert StoredModel.open(model).manifest["pseudo_queries"] == {"mode": mode, "images": len(pseudo)}
+
+
+def test_query_noise_jitters_the_prefix_input_while_training_only():
+    """Noise is a training-time augmentation: serving (eval mode, or a prefix loaded from the
+    store, which has none) maps the same query to the same soft tokens every time."""
+    from genret.model import QueryPrefix
+
+    torch.manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    noisy = QueryPrefix(8, 16, n_tokens=2, hidden=32, noise=1.0)
+    torch.nn.init.normal_(noisy.mlp[-1].weight)
+    noisy.train()
+    assert not torch.allclose(noisy(queries), noisy(queries))
+    noisy.eval()
+    assert torch.equal(noisy(queries), noisy(queries))
+    quiet = QueryPrefix(8, 16, n_tokens=2, hidden=32).train()
+    assert torch.equal(quiet(queries), quiet(queries))
