@@ -115,18 +115,18 @@ def dense_baseline(trainer, queries, test_keys, keys) -> dict:
     return out
 
 
-def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_prepared: Path) -> dict:
+def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_prepared: Path, seed: int = 0) -> dict:
     from genret.decoding import EmbeddingReranker, TransformersEngine
     from genret.evaluation import evaluate_generative
     from genret.model_store import StoredModel
     from genret.training import TrainConfig, Trainer
 
-    run_dir = out / "runs" / name
+    run_dir = out / "runs" / (name if seed == 0 else f"{name}@seed{seed}")
     result_path = run_dir / "result.json"
     if result_path.exists():
         result = json.loads(result_path.read_text())
     else:
-        config = TrainConfig(**{**setting["config"], **RUNS[name]})
+        config = TrainConfig(**{**setting["config"], **RUNS[name], "seed": seed})
         prepared = run_dir / "prepared"
         prepared.mkdir(parents=True, exist_ok=True)
         for shared in shared_prepared.iterdir():  # features and alignment are the same for every scheme
@@ -135,7 +135,7 @@ def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_pre
         started = time.perf_counter()
         Trainer(catalog, config, run_dir).train(run_dir / "model")
         result = {"scheme": config.scheme, "options": config.scheme_options, "pseudo_queries": config.pseudo_queries,
-                  "query_tokens": config.query_tokens, "train_seconds": time.perf_counter() - started}
+                  "query_tokens": config.query_tokens, "seed": seed, "train_seconds": time.perf_counter() - started}
     # scope -> (candidates, beams, queries per batch); "catalog_wide" is GENIUS's wide beam, which
     # gives the re-ranker more candidates (their beam 50: R@5 24 -> 68)
     scopes = {"test": (test_keys, setting["beams"], 16), "catalog": (None, setting["beams"], 16),
@@ -154,6 +154,36 @@ def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_pre
     return result
 
 
+def over_seeds(runs: list[dict]) -> dict:
+    """One row from runs that differ only in their training seed: each recall's mean, and its
+    standard deviation under "spread" (run-to-run variance is large at the reduced size)."""
+    if len(runs) == 1:
+        return runs[0]
+    row = {"seeds": [r.get("seed", 0) for r in runs], "spread": {}}
+    for scope in ("test", "catalog", "catalog_wide"):
+        row[scope], row["spread"][scope] = {}, {}
+        for part in (None, "reranked"):
+            values = [r[scope] if part is None else r[scope].get(part) for r in runs]
+            if any(v is None for v in values):
+                continue
+            for metric in [m for m, v in values[0].items() if isinstance(v, (int, float))]:
+                numbers = np.array([v[metric] for v in values], dtype=float)
+                target = row[scope] if part is None else row[scope].setdefault(part, {})
+                target[metric] = float(numbers.mean())
+                if metric.startswith("R@"):
+                    row["spread"][scope][metric if part is None else f"{part} {metric}"] = float(numbers.std())
+    return row
+
+
+def _cell(row: dict, scope: str, metric: str, part: str | None = None) -> str:
+    values = row.get(scope, {})
+    value = values.get(metric) if part is None else values.get(part, {}).get(metric)
+    if value is None:
+        return ""
+    spread = row.get("spread", {}).get(scope, {}).get(metric if part is None else f"{part} {metric}")
+    return f"{value:.3f}" + ("" if spread is None else f" ± {spread:.3f}")
+
+
 def write_report(out: Path, results: dict, meta: dict) -> None:
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = [f"# Flickr8k generative retrieval ({meta['setting']} setting)", "",
@@ -164,13 +194,14 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
              f"catalog R@1/5/10, beam {meta['wide_beams']} + re-rank | s/query (test, catalog wide) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        t, c = r["test"], r["catalog"]
         wide = r.get("catalog_wide", {})
-        rr = wide.get("reranked")
-        reranked = "" if rr is None else " / ".join(f"{rr[k]:.3f}" for k in ("R@1", "R@5", "R@10"))
-        seconds = f"{t['seconds_per_query']:.4f}" + (f", {wide['seconds_per_query']:.3f}" if wide else "")
-        lines.append(f"| {name} | {t['R@1']:.3f} | {t['R@5']:.3f} | {t['R@10']:.3f} | {c['R@1']:.3f} | "
-                     f"{c['R@5']:.3f} | {c['R@10']:.3f} | {reranked} | {seconds} |")
+        reranked = " / ".join(_cell(r, "catalog_wide", k, "reranked") for k in ("R@1", "R@5", "R@10"))
+        seconds = f"{r['test']['seconds_per_query']:.4f}" + (f", {wide['seconds_per_query']:.3f}" if wide else "")
+        cells = [_cell(r, scope, k) for scope in ("test", "catalog") for k in ("R@1", "R@5", "R@10")]
+        label = name + (f" ({len(r['seeds'])} seeds)" if "seeds" in r else "")
+        lines.append(f"| {label} | {' | '.join(cells)} | {reranked if wide else ''} | {seconds} |")
+    if any("seeds" in r for r in results.values()):
+        lines += ["", "Rows over several seeds: mean ± standard deviation across the training seeds."]
     lines += ["", f"Reproduce: `{meta['command']}`"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -182,7 +213,9 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
     names = list(results)
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 4))
     for i, k in enumerate(("R@1", "R@5", "R@10")):
-        ax.bar(np.arange(len(names)) + (i - 1) * 0.27, [results[n]["test"][k] for n in names], 0.27, label=k)
+        errors = [results[n].get("spread", {}).get("test", {}).get(k, 0.0) for n in names]
+        ax.bar(np.arange(len(names)) + (i - 1) * 0.27, [results[n]["test"][k] for n in names], 0.27, label=k,
+               yerr=errors if any(errors) else None, capsize=2)
     ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("recall over test images")
     ax.set_title(f"Flickr8k, {meta['setting']} setting")
@@ -197,6 +230,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--schemes", nargs="+", choices=sorted(RUNS), default=list(RUNS))
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train each scheme with seeds 0..N-1 and report mean ± standard deviation")
     args = parser.parse_args()
     if not (args.data / "captions.csv").exists():
         print(f"flickr8k: no data at {args.data} (set GENRET_FLICKR8K)", file=sys.stderr)
@@ -230,7 +265,8 @@ def main() -> int:
             "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores",
             "command": "python benchmarks/flickr8k.py " + " ".join(sys.argv[1:])}
     for name in args.schemes:
-        results[name] = run_scheme(name, catalog, queries, test_keys, setting, out, base.prepared)
+        results[name] = over_seeds([run_scheme(name, catalog, queries, test_keys, setting, out, base.prepared, seed)
+                                    for seed in range(args.seeds)])
         write_report(out, results, meta)
         print(f"{name}: test {results[name]['test']}", flush=True)
     write_report(out, results, meta)
