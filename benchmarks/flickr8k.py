@@ -70,6 +70,8 @@ RUNS = {
     "rq+pq+qp+noise0.5": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_noise": 0.5},
     "rq+pq+qp+noise1": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_noise": 1.0},
     "rq+pq+qp+noise2": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_noise": 2.0},
+    "rq+pq+qp+res2": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_residuals": 2},
+    "rq+qp+res2": {**RQ, **QUERY_PREFIX, "query_residuals": 2},
 }
 
 

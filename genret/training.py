@@ -57,6 +57,10 @@ class TrainConfig(BaseModel):
     query_mixing: float = Field(0.0, ge=0.0, le=1.0, description=(
         "with a query prefix: per (caption, image) pair and epoch, the chance of one more retrieve example "
         "whose embedding is a fixed random mix of the two (GENIUS's query augmentation)"))
+    query_residuals: int = Field(0, ge=0, description=(
+        "with a query prefix: per image and retrieve epoch, this many extra retrieve examples whose embedding "
+        "is the image's own plus a random training caption's offset from its image: realistic queries for "
+        "every image, captioned or not"))
     query_noise: float = Field(0.0, ge=0.0, description=(
         "with a query prefix: while training, each aligned embedding is moved by a random vector of this "
         "length (they have length 1) before the prefix reads it, so neighbourhoods, not points, map to ids"))
@@ -211,8 +215,9 @@ class Trainer:
     def query_table(self, tower, query_prefix: QueryPrefix, embeddings: np.ndarray,
                     pseudo: dict[str, list[str]]) -> tuple[torch.Tensor, dict]:
         """Centred aligned embeddings the query prefix reads, and where each one is: the images
-        (row i = image i), every text a retrieve example uses (by text), and with query mixing
-        one mix per (image key, text) pair, a random point between the two (by that pair)."""
+        (row i = image i), every text a retrieve example uses (by text), with query mixing
+        one mix per (image key, text) pair, a random point between the two (by that pair), and
+        with query residuals the synthetic queries (by ("residual", key, epoch, j))."""
         pairs = [(k, c) for k, cs in {**pseudo, **self.captions}.items() for c in cs]
         texts = sorted({c for _, c in pairs})
         text_emb = torch.from_numpy(self.aligned_text_embeddings(tower, texts)).to(self.device)
@@ -228,7 +233,25 @@ class Trainer:
             table.append(torch.nn.functional.normalize(weights * mixed_text + (1 - weights) * mixed_image, dim=-1))
             start = len(images) + len(texts)
             rows.update({pair: start + i for i, pair in enumerate(pairs)})
+        if self.config.query_residuals:
+            table.append(self.residual_queries(images, query_prefix.centre(
+                torch.from_numpy(self.aligned_text_embeddings(tower, self.caption_pairs()[0])).to(self.device), "text")))
+            start, n = sum(len(t) for t in table[:-1]), self.config.query_residuals
+            rows.update({("residual", k, e, j): start + (i * self.config.retrieve_epochs + e) * n + j
+                         for i, k in enumerate(self.keys) for e in range(self.config.retrieve_epochs) for j in range(n)})
         return torch.cat(table), rows
+
+    def residual_queries(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """Each image's own (centred) embedding moved by how far real captions sit from their
+        images: held-out queries scatter around their image the same way, in the directions
+        captions vary in, which isotropic noise does not know. Image-major, then epoch, then j."""
+        _, caption_rows = self.caption_pairs()
+        offsets = captions - images[torch.from_numpy(caption_rows).to(self.device)]
+        count = len(images) * self.config.retrieve_epochs * self.config.query_residuals
+        generator = torch.Generator().manual_seed(self.config.seed)
+        picked = offsets[torch.randint(len(offsets), (count,), generator=generator).to(self.device)]
+        owners = torch.arange(len(images), device=self.device).repeat_interleave(count // len(images))
+        return torch.nn.functional.normalize(images[owners] + picked, dim=-1)
 
     # ---- tasks
 
@@ -262,6 +285,9 @@ class Trainer:
                         out.append(Example(prompts.retrieve(text), ids[k] + [prompts.end], query=query_rows[c]))
                         if (k, c) in query_rows and rng.random() < cfg.query_mixing:
                             out.append(Example(prompts.retrieve(""), ids[k] + [prompts.end], query=query_rows[k, c]))
+            if query_rows is not None:
+                out += [Example(prompts.retrieve(""), ids[k] + [prompts.end], query=query_rows["residual", k, epoch, j])
+                        for k in self.keys for j in range(cfg.query_residuals)]
             if cfg.ask:
                 out += self.ask_examples(rng, prompts, ids, described)
         rng.shuffle(out)
@@ -395,6 +421,7 @@ class Trainer:
             if index < done:
                 continue
             examples = self.examples(stage, epoch, prompts, ids, pseudo, query_rows)
+            torch.manual_seed(zlib.crc32(f"{self.config.seed}/{stage}/{epoch}/torch".encode()))  # resumable noise
             losses = []
             bar = tqdm(range(0, len(examples), self.config.batch_size), desc=f"{stage} {epoch + 1}", disable=not self.progress)
             for start in bar:

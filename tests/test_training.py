@@ -19,7 +19,8 @@ SHORT = {**TINY_CONFIG, "memorize_epochs": 1, "retrieve_epochs": 2, "align_epoch
 @pytest.mark.parametrize("query_tokens", [0, 2], ids=["text prompt", "query prefix"])
 def test_interrupted_training_resumes_to_the_same_model(tiny_catalog, tmp_path, query_tokens):
     catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
-    config = TrainConfig(**{**SHORT, "query_tokens": query_tokens})
+    augment = {"query_residuals": 1, "query_noise": 0.5} if query_tokens else {}  # random, yet resumable
+    config = TrainConfig(**{**SHORT, "query_tokens": query_tokens, **augment})
     assert Trainer(catalog, config, tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0) is None
     assert not (tmp_path / "m").exists()
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epochs_done"] == 1
@@ -74,3 +75,20 @@ def test_query_noise_jitters_the_prefix_input_while_training_only():
     assert torch.equal(noisy(queries), noisy(queries))
     quiet = QueryPrefix(8, 16, n_tokens=2, hidden=32).train()
     assert torch.equal(quiet(queries), quiet(queries))
+
+
+def test_residual_queries_scatter_around_their_own_image(tiny_catalog, tmp_path):
+    """Synthetic queries: each image's embedding plus a real caption's offset from its image."""
+    config = TrainConfig(**{**SHORT, "query_residuals": 3})
+    trainer = Trainer(tiny_catalog, config, tmp_path / "run", progress=False)
+    _, caption_rows = trainer.caption_pairs()
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(len(trainer.keys), 32), dim=-1)
+    captions = torch.nn.functional.normalize(images[caption_rows] + 0.1 * torch.randn(len(caption_rows), 32), dim=-1)
+    queries = trainer.residual_queries(images, captions)
+    per_image = config.retrieve_epochs * config.query_residuals
+    assert queries.shape == (len(images) * per_image, 32)
+    assert torch.allclose(queries.norm(dim=-1), torch.ones(len(queries)))
+    owner = torch.arange(len(images)).repeat_interleave(per_image)
+    assert ((queries @ images.T).argmax(1) == owner).float().mean() > 0.9
+    assert torch.equal(queries, trainer.residual_queries(images, captions))  # seeded: resumes reproduce it
