@@ -47,7 +47,10 @@ SETTINGS = {
 # "+pq": pseudo-queries for the uncaptioned (test) images; "+qp": the query prefix (the query's
 # aligned embedding as soft tokens before the retrieve prompt, see genret.model); "+td": half
 # of the retrieve examples leave the query text out (query_text_dropout); "+mix": GENIUS's
-# query augmentation, mixes of a caption's and its image's embeddings (query_mixing).
+# query augmentation, mixes of a caption's and its image's embeddings (query_mixing); "+noiseX":
+# the prefix's inputs jittered by random vectors of length X while training (query_noise);
+# "+resN": N synthetic queries per image and epoch, its embedding plus a real caption's offset
+# from its image (query_residuals).
 STRUCTURED = dict(scheme="structured", scheme_options={"branching": 32})
 RQ = dict(scheme="rq", scheme_options={"levels": 3, "codebook_size": 64})
 NEIGHBORS = dict(pseudo_queries="neighbors")
@@ -67,7 +70,6 @@ RUNS = {
     "rq+pq+qp": {**RQ, **NEIGHBORS, **QUERY_PREFIX},
     "rq+pq+qp+td": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_text_dropout": 0.5},
     "rq+pq+qp+mix": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_mixing": 0.5},
-    "rq+pq+qp+noise0.5": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_noise": 0.5},
     "rq+pq+qp+noise1": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_noise": 1.0},
     "rq+pq+qp+noise2": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_noise": 2.0},
     "rq+pq+qp+res2": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_residuals": 2},
