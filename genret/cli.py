@@ -63,7 +63,9 @@ def build_config(preset: str, scheme: str | None, sets: list[str]):
     try:
         return TrainConfig(**values)
     except ValidationError as e:
-        raise UsageError(f"bad training config: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+        error = e.errors()[0]
+        where = ".".join(map(str, error["loc"]))
+        raise UsageError(f"bad training config: {where + ': ' if where else ''}{error['msg']}") from None
 
 
 def open_model(name_or_path: str):

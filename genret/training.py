@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 
 from .catalog import Catalog
@@ -81,6 +81,14 @@ class TrainConfig(BaseModel):
     warmup_steps: int = 20
     seed: int = 0
     device: str = "auto"
+
+    @model_validator(mode="after")
+    def _query_options_need_the_prefix(self):
+        if not self.query_tokens:
+            used = [f for f in ("query_text_dropout", "query_mixing", "query_residuals", "query_noise") if getattr(self, f)]
+            if used:
+                raise ValueError(f"{', '.join(used)} shape(s) the query prefix: set query_tokens > 0 or leave them out")
+        return self
 
     def fingerprint(self) -> str:
         return hashlib.sha1(self.model_dump_json().encode()).hexdigest()[:12]

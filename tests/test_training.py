@@ -35,6 +35,11 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_catalog, tmp_path, 
     assert (resumed / "query_prefix.safetensors").exists() == bool(query_tokens)
 
 
+def test_query_options_without_a_query_prefix_are_refused():
+    with pytest.raises(ValueError, match="query_residuals.*query_tokens > 0"):
+        TrainConfig(**{**SHORT, "query_tokens": 0, "query_residuals": 2})
+
+
 def test_a_run_folder_refuses_a_different_config(tiny_catalog, tmp_path):
     catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
     Trainer(catalog, TrainConfig(**SHORT), tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0)
@@ -48,7 +53,7 @@ def test_images_without_captions_get_pseudo_queries(tiny_catalog, tmp_path, mode
     keys = tiny_catalog.keys()[:5]
     catalog = tiny_catalog.subset(keys).without_captions_for(keys[:2])
     config = TrainConfig(**{**SHORT, "pseudo_queries": mode, "pseudo_per_image": 2, "query_tokens": query_tokens,
-                            "query_text_dropout": 0.5})
+                            "query_text_dropout": 0.5 if query_tokens else 0.0})
     model = Trainer(catalog, config, tmp_path / "run", progress=False).train(tmp_path / "m")
     pseudo = json.loads((tmp_path / "run" / "prepared" / f"pseudo_queries_{mode}.json").read_text())
     assert set(pseudo) <= set(keys[:2]) and pseudo, pseudo
