@@ -84,7 +84,7 @@ def test_query_noise_jitters_the_prefix_input_while_training_only():
 
 def test_residual_queries_scatter_around_their_own_image(tiny_catalog, tmp_path):
     """Synthetic queries: each image's embedding plus a real caption's offset from its image."""
-    config = TrainConfig(**{**SHORT, "query_residuals": 3})
+    config = TrainConfig(**{**SHORT, "query_tokens": 2, "query_residuals": 3})
     trainer = Trainer(tiny_catalog, config, tmp_path / "run", progress=False)
     _, caption_rows = trainer.caption_pairs()
     torch.manual_seed(0)
