@@ -85,7 +85,8 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _query_options_need_the_prefix(self):
         if not self.query_tokens:
-            used = [f for f in ("query_text_dropout", "query_mixing", "query_residuals", "query_noise") if getattr(self, f)]
+            options = ("query_text_dropout", "query_mixing", "query_residuals", "query_noise")
+            used = [f for f in options if getattr(self, f)]
             if used:
                 raise ValueError(f"{', '.join(used)} shape(s) the query prefix: set query_tokens > 0 or leave them out")
         return self
@@ -241,10 +242,10 @@ class Trainer:
             table.append(torch.nn.functional.normalize(weights * mixed_text + (1 - weights) * mixed_image, dim=-1))
             start = len(images) + len(texts)
             rows.update({pair: start + i for i, pair in enumerate(pairs)})
-        if self.config.query_residuals:
-            table.append(self.residual_queries(images, query_prefix.centre(
-                torch.from_numpy(self.aligned_text_embeddings(tower, self.caption_pairs()[0])).to(self.device), "text")))
-            start, n = sum(len(t) for t in table[:-1]), self.config.query_residuals
+        if self.config.query_residuals:  # the training captions are among the texts above
+            start, n = sum(map(len, table)), self.config.query_residuals
+            captions = table[1][[rows[c] - len(images) for c in self.caption_pairs()[0]]]
+            table.append(self.residual_queries(images, captions))
             rows.update({("residual", k, e, j): start + (i * self.config.retrieve_epochs + e) * n + j
                          for i, k in enumerate(self.keys) for e in range(self.config.retrieve_epochs) for j in range(n)})
         return torch.cat(table), rows
