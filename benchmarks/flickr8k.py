@@ -43,38 +43,56 @@ SETTINGS = {
         num_layers=None, memorize_epochs=3, retrieve_epochs=8, batch_size=128, lr=3e-4, prefix_lr=1e-3,
         embedding_lr=3e-3, describe=True, ask=True, align_epochs=40, query_tokens=0)),
 }
-# runs: name -> the TrainConfig fields that make it (on top of the setting's config).
-# "+pq": pseudo-queries for the uncaptioned (test) images; "+qp": the query prefix (the query's
-# aligned embedding as soft tokens before the retrieve prompt, see genret.model); "+td": half
-# of the retrieve examples leave the query text out (query_text_dropout); "+mix": GENIUS's
-# query augmentation, mixes of a caption's and its image's embeddings (query_mixing); "+noiseX":
-# the prefix's inputs jittered by random vectors of length X while training (query_noise);
-# "+resN": N synthetic queries per image and epoch, its embedding plus a real caption's offset
-# from its image (query_residuals).
-STRUCTURED = dict(scheme="structured", scheme_options={"branching": 32})
-RQ = dict(scheme="rq", scheme_options={"levels": 3, "codebook_size": 64})
-NEIGHBORS = dict(pseudo_queries="neighbors")
-QUERY_PREFIX = dict(query_tokens=4)
-RUNS = {
+# A run is named by its identifier scheme and "+"-joined levers, each a set of TrainConfig
+# fields on top of the setting's config (so "rq+pq+qp+res2+layers4" needs no code):
+SCHEMES = {
     "string": dict(scheme="string"),
     "numeric": dict(scheme="numeric"),
     "semantic": dict(scheme="semantic"),
-    "structured": STRUCTURED,
-    "structured+pq": {**STRUCTURED, **NEIGHBORS},
-    "structured+pq+qp": {**STRUCTURED, **NEIGHBORS, **QUERY_PREFIX},
+    "structured": dict(scheme="structured", scheme_options={"branching": 32}),
     "atomic": dict(scheme="atomic"),
-    "atomic+pq+qp": dict(scheme="atomic", **NEIGHBORS, **QUERY_PREFIX),
-    "rq": RQ,
-    "rq+pq": {**RQ, **NEIGHBORS},
-    "rq+qp": {**RQ, **QUERY_PREFIX},
-    "rq+pq+qp": {**RQ, **NEIGHBORS, **QUERY_PREFIX},
-    "rq+pq+qp+td": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_text_dropout": 0.5},
-    "rq+pq+qp+mix": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_mixing": 0.5},
-    "rq+pq+qp+noise1": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_noise": 1.0},
-    "rq+pq+qp+noise2": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_noise": 2.0},
-    "rq+pq+qp+res2": {**RQ, **NEIGHBORS, **QUERY_PREFIX, "query_residuals": 2},
-    "rq+qp+res2": {**RQ, **QUERY_PREFIX, "query_residuals": 2},
+    "rq": dict(scheme="rq", scheme_options={"levels": 3, "codebook_size": 64}),
 }
+# name -> (what it means, the TrainConfig field it sets, its value; where the value is a type,
+# the lever takes a number: "res2" sets query_residuals=2)
+LEVERS = {
+    "pq": ("pseudo-queries for the uncaptioned (test) images: their nearest training captions",
+           "pseudo_queries", "neighbors"),
+    "qp": ("the query prefix: the query's aligned embedding as 4 soft tokens before the retrieve prompt",
+           "query_tokens", 4),
+    "td": ("half of the retrieve examples leave the query text out", "query_text_dropout", 0.5),
+    "mix": ("GENIUS's query augmentation: mixes of a caption's and its image's embeddings", "query_mixing", 0.5),
+    "noise": ("the prefix's inputs jittered by random vectors of length N while training", "query_noise", float),
+    "res": ("N synthetic queries per image and epoch: its embedding plus a real caption's offset from its image",
+            "query_residuals", int),
+    "qt": ("N query-prefix tokens instead of 4", "query_tokens", int),
+    "layers": ("keep N decoder layers of the LM", "num_layers", int),
+    "ep": ("N retrieve epochs", "retrieve_epochs", int),
+    "ppi": ("N pseudo-queries per uncaptioned image", "pseudo_per_image", int),
+}
+DEFAULT_RUNS = ["structured+pq", "structured", "atomic", "rq", "rq+pq", "semantic", "string", "numeric",
+                "rq+qp", "rq+pq+qp", "structured+pq+qp"]
+
+
+def run_config(name: str) -> dict:
+    """The TrainConfig fields a run's name stands for; ValueError names what it does not know."""
+    scheme, *levers = name.split("+")
+    if scheme not in SCHEMES:
+        raise ValueError(f"run {name!r}: unknown scheme {scheme!r} (one of {', '.join(SCHEMES)})")
+    config = dict(SCHEMES[scheme])
+    for lever in levers:
+        word = lever.rstrip("0123456789.")
+        number = lever[len(word):]
+        try:
+            _, field, value = LEVERS[word]
+            if isinstance(value, type) != bool(number):
+                raise ValueError
+            config[field] = value(number) if isinstance(value, type) else value
+        except (KeyError, ValueError):
+            raise ValueError(f"run {name!r}: unknown lever {lever!r}; levers:\n" + "\n".join(
+                f"  {w}{'N' if isinstance(v, type) else ''}: {meaning}" for w, (meaning, _, v) in LEVERS.items())
+            ) from None
+    return config
 
 
 def build_catalog(data: Path, setting: dict, seed: int = 0):
@@ -130,7 +148,7 @@ def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_pre
     if result_path.exists():
         result = json.loads(result_path.read_text())
     else:
-        config = TrainConfig(**{**setting["config"], **RUNS[name], "seed": seed})
+        config = TrainConfig(**{**setting["config"], **run_config(name), "seed": seed})
         prepared = run_dir / "prepared"
         prepared.mkdir(parents=True, exist_ok=True)
         for shared in shared_prepared.iterdir():  # features and alignment are the same for every scheme
@@ -233,7 +251,8 @@ def main() -> int:
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--schemes", nargs="+", choices=sorted(RUNS), default=list(RUNS))
+    parser.add_argument("--schemes", nargs="+", default=DEFAULT_RUNS, metavar="RUN",
+                        help="runs to train, each a scheme and '+'-joined levers, e.g. rq+pq+qp+res2 (see LEVERS)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="train each scheme with seeds 0..N-1 and report mean ± standard deviation")
     args = parser.parse_args()
@@ -242,10 +261,18 @@ def main() -> int:
         return 2
     sys.path.insert(0, str(REPO))
     import torch
+    from pydantic import ValidationError
 
     from genret.training import TrainConfig, Trainer
 
     setting = SETTINGS[args.setting]
+    for name in args.schemes:  # refused before any work starts, not after hours of the runs before it
+        try:
+            TrainConfig(**{**setting["config"], **run_config(name)})
+        except ValidationError as error:
+            parser.error(f"run {name!r}: " + "; ".join(e["msg"] for e in error.errors()))
+        except ValueError as error:
+            parser.error(str(error))
     out = args.out or REPO / "benchmarks" / "results" / f"flickr8k-{args.setting}"
     out.mkdir(parents=True, exist_ok=True)
     catalog, queries, test_keys = build_catalog(args.data, setting)
