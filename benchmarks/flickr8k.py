@@ -69,6 +69,7 @@ LEVERS = {
     "layers": ("keep N decoder layers of the LM", "num_layers", int),
     "ep": ("N retrieve epochs", "retrieve_epochs", int),
     "ppi": ("N pseudo-queries per uncaptioned image", "pseudo_per_image", int),
+    "ai": ("id tokens start from where their images sit in the aligned space", "id_embeddings", "aligned"),
 }
 DEFAULT_RUNS = ["structured+pq", "structured", "atomic", "rq", "rq+pq", "semantic", "string", "numeric",
                 "rq+qp", "rq+pq+qp", "structured+pq+qp"]

@@ -64,6 +64,10 @@ class TrainConfig(BaseModel):
     query_noise: float = Field(0.0, ge=0.0, description=(
         "with a query prefix: while training, each aligned embedding is moved by a random vector of this "
         "length (they have length 1) before the prefix reads it, so neighbourhoods, not points, map to ids"))
+    id_embeddings: Literal["mean", "aligned"] = Field("mean", description=(
+        "how new id tokens' rows (input embedding and, tied to it, output head) start: all at the vocabulary's "
+        "mean, or 'aligned': each carries where its images sit in the aligned space (the mean residual of its "
+        "images at its position, through a fixed random projection), so ids start with the geometry queries have"))
     align_epochs: int = 30
     align_dim: int = 256
     memorize_epochs: int = 4
@@ -93,6 +97,26 @@ class TrainConfig(BaseModel):
 
     def fingerprint(self) -> str:
         return hashlib.sha1(self.model_dump_json().encode()).hexdigest()[:12]
+
+
+def id_token_vectors(ids: list[list[int]], tokens: set[int], embeddings: np.ndarray) -> dict[int, np.ndarray]:
+    """Where each id token's images sit in the aligned space. Position by position, a token's
+    vector is the mean of what its images' centred embeddings leave unexplained by their earlier
+    tokens: for RQ codes exactly the codebook entries (the first level's less the mean), for
+    atomic ids the image itself. `ids[i]` is image i's id; only `tokens` get a vector (one used
+    at several positions gets the mean of its vectors there)."""
+    residual = (embeddings - embeddings.mean(0)).astype(np.float64)
+    vectors: dict[int, list[np.ndarray]] = {}
+    for position in range(max(map(len, ids), default=0)):
+        members: dict[int, list[int]] = {}
+        for i, id_tokens in enumerate(ids):
+            if position < len(id_tokens) and id_tokens[position] in tokens:
+                members.setdefault(id_tokens[position], []).append(i)
+        for token, images in members.items():
+            mean = residual[images].mean(0)
+            vectors.setdefault(token, []).append(mean)
+            residual[images] -= mean
+    return {t: np.mean(v, axis=0) for t, v in vectors.items()}
 
 
 def pick_device(name: str) -> torch.device:
@@ -262,6 +286,26 @@ class Trainer:
         owners = torch.arange(len(images), device=self.device).repeat_interleave(count // len(images))
         return torch.nn.functional.normalize(images[owners] + picked, dim=-1)
 
+    def align_id_embeddings(self, lm, ids: dict[str, list[int]], new_tokens: set[int], embeddings: np.ndarray):
+        """Rows for the new id tokens that say where their images are (see `id_token_vectors`),
+        through a fixed random projection to the LM's width, scaled to the spread of ordinary
+        token rows. With the head tied to the embedding, a query state near an image then
+        already scores that image's tokens high."""
+        vectors = id_token_vectors([ids[k] for k in self.keys], new_tokens, embeddings)
+        if not vectors:
+            return
+        weight = lm.get_input_embeddings().weight
+        generator = torch.Generator().manual_seed(self.config.seed)
+        projection = torch.randn(embeddings.shape[1], weight.shape[1], generator=generator, dtype=torch.double)
+        projection /= weight.shape[1] ** 0.5  # keeps lengths
+        tokens = sorted(vectors)
+        projected = torch.from_numpy(np.stack([vectors[t] for t in tokens])) @ projection
+        old = [t for t in range(weight.shape[0]) if t not in new_tokens]
+        with torch.no_grad():
+            spread = (weight[old] - weight[old].mean(0)).norm(dim=1).median().double()
+            scale = spread / projected.norm(dim=1).max().clamp(min=1e-12)
+            weight[tokens] = (weight[old].mean(0) + scale * projected).to(weight.dtype)
+
     # ---- tasks
 
     def id_tokens(self, prompts: Prompts, identifiers: IdentifierAssignment) -> dict[str, list[int]]:
@@ -382,6 +426,9 @@ class Trainer:
         lm, tokenizer = self.initial_lm(identifiers)
         prompts = Prompts(tokenizer)
         ids = self.id_tokens(prompts, identifiers)
+        if self.config.id_embeddings == "aligned":
+            self.align_id_embeddings(lm, ids, set(tokenizer.convert_tokens_to_ids(list(identifiers.new_tokens))),
+                                     embeddings)
         prefix = SoftPrefix(self.image_features().shape[1], lm.config.hidden_size, self.config.visual_tokens)
         query_prefix = None
         if self.config.query_tokens:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from genret.identifiers import ResidualQuantizationIds
 from genret.model_store import StoredModel
 from genret.prompts import normalize_caption
-from genret.training import TrainConfig, Trainer
+from genret.training import TrainConfig, Trainer, id_token_vectors
 
 from .conftest import TINY_CONFIG
 
@@ -97,3 +100,39 @@ def test_residual_queries_scatter_around_their_own_image(tiny_catalog, tmp_path)
     owner = torch.arange(len(images)).repeat_interleave(per_image)
     assert ((queries @ images.T).argmax(1) == owner).float().mean() > 0.9
     assert torch.equal(queries, trainer.residual_queries(images, captions))  # seeded: resumes reproduce it
+
+
+def test_id_token_vectors_are_rq_codebooks_and_atomic_images():
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(40, 8)).astype(np.float32)
+    scheme = ResidualQuantizationIds(levels=2, codebook_size=5)
+    scheme.assign([f"k{i}" for i in range(40)], {}, embeddings)
+    token = lambda level, code: 100 * (level + 1) + code  # noqa: E731  one token id per (level, code)
+    ids = [[token(level, c) for level, c in enumerate(row)] for row in scheme.codes.tolist()]
+    vectors = id_token_vectors(ids, {token(l, c) for l in range(2) for c in range(5)}, embeddings)
+    mean = embeddings.mean(0)
+    for c in range(5):
+        np.testing.assert_allclose(vectors[token(0, c)], scheme.codebooks[0][c] - mean, atol=1e-4)
+        np.testing.assert_allclose(vectors[token(1, c)], scheme.codebooks[1][c], atol=1e-4)
+    atomic = id_token_vectors([[99, i] for i in range(40)], set(range(40)), embeddings)  # 99: an ordinary token
+    assert 99 not in atomic
+    np.testing.assert_allclose(np.stack([atomic[i] for i in range(40)]), embeddings - mean, atol=1e-5)
+
+
+def test_aligned_id_embeddings_give_id_rows_their_images_geometry(tiny_catalog, tmp_path):
+    config = TrainConfig(**{**SHORT, "scheme": "atomic", "id_embeddings": "aligned"})
+    trainer = Trainer(tiny_catalog, config, tmp_path / "run", progress=False)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=512, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=8, tie_word_embeddings=True))
+    before = lm.get_input_embeddings().weight.detach().clone()
+    n = len(trainer.keys)
+    embeddings = np.random.default_rng(0).normal(size=(n, 16)).astype(np.float32)
+    ids = {k: [40 + i] for i, k in enumerate(trainer.keys)}
+    trainer.align_id_embeddings(lm, ids, set(range(40, 40 + n)), embeddings)
+    after = lm.get_input_embeddings().weight.detach()
+    assert torch.equal(after[:40], before[:40]) and torch.equal(after[40 + n:], before[40 + n:])  # others untouched
+    rows = after[40:40 + n] - torch.cat([before[:40], before[40 + n:]]).mean(0)
+    centred = torch.from_numpy(embeddings - embeddings.mean(0))
+    cos = lambda x: torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(x, dim=1).T  # noqa: E731
+    assert (cos(rows) - cos(centred)).abs().max() < 0.25  # a random projection keeps angles roughly
+    assert lm.get_output_embeddings().weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
