@@ -13,7 +13,6 @@ The run folder holds the prepared inputs and a checkpoint after every epoch, so 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -95,8 +94,13 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"{', '.join(used)} shape(s) the query prefix: set query_tokens > 0 or leave them out")
         return self
 
-    def fingerprint(self) -> str:
-        return hashlib.sha1(self.model_dump_json().encode()).hexdigest()[:12]
+    def differences(self, recorded: dict) -> list[str]:
+        """The fields on which a run folder's recorded config differs from this one. A field it
+        does not record (an option added since that run began) counts as at its default, so a
+        run resumes under a newer version that only added options."""
+        defaults = {name: field.get_default(call_default_factory=True) for name, field in type(self).model_fields.items()}
+        current, defaults = (json.loads(json.dumps(d)) for d in (self.model_dump(), defaults))
+        return sorted(name for name, value in current.items() if recorded.get(name, defaults[name]) != value)
 
 
 def id_token_vectors(ids: list[list[int]], tokens: set[int], embeddings: np.ndarray) -> dict[int, np.ndarray]:
@@ -416,9 +420,12 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.prepared.mkdir(exist_ok=True)
         config_path = self.run_dir / "config.json"
-        if config_path.exists() and json.loads(config_path.read_text()).get("fingerprint") != self.config.fingerprint():
-            raise ValueError(f"{self.run_dir} holds a run with another config; use another run dir or --fresh")
-        config_path.write_text(json.dumps({"fingerprint": self.config.fingerprint(), **self.config.model_dump()}, indent=1))
+        if config_path.exists():
+            changed = self.config.differences(json.loads(config_path.read_text()))
+            if changed:
+                raise ValueError(f"{self.run_dir} holds a run with another config ({', '.join(changed)} differ); "
+                                 "use another run dir or --fresh")
+        config_path.write_text(json.dumps(self.config.model_dump(), indent=1))
 
         tower = self.align().to(self.device).eval()
         embeddings = self.aligned_image_embeddings(tower)

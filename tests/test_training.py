@@ -46,8 +46,18 @@ def test_query_options_without_a_query_prefix_are_refused():
 def test_a_run_folder_refuses_a_different_config(tiny_catalog, tmp_path):
     catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
     Trainer(catalog, TrainConfig(**SHORT), tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0)
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match=r"another config \(lr differ\)"):
         Trainer(catalog, TrainConfig(**{**SHORT, "lr": 1e-4}), tmp_path / "run", progress=False).train(tmp_path / "m")
+
+
+def test_a_run_begun_before_an_option_existed_still_resumes():
+    """A newer version that only adds options (at their defaults) must not orphan a run's checkpoints."""
+    config = TrainConfig(**SHORT)
+    recorded = config.model_dump()
+    del recorded["id_embeddings"]  # as written by a version without that option
+    assert config.differences(recorded) == []
+    assert TrainConfig(**{**SHORT, "id_embeddings": "aligned"}).differences(recorded) == ["id_embeddings"]
+    assert config.differences({**recorded, "an_option_since_removed": 1}) == []
 
 
 @pytest.mark.parametrize("mode,query_tokens", [("neighbors", 0), ("captioner", 0), ("captioner", 2)])
