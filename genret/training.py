@@ -94,6 +94,13 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"{', '.join(used)} shape(s) the query prefix: set query_tokens > 0 or leave them out")
         return self
 
+    @model_validator(mode="after")
+    def _frozen_id_rows_need_a_start(self):
+        if self.embedding_lr == 0 and self.id_embeddings == "mean" and self.scheme in ("structured", "atomic", "rq"):
+            raise ValueError("embedding_lr=0 freezes the new id tokens' rows, and with id_embeddings='mean' they "
+                             "would all stay the same: set id_embeddings='aligned' or a positive embedding_lr")
+        return self
+
     def differences(self, recorded: dict) -> list[str]:
         """The fields on which a run folder's recorded config differs from this one. A field it
         does not record (an option added since that run began) counts as at its default, so a

@@ -43,6 +43,13 @@ def test_query_options_without_a_query_prefix_are_refused():
         TrainConfig(**{**SHORT, "query_tokens": 0, "query_residuals": 2})
 
 
+def test_frozen_id_rows_without_aligned_start_are_refused():
+    with pytest.raises(ValueError, match="id_embeddings='aligned'"):
+        TrainConfig(**{**SHORT, "scheme": "atomic", "embedding_lr": 0})
+    TrainConfig(**{**SHORT, "scheme": "atomic", "embedding_lr": 0, "id_embeddings": "aligned"})
+    TrainConfig(**{**SHORT, "scheme": "string", "embedding_lr": 0})  # no new tokens to tell apart
+
+
 def test_a_run_folder_refuses_a_different_config(tiny_catalog, tmp_path):
     catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
     Trainer(catalog, TrainConfig(**SHORT), tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0)
