@@ -53,8 +53,8 @@ SCHEMES = {
     "atomic": dict(scheme="atomic"),
     "rq": dict(scheme="rq", scheme_options={"levels": 3, "codebook_size": 64}),
 }
-# name -> (what it means, the TrainConfig field it sets, its value; where the value is a type,
-# the lever takes a number: "res2" sets query_residuals=2)
+# name -> (what it means, the TrainConfig field (or fields) it sets, its value; where the value is
+# a type, the lever takes a number: "res2" sets query_residuals=2)
 LEVERS = {
     "pq": ("pseudo-queries for the uncaptioned (test) images: their nearest training captions",
            "pseudo_queries", "neighbors"),
@@ -71,6 +71,9 @@ LEVERS = {
     "ppi": ("N pseudo-queries per uncaptioned image", "pseudo_per_image", int),
     "elr": ("learning rate N for the token embeddings and the head tied to them", "embedding_lr", float),
     "ai": ("id tokens start from where their images sit in the aligned space", "id_embeddings", "aligned"),
+    "fz": ("the id tokens' rows (and the head tied to them) stay where they start; word rows train",
+           "freeze_id_rows", True),
+    "da": ("train describe and ask too, and measure them (the cpu setting leaves them out)", ("describe", "ask"), True),
 }
 DEFAULT_RUNS = ["structured+pq", "structured", "atomic", "rq", "rq+pq", "semantic", "string", "numeric",
                 "rq+qp", "rq+pq+qp", "structured+pq+qp"]
@@ -86,10 +89,11 @@ def run_config(name: str) -> dict:
         word = lever.rstrip("0123456789.")
         number = lever[len(word):]
         try:
-            _, field, value = LEVERS[word]
+            _, fields, value = LEVERS[word]
             if isinstance(value, type) != bool(number):
                 raise ValueError
-            config[field] = value(number) if isinstance(value, type) else value
+            for field in fields if isinstance(fields, tuple) else (fields,):
+                config[field] = value(number) if isinstance(value, type) else value
         except (KeyError, ValueError):
             raise ValueError(f"run {name!r}: unknown lever {lever!r}; levers:\n" + "\n".join(
                 f"  {w}{'N' if isinstance(v, type) else ''}: {meaning}" for w, (meaning, _, v) in LEVERS.items())
@@ -152,7 +156,7 @@ def dense_baseline(trainer, queries, test_keys, keys) -> dict:
 
 def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_prepared: Path, seed: int = 0) -> dict:
     from genret.decoding import EmbeddingReranker, TransformersEngine
-    from genret.evaluation import evaluate_generative
+    from genret.evaluation import evaluate_describe_and_ask, evaluate_generative
     from genret.model_store import StoredModel
     from genret.training import TrainConfig, Trainer
 
@@ -175,16 +179,28 @@ def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_pre
     # gives the re-ranker more candidates (their beam 50: R@5 24 -> 68)
     scopes = {"test": (test_keys, setting["beams"], 16), "catalog": (None, setting["beams"], 16),
               "catalog_wide": (None, setting["wide_beams"], 4)}
-    missing = [scope for scope in scopes if scope not in result]
+    # describing and answering about images known only by id: ones whose captions were trained
+    # on, and the test images, whose captions never were (their held-out ones are the references)
+    spoken = {}
+    if StoredModel.open(run_dir / "model").manifest["train_config"]["describe"]:
+        captioned = [k for k in catalog.keys() if catalog[k].captions][: len(test_keys)]
+        held_out = {k: [] for k in test_keys}
+        for caption, key in queries:
+            held_out[key].append(caption)
+        spoken = {"describe_captioned": {k: catalog[k].captions for k in captioned}, "describe_uncaptioned": held_out}
+    missing = [scope for scope in [*scopes, *spoken] if scope not in result]
     if missing:  # evaluated one scope at a time, each saved, so an interruption loses one at most
         stored = StoredModel.open(run_dir / "model")
         engine = TransformersEngine(stored)
         reranker = EmbeddingReranker(stored, device=engine.device)
         result.setdefault("train_history", stored.manifest["history"])
         for scope in missing:
-            candidates, beams, batch_size = scopes[scope]
-            result[scope] = evaluate_generative(engine, queries, candidates=candidates, beams=beams,
-                                                reranker=reranker, batch_size=batch_size)
+            if scope in spoken:
+                result[scope] = evaluate_describe_and_ask(engine, spoken[scope], seed=seed)
+            else:
+                candidates, beams, batch_size = scopes[scope]
+                result[scope] = evaluate_generative(engine, queries, candidates=candidates, beams=beams,
+                                                    reranker=reranker, batch_size=batch_size)
             result_path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -195,7 +211,8 @@ def over_seeds(runs: list[dict]) -> dict:
     if len(runs) == 1:
         return runs[0]
     row = {"seeds": [r.get("seed", 0) for r in runs], "spread": {}}
-    for scope in ("test", "catalog", "catalog_wide"):
+    for scope in [s for s in ("test", "catalog", "catalog_wide", "describe_captioned", "describe_uncaptioned")
+                  if all(s in r for r in runs)]:
         row[scope], row["spread"][scope] = {}, {}
         for part in (None, "reranked"):
             values = [r[scope] if part is None else r[scope].get(part) for r in runs]
@@ -205,7 +222,7 @@ def over_seeds(runs: list[dict]) -> dict:
                 numbers = np.array([v[metric] for v in values], dtype=float)
                 target = row[scope] if part is None else row[scope].setdefault(part, {})
                 target[metric] = float(numbers.mean())
-                if metric.startswith("R@"):
+                if metric.startswith("R@") or metric.endswith(("_f1", "_accuracy")):
                     row["spread"][scope][metric if part is None else f"{part} {metric}"] = float(numbers.std())
     return row
 
@@ -217,6 +234,10 @@ def _cell(row: dict, scope: str, metric: str, part: str | None = None) -> str:
         return ""
     spread = row.get("spread", {}).get(scope, {}).get(metric if part is None else f"{part} {metric}")
     return f"{value:.3f}" + ("" if spread is None else f" ± {spread:.3f}")
+
+
+def _label(name: str, row: dict) -> str:
+    return name + (f" ({len(row['seeds'])} seeds)" if "seeds" in row else "")
 
 
 def write_report(out: Path, results: dict, meta: dict) -> None:
@@ -233,8 +254,18 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
         reranked = " / ".join(_cell(r, "catalog_wide", k, "reranked") for k in ("R@1", "R@5", "R@10"))
         seconds = f"{r['test']['seconds_per_query']:.4f}" + (f", {wide['seconds_per_query']:.3f}" if wide else "")
         cells = [_cell(r, scope, k) for scope in ("test", "catalog") for k in ("R@1", "R@5", "R@10")]
-        label = name + (f" ({len(r['seeds'])} seeds)" if "seeds" in r else "")
-        lines.append(f"| {label} | {' | '.join(cells)} | {reranked if wide else ''} | {seconds} |")
+        lines.append(f"| {_label(name, r)} | {' | '.join(cells)} | {reranked if wide else ''} | {seconds} |")
+    spoken = {name: r for name, r in results.items() if "describe_captioned" in r}
+    if spoken:
+        lines += ["", "Describe and ask by id alone: content-word F1 of the description against the image's captions, "
+                  "and yes/no accuracy on whether they mention a word (half do). Captioned: images whose captions "
+                  "were trained on; uncaptioned: the test images, whose captions never were.", "",
+                  "| approach | captioned describe F1 | captioned yes/no | uncaptioned describe F1 | uncaptioned yes/no |",
+                  "|---|---|---|---|---|"]
+        for name, r in spoken.items():
+            cells = [_cell(r, scope, metric) for scope in ("describe_captioned", "describe_uncaptioned")
+                     for metric in ("describe_word_f1", "yes_no_accuracy")]
+            lines.append(f"| {_label(name, r)} | {' | '.join(cells)} |")
     if any("seeds" in r for r in results.values()):
         lines += ["", "Rows over several seeds: mean ± standard deviation across the training seeds."]
     lines += ["", f"Reproduce: `{meta['command']}`"]

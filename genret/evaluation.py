@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -46,6 +47,51 @@ def evaluate_generative(
     if reranker is not None:
         result["reranked"] = recall(reranked, targets)
     return result
+
+
+def word_f1(text: str, references: Sequence[str]) -> float:
+    """Content-word F1 of a description against its best-matching reference caption."""
+    from .training import content_words
+
+    said = set(content_words(text))
+    best = 0.0
+    for reference in references:
+        expected = set(content_words(reference))
+        overlap = len(said & expected)
+        if overlap:
+            best = max(best, 2 * overlap / (len(said) + len(expected)))
+    return best
+
+
+def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[str, Sequence[str]], *,
+                              seed: int = 0, batch_size: int = 16, progress: bool = True) -> dict:
+    """How well the model speaks about images it knows only by id: the content-word F1 of its
+    description against the image's reference captions, and its accuracy on the yes/no
+    questions training asks (a word its captions mention, and one they do not, half each)."""
+    from .training import content_words, presence_question
+
+    rng = random.Random(seed)
+    keys = [k for k, captions in references.items() if captions]
+    words = {k: sorted({w for c in references[k] for w in content_words(c)}) for k in keys}
+    vocabulary = sorted({w for ws in words.values() for w in ws})
+    prompts, f1s, correct, asked = engine.prompts, [], 0, 0
+    for start in tqdm(range(0, len(keys), batch_size), desc="describe/ask", disable=not progress):
+        batch = keys[start : start + batch_size]
+        ids = [engine.stored.id_tokens[k] for k in batch]
+        descriptions = engine.generate([prompts.describe(i) for i in ids])
+        f1s += [word_f1(d, references[k]) for d, k in zip(descriptions, batch)]
+        questions, expected = [], []
+        for key, id_tokens in zip(batch, ids):
+            absent = [w for w in rng.sample(vocabulary, min(len(vocabulary), 20)) if w not in words[key]]
+            for word, answer in ((rng.choice(words[key]) if words[key] else None, "yes"), (absent[0] if absent else None, "no")):
+                if word is not None:
+                    questions.append(prompts.ask(id_tokens, presence_question(word)))
+                    expected.append(answer)
+        answers = engine.generate(questions, max_new_tokens=4) if questions else []
+        correct += sum(a.lower().startswith(e) for a, e in zip(answers, expected))
+        asked += len(questions)
+    return {"images": len(keys), "describe_word_f1": float(sum(f1s) / max(1, len(f1s))),
+            "yes_no_accuracy": correct / max(1, asked), "questions": asked}
 
 
 def check_candidates(trie: IdTrie, queries: Sequence[tuple[str, str]]) -> None:

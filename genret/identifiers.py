@@ -60,6 +60,9 @@ class IdentifierAssignment:
 class IdentifierScheme(ABC):
     name: ClassVar[str]
     needs_embeddings: ClassVar[bool] = False
+    # whether its ids are spelled with tokens it adds to the LM's vocabulary (rows that start
+    # untrained, so how they start and whether they train matters)
+    adds_tokens: ClassVar[bool] = False
 
     @abstractmethod
     def assign(
@@ -215,6 +218,7 @@ class StructuredIds(IdentifierScheme):
     """Hierarchical k-means path: similar images share id prefixes, so the trie groups them."""
 
     name = "structured"
+    adds_tokens = True
     needs_embeddings = True
 
     def __init__(self, branching: int = 32, seed: int = 0, n_init: int = 1):
@@ -254,6 +258,7 @@ class AtomicIds(IdentifierScheme):
     """One dedicated token per image: a single decoding step, but the vocabulary grows with N."""
 
     name = "atomic"
+    adds_tokens = True
 
     def assign(self, keys, captions, embeddings=None):
         keys = _check_keys(keys)
@@ -269,6 +274,7 @@ class ResidualQuantizationIds(IdentifierScheme):
     """
 
     name = "rq"
+    adds_tokens = True
     needs_embeddings = True
 
     def __init__(self, levels: int = 3, codebook_size: int = 256, seed: int = 0, n_init: int = 1):

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 
 from .catalog import Catalog
-from .identifiers import STOP_WORDS, IdentifierAssignment, make_scheme
+from .identifiers import SCHEMES, STOP_WORDS, IdentifierAssignment, make_scheme
 from .language_model import add_tokens, keep_first_layers, load_base, prune_vocabulary
 from .model import Example, MultimodalLM, QueryPrefix, SoftPrefix
 from .model_store import save_model
@@ -67,6 +67,10 @@ class TrainConfig(BaseModel):
         "how new id tokens' rows (input embedding and, tied to it, output head) start: all at the vocabulary's "
         "mean, or 'aligned': each carries where its images sit in the aligned space (the mean residual of its "
         "images at its position, through a fixed random projection), so ids start with the geometry queries have"))
+    freeze_id_rows: bool = Field(False, description=(
+        "keep the new id tokens' rows (and the output head tied to them) where they start, while the "
+        "ordinary words' rows train at embedding_lr: with id_embeddings='aligned', training can then only "
+        "move a query's state towards its image's direction"))
     align_epochs: int = 30
     align_dim: int = 256
     memorize_epochs: int = 4
@@ -96,9 +100,11 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _frozen_id_rows_need_a_start(self):
-        if self.embedding_lr == 0 and self.id_embeddings == "mean" and self.scheme in ("structured", "atomic", "rq"):
-            raise ValueError("embedding_lr=0 freezes the new id tokens' rows, and with id_embeddings='mean' they "
-                             "would all stay the same: set id_embeddings='aligned' or a positive embedding_lr")
+        scheme = SCHEMES.get(self.scheme)
+        frozen_by = "embedding_lr=0" if self.embedding_lr == 0 else "freeze_id_rows" if self.freeze_id_rows else None
+        if frozen_by and scheme is not None and scheme.adds_tokens and self.id_embeddings == "mean":
+            raise ValueError(f"{frozen_by} freezes the new id tokens' rows, and with id_embeddings='mean' they would "
+                             "all stay the same: set id_embeddings='aligned', or let them train")
         return self
 
     def differences(self, recorded: dict) -> list[str]:
@@ -128,6 +134,11 @@ def id_token_vectors(ids: list[list[int]], tokens: set[int], embeddings: np.ndar
             vectors.setdefault(token, []).append(mean)
             residual[images] -= mean
     return {t: np.mean(v, axis=0) for t, v in vectors.items()}
+
+
+def presence_question(word: str) -> str:
+    """The yes/no question training asks about a word a caption does (or does not) mention."""
+    return f"Is there a {word} in this image?"
 
 
 def pick_device(name: str) -> torch.device:
@@ -373,7 +384,7 @@ class Trainer:
                     absent = rng.choice(vocabulary)
                     if absent not in present:
                         word, answer = absent, "No."
-                question = f"Is there a {word} in this image?"
+                question = presence_question(word)
                 out.append(Example(prompts.ask(ids[key], question), prompts.answer(answer)))
         return out
 
@@ -440,9 +451,9 @@ class Trainer:
         lm, tokenizer = self.initial_lm(identifiers)
         prompts = Prompts(tokenizer)
         ids = self.id_tokens(prompts, identifiers)
+        new_tokens = sorted(tokenizer.convert_tokens_to_ids(list(identifiers.new_tokens)))
         if self.config.id_embeddings == "aligned":
-            self.align_id_embeddings(lm, ids, set(tokenizer.convert_tokens_to_ids(list(identifiers.new_tokens))),
-                                     embeddings)
+            self.align_id_embeddings(lm, ids, set(new_tokens), embeddings)
         prefix = SoftPrefix(self.image_features().shape[1], lm.config.hidden_size, self.config.visual_tokens)
         query_prefix = None
         if self.config.query_tokens:
@@ -461,6 +472,9 @@ class Trainer:
                                             / self.config.batch_size) for stage in ("memorize", "retrieve")}
         total_steps = sum(steps_per_epoch[s] for s, _ in schedule)
         embedding = model.lm.get_input_embeddings().weight  # tied with the output head
+        if self.config.freeze_id_rows and new_tokens:  # Adam never moves a row whose gradient is always zero
+            frozen = torch.tensor(new_tokens, device=self.device)
+            embedding.register_hook(lambda grad: grad.index_fill(0, frozen, 0.0))
         optimizer = torch.optim.AdamW([
             {"params": [p for p in model.lm.parameters() if p is not embedding], "lr": self.config.lr},
             {"params": [embedding], "lr": self.config.embedding_lr},

@@ -33,6 +33,8 @@ def test_a_name_stands_for_its_config_fields(bench):
                       "query_noise": 0.5}
     assert bench.run_config("structured")["scheme_options"] == {"branching": 32}
     assert bench.run_config("rq+qp+qt8")["query_tokens"] == 8  # later levers win
+    assert bench.run_config("atomic+ai+fz+da") == {"scheme": "atomic", "id_embeddings": "aligned",
+                                                   "freeze_id_rows": True, "describe": True, "ask": True}
 
 
 @pytest.mark.parametrize("name", ["foo", "rq+bogus", "rq+res", "rq+pq3", "rq+res1.5"])
@@ -50,7 +52,7 @@ def test_every_default_run_and_lever_makes_a_valid_config(bench):
             TrainConfig(**{**setting["config"], **bench.run_config(name)})
         for word, (_, _, value) in bench.LEVERS.items():
             lever = word + ("2" if isinstance(value, type) else "")
-            TrainConfig(**{**setting["config"], **bench.run_config(f"rq+qp+{lever}")})
+            TrainConfig(**{**setting["config"], **bench.run_config(f"rq+qp+ai+{lever}")})
 
 
 @pytest.mark.parametrize("name, message", [("rq+bogus", "unknown lever 'bogus'"),

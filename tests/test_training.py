@@ -47,7 +47,25 @@ def test_frozen_id_rows_without_aligned_start_are_refused():
     with pytest.raises(ValueError, match="id_embeddings='aligned'"):
         TrainConfig(**{**SHORT, "scheme": "atomic", "embedding_lr": 0})
     TrainConfig(**{**SHORT, "scheme": "atomic", "embedding_lr": 0, "id_embeddings": "aligned"})
+    with pytest.raises(ValueError, match="freeze_id_rows freezes"):
+        TrainConfig(**{**SHORT, "scheme": "rq", "freeze_id_rows": True})
     TrainConfig(**{**SHORT, "scheme": "string", "embedding_lr": 0})  # no new tokens to tell apart
+    TrainConfig(**{**SHORT, "scheme": "string", "freeze_id_rows": True})
+
+
+def test_frozen_id_rows_stay_where_they_start_while_word_rows_train(tiny_catalog, tmp_path):
+    catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
+    config = TrainConfig(**{**SHORT, "scheme": "atomic", "scheme_options": {}, "id_embeddings": "aligned",
+                            "freeze_id_rows": True})
+    trainer = Trainer(catalog, config, tmp_path / "run", progress=False)
+    stored = StoredModel.open(trainer.train(tmp_path / "m"))
+    start = LlamaForCausalLM.from_pretrained(tmp_path / "run" / "prepared" / "lm_init")
+    id_rows = sorted(t for ids in stored.id_tokens.values() for t in ids)
+    trainer.align_id_embeddings(start, stored.id_tokens, set(id_rows), stored.image_embeddings())
+    before, after = start.get_input_embeddings().weight, stored.load_lm("cpu").get_input_embeddings().weight
+    torch.testing.assert_close(after[id_rows], before[id_rows])
+    words = [t for t in range(len(before)) if t not in id_rows]
+    assert not torch.allclose(after[words], before[words])
 
 
 def test_a_run_folder_refuses_a_different_config(tiny_catalog, tmp_path):
