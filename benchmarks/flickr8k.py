@@ -175,10 +175,10 @@ def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_pre
         Trainer(catalog, config, run_dir).train(run_dir / "model")
         result = {"scheme": config.scheme, "options": config.scheme_options, "pseudo_queries": config.pseudo_queries,
                   "query_tokens": config.query_tokens, "seed": seed, "train_seconds": time.perf_counter() - started}
-    # scope -> (candidates, beams, queries per batch); "catalog_wide" is GENIUS's wide beam, which
-    # gives the re-ranker more candidates (their beam 50: R@5 24 -> 68)
+    # scope -> (candidates, beams, queries per batch); the "_wide" scopes are GENIUS's wide beam,
+    # which gives the re-ranker more candidates (their beam 50: R@5 24 -> 68)
     scopes = {"test": (test_keys, setting["beams"], 16), "catalog": (None, setting["beams"], 16),
-              "catalog_wide": (None, setting["wide_beams"], 4)}
+              "test_wide": (test_keys, setting["wide_beams"], 4), "catalog_wide": (None, setting["wide_beams"], 4)}
     # describing and answering about images known only by id: ones whose captions were trained
     # on, and the test images, whose captions never were (their held-out ones are the references)
     spoken = {}
@@ -211,7 +211,8 @@ def over_seeds(runs: list[dict]) -> dict:
     if len(runs) == 1:
         return runs[0]
     row = {"seeds": [r.get("seed", 0) for r in runs], "spread": {}}
-    for scope in [s for s in ("test", "catalog", "catalog_wide", "describe_captioned", "describe_uncaptioned")
+    for scope in [s for s in ("test", "catalog", "test_wide", "catalog_wide", "describe_captioned",
+                              "describe_uncaptioned")
                   if all(s in r for r in runs)]:
         row[scope], row["spread"][scope] = {}, {}
         for part in (None, "reranked"):
@@ -247,14 +248,16 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
              f"{meta['queries']} test queries over {meta['test_images']} test images; beams {meta['beams']}; "
              f"machine: {meta['machine']}", "",
              "| approach | test R@1 | test R@5 | test R@10 | catalog R@1 | catalog R@5 | catalog R@10 | "
+             f"test R@1/5/10, beam {meta['wide_beams']} + re-rank | "
              f"catalog R@1/5/10, beam {meta['wide_beams']} + re-rank | s/query (test, catalog wide) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         wide = r.get("catalog_wide", {})
-        reranked = " / ".join(_cell(r, "catalog_wide", k, "reranked") for k in ("R@1", "R@5", "R@10"))
+        reranked = [" / ".join(_cell(r, scope, k, "reranked") for k in ("R@1", "R@5", "R@10")) if scope in r else ""
+                    for scope in ("test_wide", "catalog_wide")]
         seconds = f"{r['test']['seconds_per_query']:.4f}" + (f", {wide['seconds_per_query']:.3f}" if wide else "")
         cells = [_cell(r, scope, k) for scope in ("test", "catalog") for k in ("R@1", "R@5", "R@10")]
-        lines.append(f"| {_label(name, r)} | {' | '.join(cells)} | {reranked if wide else ''} | {seconds} |")
+        lines.append(f"| {_label(name, r)} | {' | '.join(cells + reranked)} | {seconds} |")
     spoken = {name: r for name, r in results.items() if "describe_captioned" in r}
     if spoken:
         lines += ["", "Describe and ask by id alone: content-word F1 of the description against the image's captions, "

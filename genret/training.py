@@ -369,7 +369,10 @@ class Trainer:
         return out
 
     def ask_examples(self, rng, prompts, ids, described) -> list[Example]:
-        """Questions built from the captions: open ones answered by a caption, yes/no about objects."""
+        """Questions built from the captions: an open one answered by a caption, and a yes/no pair,
+        one about a word the captions mention and one about a word they do not. Asked about the
+        same id in the same epoch, the pair cannot be answered from the id alone, only by reading
+        the word."""
         vocabulary = sorted({w for cs in described.values() for c in cs for w in content_words(c)})
         out = []
         for key, captions in described.items():
@@ -378,14 +381,10 @@ class Trainer:
             caption = rng.choice(captions)
             out.append(Example(prompts.ask(ids[key], rng.choice(QUESTIONS_ABOUT_CONTENT)), prompts.answer(caption)))
             present = sorted({w for c in captions for w in content_words(c)})
-            if present:
-                word, answer = rng.choice(present), "Yes."
-                if rng.random() < 0.5 and vocabulary:
-                    absent = rng.choice(vocabulary)
-                    if absent not in present:
-                        word, answer = absent, "No."
-                question = presence_question(word)
-                out.append(Example(prompts.ask(ids[key], question), prompts.answer(answer)))
+            absent = [w for w in rng.sample(vocabulary, min(len(vocabulary), 20)) if w not in present]
+            pair = ([(rng.choice(present), "Yes.")] if present else []) + ([(absent[0], "No.")] if absent else [])
+            out += [Example(prompts.ask(ids[key], presence_question(word)), prompts.answer(answer))
+                    for word, answer in pair]
         return out
 
     def pseudo_queries(self, model: MultimodalLM, prompts: Prompts, tower, embeddings) -> dict[str, list[str]]:
