@@ -75,6 +75,10 @@ LEVERS = {
            "freeze_id_rows", True),
     "da": ("train describe and ask too, and measure them (the cpu setting leaves them out)", ("describe", "ask"), True),
 }
+# what a run is measured on: recall over the test images and over the whole catalog (at the
+# setting's beam, then at the wide beam the re-ranker reads), and describe/ask by id alone
+RECALL_SCOPES = ("test", "catalog", "test_wide", "catalog_wide")
+SPOKEN_SCOPES = ("describe_captioned", "describe_uncaptioned")
 DEFAULT_RUNS = ["structured+pq", "structured", "atomic", "rq", "rq+pq", "semantic", "string", "numeric",
                 "rq+qp", "rq+pq+qp", "structured+pq+qp"]
 
@@ -211,9 +215,7 @@ def over_seeds(runs: list[dict]) -> dict:
     if len(runs) == 1:
         return runs[0]
     row = {"seeds": [r.get("seed", 0) for r in runs], "spread": {}}
-    for scope in [s for s in ("test", "catalog", "test_wide", "catalog_wide", "describe_captioned",
-                              "describe_uncaptioned")
-                  if all(s in r for r in runs)]:
+    for scope in [s for s in (*RECALL_SCOPES, *SPOKEN_SCOPES) if all(s in r for r in runs)]:
         row[scope], row["spread"][scope] = {}, {}
         for part in (None, "reranked"):
             values = [r[scope] if part is None else r[scope].get(part) for r in runs]
@@ -266,7 +268,7 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
                   "| approach | captioned describe F1 | captioned yes/no | uncaptioned describe F1 | uncaptioned yes/no |",
                   "|---|---|---|---|---|"]
         for name, r in spoken.items():
-            cells = [_cell(r, scope, metric) for scope in ("describe_captioned", "describe_uncaptioned")
+            cells = [_cell(r, scope, metric) for scope in SPOKEN_SCOPES
                      for metric in ("describe_word_f1", "yes_no_accuracy")]
             lines.append(f"| {_label(name, r)} | {' | '.join(cells)} |")
     if any("seeds" in r for r in results.values()):
