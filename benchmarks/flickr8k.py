@@ -5,7 +5,9 @@ the train split's captions only; the test split's captions are the queries, and 
 are never trained on with their captions. Recall@1/5/10 is reported over the test images and
 over the whole catalog, for each identifier scheme and for the dense baseline built from the
 same encoders (EfficientNet image features, MiniLM text features, contrastive heads trained
-on the same train captions) on the same machine.
+on the same train captions) on the same machine. The dev split's images are memorized and
+uncaptioned like the test ones; their captions are the held-out queries on which the
+re-ranking weight is chosen, so the test queries are used only to report.
 
     python benchmarks/flickr8k.py --setting cpu            # reduced: minutes per scheme on a CPU
     python benchmarks/flickr8k.py --setting gpu            # the full protocol (8,091 images)
@@ -25,6 +27,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,12 +37,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("GENRET_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
 
-# name -> (train images, test images, training config, evaluation beams)
+# name -> (train, dev and test images, training config, evaluation beams)
 SETTINGS = {
-    "cpu": dict(train_images=200, test_images=50, beams=10, wide_beams=50, config=dict(
+    "cpu": dict(train_images=200, dev_images=50, test_images=50, beams=10, wide_beams=50, config=dict(
         num_layers=2, memorize_epochs=3, retrieve_epochs=8, batch_size=32, lr=2e-3, prefix_lr=3e-3,
         embedding_lr=1e-2, describe=False, ask=False, align_epochs=40, query_tokens=0)),
-    "gpu": dict(train_images=None, test_images=None, beams=20, wide_beams=50, config=dict(
+    "gpu": dict(train_images=None, dev_images=None, test_images=None, beams=20, wide_beams=50, config=dict(
         num_layers=None, memorize_epochs=3, retrieve_epochs=8, batch_size=128, lr=3e-4, prefix_lr=1e-3,
         embedding_lr=3e-3, describe=True, ask=True, align_epochs=40, query_tokens=0)),
 }
@@ -77,7 +80,10 @@ LEVERS = {
 }
 # what a run is measured on: recall over the test images and over the whole catalog (at the
 # setting's beam, then at the wide beam the re-ranker reads), and describe/ask by id alone
-RECALL_SCOPES = ("test", "catalog", "test_wide", "catalog_wide")
+RECALL_SCOPES = ("test", "catalog", "test_wide", "catalog_wide", "dev_wide")
+# the re-ranking weights tried on every wide beam; the report uses the one best on the dev queries
+RERANK_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)
+DEV_QUERIES = 1000  # at most: dev queries are for choosing a weight, not for reporting
 SPOKEN_SCOPES = ("describe_captioned", "describe_uncaptioned")
 DEFAULT_RUNS = ["structured+pq", "structured", "atomic", "rq", "rq+pq", "semantic", "string", "numeric",
                 "rq+qp", "rq+pq+qp", "structured+pq+qp"]
@@ -105,8 +111,15 @@ def run_config(name: str) -> dict:
     return config
 
 
-def build_catalog(data: Path, setting: dict, seed: int = 0):
-    """The catalog as the trainer sees it (test captions removed) and the test queries."""
+class Protocol(NamedTuple):
+    catalog: object  # genret.catalog.Catalog, as the trainer sees it: dev and test captions removed
+    queries: list[tuple[str, str]]  # (test caption, its image): what is reported
+    test_keys: list[str]
+    dev_queries: list[tuple[str, str]]  # (dev caption, its image): what the re-ranking weight is chosen on
+    dev_keys: list[str]
+
+
+def build_catalog(data: Path, setting: dict, seed: int = 0) -> Protocol:
     from genret.catalog import load_catalog, read_split
 
     full = load_catalog(data / "images", data / "captions.csv", duplicates="keep", verify_images=False)
@@ -115,12 +128,16 @@ def build_catalog(data: Path, setting: dict, seed: int = 0):
     if setting["train_images"]:
         train = sorted(rng.sample(train, setting["train_images"]))
         test = sorted(rng.sample(test, setting["test_images"]))
-        catalog = full.subset(train + test)
+        dev = sorted(rng.sample(dev, setting["dev_images"]))
+        catalog = full.subset(train + dev + test)
     else:
         catalog = full
     held_out = [k for k in catalog.keys() if k not in set(train)]
     queries = [(c, k) for k in test for c in full[k].captions]
-    return catalog.without_captions_for(held_out), queries, test
+    dev_queries = [(c, k) for k in dev for c in full[k].captions]
+    if len(dev_queries) > DEV_QUERIES:
+        dev_queries = sorted(rng.sample(dev_queries, DEV_QUERIES), key=lambda q: q[1])
+    return Protocol(catalog.without_captions_for(held_out), queries, test, dev_queries, dev)
 
 
 def dense_baseline(trainer, queries, test_keys, keys) -> dict:
@@ -158,12 +175,13 @@ def dense_baseline(trainer, queries, test_keys, keys) -> dict:
     return out
 
 
-def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_prepared: Path, seed: int = 0) -> dict:
+def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Path, seed: int = 0) -> dict:
     from genret.decoding import EmbeddingReranker, TransformersEngine
     from genret.evaluation import evaluate_describe_and_ask, evaluate_generative
     from genret.model_store import StoredModel
     from genret.training import TrainConfig, Trainer
 
+    catalog, queries, test_keys = protocol.catalog, protocol.queries, protocol.test_keys
     run_dir = out / "runs" / (name if seed == 0 else f"{name}@seed{seed}")
     result_path = run_dir / "result.json"
     if result_path.exists():
@@ -179,10 +197,12 @@ def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_pre
         Trainer(catalog, config, run_dir).train(run_dir / "model")
         result = {"scheme": config.scheme, "options": config.scheme_options, "pseudo_queries": config.pseudo_queries,
                   "query_tokens": config.query_tokens, "seed": seed, "train_seconds": time.perf_counter() - started}
-    # scope -> (candidates, beams, queries per batch); the "_wide" scopes are GENIUS's wide beam,
-    # which gives the re-ranker more candidates (their beam 50: R@5 24 -> 68)
-    scopes = {"test": (test_keys, setting["beams"], 16), "catalog": (None, setting["beams"], 16),
-              "test_wide": (test_keys, setting["wide_beams"], 4), "catalog_wide": (None, setting["wide_beams"], 4)}
+    # scope -> (queries, candidates, beams, queries per batch); the "_wide" scopes are GENIUS's wide
+    # beam, which gives the re-ranker more candidates (their beam 50: R@5 24 -> 68)
+    wide = setting["wide_beams"]
+    scopes = {"test": (queries, test_keys, setting["beams"], 16), "catalog": (queries, None, setting["beams"], 16),
+              "test_wide": (queries, test_keys, wide, 4), "catalog_wide": (queries, None, wide, 4),
+              "dev_wide": (protocol.dev_queries, protocol.dev_keys, wide, 4)}
     # describing and answering about images known only by id: ones whose captions were trained
     # on, and the test images, whose captions never were (their held-out ones are the references)
     spoken = {}
@@ -202,10 +222,24 @@ def run_scheme(name, catalog, queries, test_keys, setting, out: Path, shared_pre
             if scope in spoken:
                 result[scope] = evaluate_describe_and_ask(engine, spoken[scope], seed=seed)
             else:
-                candidates, beams, batch_size = scopes[scope]
-                result[scope] = evaluate_generative(engine, queries, candidates=candidates, beams=beams,
-                                                    reranker=reranker, batch_size=batch_size)
+                scope_queries, candidates, beams, batch_size = scopes[scope]
+                result[scope] = evaluate_generative(engine, scope_queries, candidates=candidates, beams=beams,
+                                                    reranker=reranker, batch_size=batch_size,
+                                                    rerank_weights=RERANK_WEIGHTS if beams == wide else ())
             result_path.write_text(json.dumps(result, indent=1))
+    return at_dev_weight(result)
+
+
+def at_dev_weight(result: dict) -> dict:
+    """The wide scopes re-ranked at the weight whose dev-query recall is best (R@10, then R@5,
+    then R@1; the smaller weight on a tie), as "reranked_dev"."""
+    by_weight = result.get("dev_wide", {}).get("reranked_by_weight")
+    if not by_weight:
+        return result
+    weight = max(by_weight, key=lambda w: (by_weight[w]["R@10"], by_weight[w]["R@5"], by_weight[w]["R@1"], -float(w)))
+    for scope in ("test_wide", "catalog_wide", "dev_wide"):
+        if weight in result.get(scope, {}).get("reranked_by_weight", {}):
+            result[scope]["reranked_dev"] = {"weight": float(weight), **result[scope]["reranked_by_weight"][weight]}
     return result
 
 
@@ -215,9 +249,11 @@ def over_seeds(runs: list[dict]) -> dict:
     if len(runs) == 1:
         return runs[0]
     row = {"seeds": [r.get("seed", 0) for r in runs], "spread": {}}
+    if all("reranked_dev" in r.get("dev_wide", {}) for r in runs):
+        row["dev_weights"] = [r["dev_wide"]["reranked_dev"]["weight"] for r in runs]
     for scope in [s for s in (*RECALL_SCOPES, *SPOKEN_SCOPES) if all(s in r for r in runs)]:
         row[scope], row["spread"][scope] = {}, {}
-        for part in (None, "reranked"):
+        for part in (None, "reranked", "reranked_dev"):
             values = [r[scope] if part is None else r[scope].get(part) for r in runs]
             if any(v is None for v in values):
                 continue
@@ -243,23 +279,30 @@ def _label(name: str, row: dict) -> str:
     return name + (f" ({len(row['seeds'])} seeds)" if "seeds" in row else "")
 
 
+def _dev_weights(row: dict) -> str:
+    weights = row.get("dev_weights") or [row.get("dev_wide", {}).get("reranked_dev", {}).get("weight")]
+    return " / ".join(f"{w:g}" for w in weights if w is not None)
+
+
 def write_report(out: Path, results: dict, meta: dict) -> None:
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = [f"# Flickr8k generative retrieval ({meta['setting']} setting)", "",
              f"catalog {meta['catalog_images']} images, {meta['train_captions']} training captions, "
-             f"{meta['queries']} test queries over {meta['test_images']} test images; beams {meta['beams']}; "
-             f"machine: {meta['machine']}", "",
+             f"{meta['queries']} test queries over {meta['test_images']} test images, {meta['dev_queries']} dev "
+             f"queries over {meta['dev_images']} dev images; beams {meta['beams']}; machine: {meta['machine']}", "",
+             f"Re-ranked: a beam of {meta['wide_beams']}, each hit's score (its log-probability) plus w × the "
+             "two-tower's query-image similarity, w the weight best on the dev queries (of "
+             f"{', '.join(f'{w:g}' for w in RERANK_WEIGHTS)}; one per seed).", "",
              "| approach | test R@1 | test R@5 | test R@10 | catalog R@1 | catalog R@5 | catalog R@10 | "
-             f"test R@1/5/10, beam {meta['wide_beams']} + re-rank | "
-             f"catalog R@1/5/10, beam {meta['wide_beams']} + re-rank | s/query (test, catalog wide) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "test R@1/5/10, re-ranked | catalog R@1/5/10, re-ranked | w (dev) | s/query (test, catalog wide) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         wide = r.get("catalog_wide", {})
-        reranked = [" / ".join(_cell(r, scope, k, "reranked") for k in ("R@1", "R@5", "R@10")) if scope in r else ""
-                    for scope in ("test_wide", "catalog_wide")]
+        reranked = [" / ".join(_cell(r, scope, k, "reranked_dev") for k in ("R@1", "R@5", "R@10"))
+                    if "reranked_dev" in r.get(scope, {}) else "" for scope in ("test_wide", "catalog_wide")]
         seconds = f"{r['test']['seconds_per_query']:.4f}" + (f", {wide['seconds_per_query']:.3f}" if wide else "")
         cells = [_cell(r, scope, k) for scope in ("test", "catalog") for k in ("R@1", "R@5", "R@10")]
-        lines.append(f"| {_label(name, r)} | {' | '.join(cells + reranked)} | {seconds} |")
+        lines.append(f"| {_label(name, r)} | {' | '.join(cells + reranked)} | {_dev_weights(r)} | {seconds} |")
     spoken = {name: r for name, r in results.items() if "describe_captioned" in r}
     if spoken:
         lines += ["", "Describe and ask by id alone: content-word F1 of the description against the image's captions, "
@@ -324,7 +367,8 @@ def main() -> int:
             parser.error(str(error))
     out = args.out or REPO / "benchmarks" / "results" / f"flickr8k-{args.setting}"
     out.mkdir(parents=True, exist_ok=True)
-    catalog, queries, test_keys = build_catalog(args.data, setting)
+    protocol = build_catalog(args.data, setting)
+    catalog, queries, test_keys = protocol.catalog, protocol.queries, protocol.test_keys
     keys = catalog.keys()
 
     # features and the two-tower, computed once and shared by the baseline and every scheme
@@ -340,12 +384,13 @@ def main() -> int:
         dense_path.write_text(json.dumps(dense_baseline(base, queries, test_keys, keys), indent=1))
     results.update(json.loads(dense_path.read_text()))
     meta = {"setting": args.setting, "catalog_images": len(catalog), "test_images": len(test_keys),
+            "dev_images": len(protocol.dev_keys), "dev_queries": len(protocol.dev_queries),
             "train_captions": len(base.caption_pairs()[0]), "queries": len(queries), "beams": setting["beams"],
             "wide_beams": setting["wide_beams"],
             "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores",
             "command": "python benchmarks/flickr8k.py " + " ".join(sys.argv[1:])}
     for name in args.schemes:
-        results[name] = over_seeds([run_scheme(name, catalog, queries, test_keys, setting, out, base.prepared, seed)
+        results[name] = over_seeds([run_scheme(name, protocol, setting, out, base.prepared, seed)
                                     for seed in range(args.seeds)])
         write_report(out, results, meta)
         print(f"{name}: test {results[name]['test']}", flush=True)

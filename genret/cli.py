@@ -38,6 +38,17 @@ class UsageError(Exception):
     pass
 
 
+def rerank_weight(text: str) -> float:
+    """An argparse type: a re-ranking weight, a number >= 0."""
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = -1.0
+    if not weight >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a re-ranking weight (a number >= 0)")
+    return weight
+
+
 def parse_sets(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs or []:
@@ -117,8 +128,10 @@ def cmd_evaluate(args) -> None:
     engine = TransformersEngine(stored, device=args.device)
     candidates = read_split(args.candidates) if args.candidates else None
     check_candidates(stored.trie(candidates), queries)
-    reranker = EmbeddingReranker(stored, device=engine.device) if args.rerank else None
-    result = evaluate_generative(engine, queries, candidates=candidates, beams=args.beams, reranker=reranker)
+    rerank = args.rerank or bool(args.rerank_weights)
+    reranker = EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device) if rerank else None
+    result = evaluate_generative(engine, queries, candidates=candidates, beams=args.beams, reranker=reranker,
+                                 rerank_weights=args.rerank_weights or ())
     result["model"] = stored.manifest["name"]
     print(json.dumps(result, indent=1))
     if args.out:
@@ -132,7 +145,7 @@ def cmd_search(args) -> None:
     engine = TransformersEngine(stored, device=args.device)
     hits = engine.search([args.query], k=args.k, beams=args.beams)
     if args.rerank:
-        hits = EmbeddingReranker(stored, device=engine.device)([args.query], hits)
+        hits = EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device)([args.query], hits)
     for hit in hits[0]:
         print(f"{hit.score:9.3f}  {hit.key}  {stored.identifiers.ids[hit.key]}")
 
@@ -214,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", help="file of keys to search among (default: the whole catalog)")
     p.add_argument("--beams", type=int, default=10)
     p.add_argument("--rerank", action="store_true", help="also report re-ranking with the two-tower")
+    p.add_argument("--rerank-weight", type=rerank_weight, default=10.0, metavar="W",
+                   help="re-ranked score: log-probability + W x query-image similarity (default 10)")
+    p.add_argument("--rerank-weights", type=rerank_weight, nargs="+", metavar="W",
+                   help="also report recall re-ranked at each of these weights, from the same beams "
+                        "(choose the weight on held-out queries, not on the ones you report)")
     p.add_argument("--limit", type=int)
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--device")
@@ -224,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("query")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--beams", type=int)
-    p.add_argument("--rerank", action="store_true")
+    p.add_argument("--rerank", action="store_true", help="re-rank the beam with the two-tower")
+    p.add_argument("--rerank-weight", type=rerank_weight, default=10.0, metavar="W",
+                   help="re-ranked score: log-probability + W x query-image similarity (default 10)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_search)
 

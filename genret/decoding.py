@@ -117,7 +117,8 @@ def _until_end(sequence: list[int], end: int) -> list[int]:
 
 
 class EmbeddingReranker:
-    """GENIUS's re-ranking: add the two-tower's query-image similarity to each beam's score."""
+    """GENIUS's re-ranking: add `weight` times the two-tower's query-image similarity to each
+    beam's score (a log-probability). The weight trades the two; tune it on held-out queries."""
 
     def __init__(self, stored: StoredModel, weight: float = 10.0, device: str = "cpu"):
         self.encode = stored.load_query_encoder(device)
@@ -126,11 +127,16 @@ class EmbeddingReranker:
         self.weight, self.device = weight, device
 
     @torch.inference_mode()
-    def __call__(self, queries: list[str], hits: list[list[Hit]]) -> list[list[Hit]]:
+    def similarities(self, queries: list[str], hits: list[list[Hit]]) -> list[list[float]]:
         query_emb = self.encode(queries).cpu().numpy()
-        out = []
-        for q, candidates in zip(query_emb, hits):
-            rescored = [Hit(h.key, h.score + self.weight * float(self.image_embeddings[self.row[h.key]] @ q))
-                        for h in candidates]
-            out.append(sorted(rescored, key=lambda h: -h.score))
-        return out
+        return [[float(self.image_embeddings[self.row[h.key]] @ q) for h in candidates]
+                for q, candidates in zip(query_emb, hits)]
+
+    def __call__(self, queries: list[str], hits: list[list[Hit]]) -> list[list[Hit]]:
+        return reranked(hits, self.similarities(queries, hits), self.weight)
+
+
+def reranked(hits: list[list[Hit]], similarities: list[list[float]], weight: float) -> list[list[Hit]]:
+    """Each query's hits re-scored as score + weight * similarity, best first."""
+    return [sorted((Hit(h.key, h.score + weight * s) for h, s in zip(row, sims)), key=lambda h: -h.score)
+            for row, sims in zip(hits, similarities)]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from .decoding import Hit, TransformersEngine
+from .decoding import EmbeddingReranker, Hit, TransformersEngine, reranked
 from .trie import IdTrie
 
 KS = (1, 5, 10)
@@ -27,25 +27,34 @@ def evaluate_generative(
     beams: int = 10,
     k: int = 10,
     batch_size: int = 16,
-    reranker: Callable[[list[str], list[list[Hit]]], list[list[Hit]]] | None = None,
+    reranker: EmbeddingReranker | None = None,
+    rerank_weights: Sequence[float] = (),
     progress: bool = True,
 ) -> dict:
-    """R@K of (query text, relevant image key) pairs, searching `candidates` (default: all ids)."""
+    """R@K of (query text, relevant image key) pairs, searching `candidates` (default: all ids).
+    With a reranker, also R@K re-ranked at its weight ("reranked") and at each of
+    `rerank_weights` ("reranked_by_weight"), all from the same beams."""
     trie = engine.trie if candidates is None else engine.stored.trie(candidates)
-    plain, reranked = [], []
+    hits, similarities = [], []
     started = time.perf_counter()
     for start in tqdm(range(0, len(queries), batch_size), desc="queries", disable=not progress):
         texts = [q for q, _ in queries[start : start + batch_size]]
-        hits = engine.search(texts, k=max(k, beams), beams=beams, trie=trie)
-        plain += [[h.key for h in row] for row in hits]
+        batch = engine.search(texts, k=max(k, beams), beams=beams, trie=trie)
+        hits += batch
         if reranker is not None:
-            reranked += [[h.key for h in row] for row in reranker(texts, hits)]
+            similarities += reranker.similarities(texts, batch)
     seconds = time.perf_counter() - started
     targets = [t for _, t in queries]
+
+    def recall_of(rows: list[list[Hit]]) -> dict[str, float]:
+        return recall([[h.key for h in row] for row in rows], targets)
+
     result = {"queries": len(queries), "candidates": len(trie), "beams": beams,
-              "seconds_per_query": seconds / max(1, len(queries)), **recall(plain, targets)}
+              "seconds_per_query": seconds / max(1, len(queries)), **recall_of(hits)}
     if reranker is not None:
-        result["reranked"] = recall(reranked, targets)
+        result["reranked"] = {"weight": reranker.weight, **recall_of(reranked(hits, similarities, reranker.weight))}
+        if rerank_weights:
+            result["reranked_by_weight"] = {str(w): recall_of(reranked(hits, similarities, w)) for w in rerank_weights}
     return result
 
 
@@ -70,7 +79,7 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
     description against the image's reference captions, and its accuracy on the yes/no
     questions training asks, about up to `words_per_image` words its captions mention and as
     many they do not (several per image: one pair each gave a standard error near 0.05)."""
-    from .training import content_words, presence_question
+    from .training import content_words, presence_question, presence_words
 
     rng = random.Random(seed)
     keys = [k for k, captions in references.items() if captions]
@@ -84,9 +93,7 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
         f1s += [word_f1(d, references[k]) for d, k in zip(descriptions, batch)]
         questions, expected = [], []
         for key, id_tokens in zip(batch, ids):
-            present = rng.sample(words[key], min(len(words[key]), words_per_image))
-            absent = [w for w in rng.sample(vocabulary, min(len(vocabulary), 20 + words_per_image))
-                      if w not in words[key]][:words_per_image]
+            present, absent = presence_words(rng, words[key], vocabulary, words_per_image)
             for word, answer in [(w, "yes") for w in present] + [(w, "no") for w in absent]:
                 questions.append(prompts.ask(id_tokens, presence_question(word)))
                 expected.append(answer)

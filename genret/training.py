@@ -141,6 +141,14 @@ def presence_question(word: str) -> str:
     return f"Is there a {word} in this image?"
 
 
+def presence_words(rng: random.Random, mentioned: list[str], vocabulary: list[str], n: int) -> tuple[list[str], list[str]]:
+    """Up to n words an image's captions mention and n from `vocabulary` they do not: the
+    subjects of its yes/no questions, in training and in evaluation alike."""
+    present = rng.sample(mentioned, min(len(mentioned), n))
+    absent = [w for w in rng.sample(vocabulary, min(len(vocabulary), 20 + n)) if w not in mentioned][:n]
+    return present, absent
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -380,11 +388,9 @@ class Trainer:
                 continue
             caption = rng.choice(captions)
             out.append(Example(prompts.ask(ids[key], rng.choice(QUESTIONS_ABOUT_CONTENT)), prompts.answer(caption)))
-            present = sorted({w for c in captions for w in content_words(c)})
-            absent = [w for w in rng.sample(vocabulary, min(len(vocabulary), 20)) if w not in present]
-            pair = ([(rng.choice(present), "Yes.")] if present else []) + ([(absent[0], "No.")] if absent else [])
+            present, absent = presence_words(rng, sorted({w for c in captions for w in content_words(c)}), vocabulary, 1)
             out += [Example(prompts.ask(ids[key], presence_question(word)), prompts.answer(answer))
-                    for word, answer in pair]
+                    for word, answer in [(w, "Yes.") for w in present] + [(w, "No.") for w in absent]]
         return out
 
     def pseudo_queries(self, model: MultimodalLM, prompts: Prompts, tower, embeddings) -> dict[str, list[str]]:

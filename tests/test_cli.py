@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from genret.cli import main
 
 
@@ -52,3 +56,24 @@ def test_search_prints_ranked_catalog_images(capsys, tiny_model_dir, tiny_catalo
     assert code == 0
     keys = [line.split()[1] for line in out.strip().splitlines()]
     assert len(keys) == 3 and set(keys) <= set(tiny_catalog.keys())
+
+
+def test_search_reranks_at_the_weight_given(capsys, tiny_model_dir, tiny_catalog):
+    code, out, _ = run(capsys, "search", str(tiny_model_dir), "a rocket on a launch pad", "-k", "3",
+                       "--rerank", "--rerank-weight", "0")
+    assert code == 0 and len(out.strip().splitlines()) == 3
+    for bad in ("-1", "heavy", "nan"):  # argparse's own usage error: exit status 2 and one line
+        with pytest.raises(SystemExit) as exited:
+            main(["search", str(tiny_model_dir), "a rocket", "--rerank", "--rerank-weight", bad])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "is not a re-ranking weight" in err and "Traceback" not in err
+
+
+def test_evaluate_reports_recall_at_each_rerank_weight(capsys, tiny_model_dir, tiny_catalog, tmp_path):
+    queries = tmp_path / "queries.csv"
+    queries.write_text("image,caption\n" + "".join(f"{img.key},{img.captions[1]}\n" for img in tiny_catalog))
+    code, out, _ = run(capsys, "evaluate", str(tiny_model_dir), "--queries", str(queries), "--beams", "4",
+                       "--rerank-weights", "0", "20", "--out", str(tmp_path / "result.json"))
+    assert code == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert set(result["reranked_by_weight"]) == {"0.0", "20.0"} and result["reranked"]["weight"] == 10.0

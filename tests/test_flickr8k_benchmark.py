@@ -1,6 +1,7 @@
 """The Flickr8k benchmark's run names: a scheme and '+'-joined levers stand for TrainConfig fields,
-and a name it does not know is refused with the list of levers before any work starts. (The
-benchmark itself needs the data and minutes per run: it is run by hand, not here.)"""
+and a name it does not know is refused with the list of levers before any work starts; the
+re-ranking weight is chosen on dev queries; the reduced catalog keeps dev and test captions out.
+(The benchmark itself needs minutes per run: it is run by hand, not here.)"""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from genret.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "flickr8k.py"
+FLICKR8K = Path(os.environ.get("GENRET_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +67,28 @@ def test_the_command_refuses_a_bad_run_before_working(tmp_path, name, message):
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_rerank_weight_is_the_one_best_on_the_dev_queries(bench):
+    def recalls(r10, r5=0.5):
+        return {"R@1": 0.1, "R@5": r5, "R@10": r10}
+
+    result = {"dev_wide": {"reranked_by_weight": {"0.0": recalls(0.6), "5.0": recalls(0.8), "10.0": recalls(0.8),
+                                                  "50.0": recalls(0.8, r5=0.6)}},
+              "test_wide": {"reranked_by_weight": {"0.0": recalls(0.9), "5.0": recalls(0.1), "10.0": recalls(0.2),
+                                                   "50.0": recalls(0.3)}}}
+    bench.at_dev_weight(result)
+    assert result["test_wide"]["reranked_dev"] == {"weight": 50.0, **recalls(0.3)}  # not the test's own best
+    assert bench.at_dev_weight({"test_wide": {"R@10": 0.5}}) == {"test_wide": {"R@10": 0.5}}  # no dev scope
+
+
+@pytest.mark.skipif(not (FLICKR8K / "captions.csv").exists(), reason="Flickr8k is not present")
+def test_dev_and_test_images_are_memorized_but_never_trained_on_with_their_captions(bench):
+    protocol = bench.build_catalog(FLICKR8K, bench.SETTINGS["cpu"])
+    catalog, test, dev = protocol.catalog, set(protocol.test_keys), set(protocol.dev_keys)
+    assert len(catalog) == 300 and len(test) == len(dev) == 50 and not test & dev
+    assert test | dev <= set(catalog.keys())
+    assert all(not catalog[k].captions for k in test | dev)
+    assert sum(bool(catalog[k].captions) for k in catalog.keys()) == 200
+    assert {k for _, k in protocol.queries} == test and len(protocol.queries) == 250
+    assert {k for _, k in protocol.dev_queries} == dev and len(protocol.dev_queries) == 250

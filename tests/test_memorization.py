@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from genret.decoding import TransformersEngine
-from genret.evaluation import evaluate_describe_and_ask, recall, word_f1
+from genret.decoding import EmbeddingReranker, Hit, TransformersEngine, reranked
+from genret.evaluation import evaluate_describe_and_ask, evaluate_generative, recall, word_f1
 from genret.model_store import StoredModel
 
 from .conftest import MODEL_KINDS
@@ -89,3 +89,22 @@ def test_word_f1_scores_content_words_against_the_best_reference():
     assert word_f1("A dog runs on the grass.", ["A cat sleeps.", "The dog runs on grass."]) == 1.0
     assert word_f1("A dog.", ["A dog runs."]) == pytest.approx(2 / 3)
     assert word_f1("", ["A dog."]) == 0.0
+
+
+def test_reranking_weighs_the_beam_score_against_the_embedding_similarity():
+    hits = [[Hit("a", -0.1), Hit("b", -2.0), Hit("c", -3.0)]]
+    similarities = [[0.1, 0.5, 0.9]]
+    assert [h.key for h in reranked(hits, similarities, 0.0)[0]] == ["a", "b", "c"]
+    assert [h.key for h in reranked(hits, similarities, 1000.0)[0]] == ["c", "b", "a"]
+    assert reranked(hits, similarities, 10.0)[0][0] == Hit("c", pytest.approx(-3.0 + 9.0))
+
+
+def test_recall_is_reported_at_every_rerank_weight_from_the_same_beams(engine, tiny_catalog):
+    queries = [(img.captions[0], img.key) for img in tiny_catalog]
+    reranker = EmbeddingReranker(engine.stored, weight=5.0)
+    result = evaluate_generative(engine, queries, beams=6, reranker=reranker, rerank_weights=(0.0, 5.0, 1e6),
+                                 progress=False)
+    by_weight = result["reranked_by_weight"]
+    assert set(by_weight) == {"0.0", "5.0", "1000000.0"}
+    assert by_weight["0.0"] == {k: result[k] for k in ("R@1", "R@5", "R@10")}  # weight 0: the beam's own order
+    assert result["reranked"] == {"weight": 5.0, **by_weight["5.0"]}
