@@ -6,7 +6,7 @@
     query_prefix.safetensors    aligned query embedding -> soft tokens before the retrieve prompt
                                 (only models trained with query_tokens > 0)
     identifiers.json       key -> identifier text and its token ids (the trie is built from these)
-    catalog.json           key -> image path and captions
+    catalog.json           key -> image path (relative to the manifest's images_root) and captions
     alignment.safetensors  two-tower heads (query/image embeddings for re-ranking beams)
     image_embeddings.npy   aligned image embeddings, row order = identifiers order
 
@@ -17,6 +17,7 @@ leaves a half-written model and a re-train replaces the old one in one step.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -71,7 +72,8 @@ def save_model(
         _save_module(prefix, staging / "visual_prefix.safetensors")
         if query_prefix is not None:
             _save_module(query_prefix, staging / "query_prefix.safetensors")
-        write_json(staging / "catalog.json", catalog.to_records())
+        images_root = _images_root(catalog)
+        write_json(staging / "catalog.json", catalog.to_records(images_root))
         write_json(staging / "identifiers.json", {**identifiers.to_json(), "tokens": id_tokens})
         if two_tower is not None:
             save_two_tower(two_tower, staging / "alignment.safetensors")
@@ -83,6 +85,7 @@ def save_model(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "scheme": identifiers.scheme,
             "catalog_size": len(catalog),
+            "images_root": str(images_root),
             "prefix": prefix.shape,
             "query_prefix": query_prefix.shape if query_prefix is not None else None,
             **manifest,
@@ -101,19 +104,27 @@ def save_model(
     return dest
 
 
+def _images_root(catalog: Catalog) -> Path:
+    """The folder holding every catalog image: paths are stored relative to it, so a server that
+    finds the images elsewhere (a container's mount) only needs to be told the new folder."""
+    return Path(os.path.commonpath([str(image.path.resolve().parent) for image in catalog]))
+
+
 def _save_module(module: torch.nn.Module, path: Path) -> None:
     save_file({k: v.contiguous().cpu() for k, v in module.state_dict().items()}, path)
 
 
 @dataclass
 class StoredModel:
-    """A model directory, read lazily: the id map is cheap, the weights are loaded on demand."""
+    """A model directory, read lazily: the id map is cheap, the weights are loaded on demand.
+    `images_dir` is where the catalog's images are now, when not where training found them."""
 
     path: Path
     manifest: dict = field(repr=False)
+    images_dir: Path | None = None
 
     @classmethod
-    def open(cls, path: str | Path) -> "StoredModel":
+    def open(cls, path: str | Path, images_dir: str | Path | None = None) -> "StoredModel":
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.exists():
@@ -124,7 +135,7 @@ class StoredModel:
             raise ModelStoreError(f"{manifest_path}: unreadable manifest ({e})") from e
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ModelStoreError(f"{manifest_path}: format {manifest.get('format_version')} is not {FORMAT_VERSION}")
-        return cls(path, manifest)
+        return cls(path, manifest, Path(images_dir) if images_dir is not None else None)
 
     @property
     def lm_path(self) -> Path:
@@ -132,7 +143,9 @@ class StoredModel:
 
     @cached_property
     def catalog(self) -> Catalog:
-        return Catalog.from_records(json.loads((self.path / "catalog.json").read_text()))
+        # models written before images_root was recorded hold absolute paths, which it leaves alone
+        root = self.images_dir or self.manifest.get("images_root")
+        return Catalog.from_records(json.loads((self.path / "catalog.json").read_text()), root=root)
 
     @cached_property
     def _identifiers_json(self) -> dict:

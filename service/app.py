@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     settings = settings or Settings()
     own_engine, own_store = engine is None, id_store is None
     if engine is None:
-        engine = make_engine(settings, StoredModel.open(settings.model_path))
+        engine = make_engine(settings, StoredModel.open(settings.model_path, images_dir=settings.images_dir))
     if id_store is None:
         id_store = (RedisIdStore(settings.redis_url, settings.id_store_namespace, settings.redis_timeout_s)
                     if settings.redis_url else EmbeddedIdStore(engine.stored, settings.public_url))

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     # --- what to serve
     model: str = Field("demo", description="a name under model_store/ or a path to a trained model folder")
     model_store: Path = Field(REPO / "model_store", description="where model names are looked up")
+    images_dir: Path | None = Field(None, description="where the catalog's images are, when not where training "
+                                    "found them (a container's mount); None = the model's recorded images_root")
     engine: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="auto = vLLM when it is installed, else transformers")
     device: str | None = Field(None, description="transformers engine device (default: cuda if available)")

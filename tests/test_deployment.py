@@ -129,6 +129,8 @@ def test_genret_service_gets_a_gpu_the_models_and_a_readiness_check(services):
     assert env["GENRET_REDIS_URL"] == "redis://redis:6379/0"
     assert env["GENRET_ENGINE"] == "vllm"
     assert {"GENRET_MODEL", "GENRET_PUBLIC_URL"} <= set(env)
+    images = [m for m in genret["volumes"] if str(m).rsplit(":", 2)[-2] == env["GENRET_IMAGES_DIR"]]
+    assert images and str(images[0]).endswith(":ro"), "the catalog's images are mounted read-only where the service looks"
 
 
 def test_publish_is_a_one_shot_of_the_model_into_the_same_redis(services):

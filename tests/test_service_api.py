@@ -4,6 +4,7 @@ embedded id store: results, errors (4xx with reasons, never a 500), readiness, m
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -154,6 +155,35 @@ def test_before_the_engine_is_loaded_it_is_alive_but_not_ready(run, tiny_model_d
     assert health.status_code == 200
     assert ready.status_code == 503 and "loading" in ready.json()["reason"]
     assert search.status_code == describe.status_code == 503 and "loading" in search.json()["detail"]
+
+
+def test_images_that_moved_are_served_from_images_dir(run, tiny_model_dir, tmp_path):
+    """A container mounts the catalog's images somewhere else than where training found them:
+    catalog.json holds paths relative to the recorded images_root, and GENRET_IMAGES_DIR re-roots them."""
+    import json
+
+    import httpx
+
+    records = json.loads((tiny_model_dir / "catalog.json").read_text())
+    assert records and not any(Path(r["path"]).is_absolute() for r in records)
+    stored = StoredModel.open(tiny_model_dir)
+    assert all(image.path.is_file() for image in stored.catalog)  # under the manifest's images_root
+    mounted = tmp_path / "mounted"
+    originals = [image.path for image in stored.catalog]
+    for record, source in zip(records, originals[1:] + originals[:1]):  # each key now holds another image
+        (mounted / record["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (mounted / record["path"]).write_bytes(source.read_bytes())
+    app = create_app(Settings(**SETTINGS, model=str(tiny_model_dir), images_dir=mounted, engine="transformers",
+                              device="cpu"))
+
+    async def fetch(key):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.get(f"/images/{key}")
+
+    key = records[0]["key"]
+    served = run(fetch(key))
+    assert served.status_code == 200
+    assert served.content == (mounted / records[0]["path"]).read_bytes() != stored.catalog[key].path.read_bytes()
 
 
 def test_metrics_count_requests_per_endpoint(run, client):
