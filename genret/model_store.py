@@ -218,6 +218,11 @@ class StoredModel:
             raise ModelStoreError(f"{self.path} has no alignment model (alignment.safetensors) to embed queries with")
         return QueryEncoder(tower, device)
 
+    @property
+    def can_rerank(self) -> bool:
+        """Whether the model holds what re-ranking reads: the two-tower and the images' embeddings."""
+        return (self.path / "alignment.safetensors").exists() and (self.path / "image_embeddings.npy").exists()
+
     def image_embeddings(self) -> np.ndarray | None:
         path = self.path / "image_embeddings.npy"
         return np.load(path) if path.exists() else None

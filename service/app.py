@@ -16,7 +16,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from genret.model_store import StoredModel
+from genret.decoding import EmbeddingReranker
+from genret.model_store import ModelStoreError, StoredModel
 
 from .engine import Engine, EngineError, InputTooLong, make_engine
 from .id_store import EmbeddedIdStore, IdStore, IdStoreUnavailable, RedisIdStore
@@ -29,7 +30,8 @@ class SearchHit(BaseModel):
     model_config = ConfigDict(extra="allow")  # further metadata from the id store passes through
     image_id: str
     url: str
-    score: float = Field(description="the id's log-probability given the query (higher is better)")
+    score: float = Field(description="the id's log-probability given the query (higher is better); with "
+                               "re-ranking on, plus GENRET_RERANK_WEIGHT x the query-image similarity")
     caption: str | None = None
 
 
@@ -72,10 +74,16 @@ class Services:
         self.model_name: str = self.stored.manifest["name"]
         self.engine_ready = False
         self.load_error: str | None = None
+        self.reranker: EmbeddingReranker | None = None
+        if settings.rerank_weight > 0 and not self.stored.can_rerank:
+            raise ModelStoreError(f"{self.stored.path}: GENRET_RERANK_WEIGHT={settings.rerank_weight:g} needs the "
+                                  "model's alignment.safetensors and image_embeddings.npy, which it lacks")
 
     async def load(self) -> None:
         try:
             t = time.perf_counter()
+            if self.settings.rerank_weight > 0:
+                self.reranker = await asyncio.to_thread(EmbeddingReranker, self.stored, self.settings.rerank_weight)
             await self.engine.start()
             await self.engine.search("warm up", 1, 1)  # the slow first request (allocations) is not a user's
             self.engine_ready = True
@@ -173,11 +181,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
 
     @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
     async def search(body: SearchRequest) -> SearchResponse:
-        """Top-k catalog images for a text query, by the model's trie-constrained beam search."""
+        """Top-k catalog images for a text query, by the model's trie-constrained beam search (with
+        GENRET_RERANK_WEIGHT > 0, a wider beam re-ranked by the two-tower)."""
         engine = services.require_engine()
 
         async def run():
-            hits = await engine.search(body.query, body.k, max(settings.beams, body.k))
+            if services.reranker is None:
+                hits = await engine.search(body.query, body.k, max(settings.beams, body.k))
+            else:  # a wider beam, re-scored with the two-tower (GENIUS)
+                beams = max(settings.rerank_beams, body.k)
+                hits = await engine.search(body.query, beams, beams)
+                [hits] = await asyncio.to_thread(services.reranker, [body.query], [hits])
+                hits = hits[: body.k]
             return hits, await id_store.lookup([h.key for h in hits])
 
         hits, records = await services.deadline(run())

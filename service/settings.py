@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
     beams: int = Field(10, ge=1, description="beam width; a search uses max(beams, k)")
+    rerank_weight: float = Field(0.0, ge=0, description="0 = off; else a search reads a beam of rerank_beams, "
+                                 "scores each hit log-probability + this x the two-tower's query-image similarity "
+                                 "(GENIUS's re-ranking), and keeps the top k")
+    rerank_beams: int = Field(50, ge=1, description="the beam width a re-ranked search reads")
     max_query_chars: int = Field(1000, ge=1)
     max_answer_tokens: int = Field(48, ge=1, le=1024)
     request_timeout_s: float = Field(30.0, gt=0)

@@ -157,6 +157,34 @@ def test_before_the_engine_is_loaded_it_is_alive_but_not_ready(run, tiny_model_d
     assert search.status_code == describe.status_code == 503 and "loading" in search.json()["detail"]
 
 
+def test_rerank_weight_reorders_a_wider_beam_by_the_two_tower(run, engine, tiny_catalog):
+    from genret.decoding import EmbeddingReranker
+
+    query, weight, beams = "an animal in a field", 1000.0, 8
+    served = Served(run, create_app(Settings(**SETTINGS, rerank_weight=weight, rerank_beams=beams), engine=engine))
+    try:
+        r = run(served.client.post("/search", json={"query": query, "k": 3}))
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+    finally:
+        served.close()
+    plain = run(engine.search(query, beams, beams))
+    [expected] = EmbeddingReranker(engine.stored, weight)([query], [plain])
+    assert [hit["image_id"] for hit in results] == [h.key for h in expected[:3]]
+    assert [hit["score"] for hit in results] == pytest.approx([h.score for h in expected[:3]])
+
+
+def test_rerank_weight_on_a_model_without_a_two_tower_fails_at_startup(tiny_model_dir, tmp_path):
+    from genret.model_store import ModelStoreError
+
+    for name in ("manifest.json", "catalog.json", "identifiers.json"):  # a model folder without the two-tower
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    with pytest.raises(ModelStoreError, match="GENRET_RERANK_WEIGHT=5 needs the model's alignment"):
+        create_app(Settings(model=str(tmp_path), engine="transformers", rerank_weight=5))
+    with pytest.raises(ValidationError, match="rerank_weight"):
+        Settings(rerank_weight=-1)
+
+
 def test_images_that_moved_are_served_from_images_dir(run, tiny_model_dir, tmp_path):
     """A container mounts the catalog's images somewhere else than where training found them:
     catalog.json holds paths relative to the recorded images_root, and GENRET_IMAGES_DIR re-roots them."""
