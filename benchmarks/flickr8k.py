@@ -80,7 +80,9 @@ LEVERS = {
 }
 # what a run is measured on: recall over the test images and over the whole catalog (at the
 # setting's beam, then at the wide beam the re-ranker reads), and describe/ask by id alone
-RECALL_SCOPES = ("test", "catalog", "test_wide", "catalog_wide", "dev_wide")
+RECALL_SCOPES = ("test", "catalog", "test_wide", "catalog_wide", "dev_wide", "dev_catalog_wide")
+# each reported wide scope takes its re-ranking weight from the same search over the dev queries
+DEV_SCOPE_OF = {"test_wide": "dev_wide", "catalog_wide": "dev_catalog_wide"}
 # the re-ranking weights tried on every wide beam; the report uses the one best on the dev queries
 RERANK_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)
 DEV_QUERIES = 1000  # at most: dev queries are for choosing a weight, not for reporting
@@ -202,7 +204,8 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
     wide = setting["wide_beams"]
     scopes = {"test": (queries, test_keys, setting["beams"], 16), "catalog": (queries, None, setting["beams"], 16),
               "test_wide": (queries, test_keys, wide, 4), "catalog_wide": (queries, None, wide, 4),
-              "dev_wide": (protocol.dev_queries, protocol.dev_keys, wide, 4)}
+              "dev_wide": (protocol.dev_queries, protocol.dev_keys, wide, 4),
+              "dev_catalog_wide": (protocol.dev_queries, None, wide, 4)}
     # describing and answering about images known only by id: ones whose captions were trained
     # on, and the test images, whose captions never were (their held-out ones are the references)
     spoken = {}
@@ -231,15 +234,15 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
 
 
 def at_dev_weight(result: dict) -> dict:
-    """The wide scopes re-ranked at the weight whose dev-query recall is best (R@10, then R@5,
-    then R@1; the smaller weight on a tie), as "reranked_dev"."""
-    by_weight = result.get("dev_wide", {}).get("reranked_by_weight")
-    if not by_weight:
-        return result
-    weight = max(by_weight, key=lambda w: (by_weight[w]["R@10"], by_weight[w]["R@5"], by_weight[w]["R@1"], -float(w)))
-    for scope in ("test_wide", "catalog_wide", "dev_wide"):
-        if weight in result.get(scope, {}).get("reranked_by_weight", {}):
-            result[scope]["reranked_dev"] = {"weight": float(weight), **result[scope]["reranked_by_weight"][weight]}
+    """Each wide scope re-ranked at the weight whose recall on the dev queries, searched the same
+    way, is best (R@10, then R@5, then R@1; the smaller weight on a tie), as "reranked_dev"."""
+    for scope, dev_scope in DEV_SCOPE_OF.items():
+        by_weight = result.get(dev_scope, {}).get("reranked_by_weight")
+        if not by_weight or "reranked_by_weight" not in result.get(scope, {}):
+            continue
+        weight = max(by_weight, key=lambda w: (by_weight[w]["R@10"], by_weight[w]["R@5"], by_weight[w]["R@1"], -float(w)))
+        for s in (scope, dev_scope):
+            result[s]["reranked_dev"] = {"weight": float(weight), **result[s]["reranked_by_weight"][weight]}
     return result
 
 
@@ -249,8 +252,8 @@ def over_seeds(runs: list[dict]) -> dict:
     if len(runs) == 1:
         return runs[0]
     row = {"seeds": [r.get("seed", 0) for r in runs], "spread": {}}
-    if all("reranked_dev" in r.get("dev_wide", {}) for r in runs):
-        row["dev_weights"] = [r["dev_wide"]["reranked_dev"]["weight"] for r in runs]
+    row["dev_weights"] = {scope: [r[scope]["reranked_dev"]["weight"] for r in runs] for scope in DEV_SCOPE_OF
+                          if all("reranked_dev" in r.get(scope, {}) for r in runs)}
     for scope in [s for s in (*RECALL_SCOPES, *SPOKEN_SCOPES) if all(s in r for r in runs)]:
         row[scope], row["spread"][scope] = {}, {}
         for part in (None, "reranked", "reranked_dev"):
@@ -279,8 +282,9 @@ def _label(name: str, row: dict) -> str:
     return name + (f" ({len(row['seeds'])} seeds)" if "seeds" in row else "")
 
 
-def _dev_weights(row: dict) -> str:
-    weights = row.get("dev_weights") or [row.get("dev_wide", {}).get("reranked_dev", {}).get("weight")]
+def _dev_weights(row: dict, scope: str) -> str:
+    """The re-ranking weight (one per seed) the dev queries chose for a scope."""
+    weights = row.get("dev_weights", {}).get(scope) or [row.get(scope, {}).get("reranked_dev", {}).get("weight")]
     return " / ".join(f"{w:g}" for w in weights if w is not None)
 
 
@@ -292,9 +296,11 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
              f"queries over {meta['dev_images']} dev images; beams {meta['beams']}; machine: {meta['machine']}", "",
              f"Re-ranked: a beam of {meta['wide_beams']}, each hit's score (its log-probability) plus w × the "
              "two-tower's query-image similarity, w the weight best on the dev queries (of "
-             f"{', '.join(f'{w:g}' for w in RERANK_WEIGHTS)}; one per seed).", "",
+             f"{', '.join(f'{w:g}' for w in RERANK_WEIGHTS)}; one per seed), searching the dev images for the "
+             "test scope and the whole catalog for the catalog scope.", "",
              "| approach | test R@1 | test R@5 | test R@10 | catalog R@1 | catalog R@5 | catalog R@10 | "
-             "test R@1/5/10, re-ranked | catalog R@1/5/10, re-ranked | w (dev) | s/query (test, catalog wide) |",
+             "test R@1/5/10, re-ranked | catalog R@1/5/10, re-ranked | w (dev): test; catalog | "
+             "s/query (test, catalog wide) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         wide = r.get("catalog_wide", {})
@@ -302,7 +308,8 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
                     if "reranked_dev" in r.get(scope, {}) else "" for scope in ("test_wide", "catalog_wide")]
         seconds = f"{r['test']['seconds_per_query']:.4f}" + (f", {wide['seconds_per_query']:.3f}" if wide else "")
         cells = [_cell(r, scope, k) for scope in ("test", "catalog") for k in ("R@1", "R@5", "R@10")]
-        lines.append(f"| {_label(name, r)} | {' | '.join(cells + reranked)} | {_dev_weights(r)} | {seconds} |")
+        weights = "; ".join(_dev_weights(r, scope) for scope in DEV_SCOPE_OF) if "dev_weights" in r or wide else ""
+        lines.append(f"| {_label(name, r)} | {' | '.join(cells + reranked)} | {weights} | {seconds} |")
     spoken = {name: r for name, r in results.items() if "describe_captioned" in r}
     if spoken:
         lines += ["", "Describe and ask by id alone: content-word F1 of the description against the image's captions, "

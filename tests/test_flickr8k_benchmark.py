@@ -77,8 +77,11 @@ def test_the_rerank_weight_is_the_one_best_on_the_dev_queries(bench):
                                                   "50.0": recalls(0.8, r5=0.6)}},
               "test_wide": {"reranked_by_weight": {"0.0": recalls(0.9), "5.0": recalls(0.1), "10.0": recalls(0.2),
                                                    "50.0": recalls(0.3)}}}
+    result["catalog_wide"] = {"reranked_by_weight": {"0.0": recalls(0.4), "5.0": recalls(0.5)}}
+    result["dev_catalog_wide"] = {"reranked_by_weight": {"0.0": recalls(0.3), "5.0": recalls(0.2)}}
     bench.at_dev_weight(result)
     assert result["test_wide"]["reranked_dev"] == {"weight": 50.0, **recalls(0.3)}  # not the test's own best
+    assert result["catalog_wide"]["reranked_dev"] == {"weight": 0.0, **recalls(0.4)}  # chosen on its own dev search
     assert bench.at_dev_weight({"test_wide": {"R@10": 0.5}}) == {"test_wide": {"R@10": 0.5}}  # no dev scope
 
 
