@@ -160,7 +160,7 @@ def test_before_the_engine_is_loaded_it_is_alive_but_not_ready(run, tiny_model_d
 def test_rerank_weight_reorders_a_wider_beam_by_the_two_tower(run, engine, tiny_catalog):
     from genret.decoding import EmbeddingReranker
 
-    query, weight, beams = "an animal in a field", 1000.0, 8
+    query, weight, beams = "an animal in a field", 1000.0, 20  # a wider beam than the 8-image catalog
     served = Served(run, create_app(Settings(**SETTINGS, rerank_weight=weight, rerank_beams=beams), engine=engine))
     try:
         r = run(served.client.post("/search", json={"query": query, "k": 3}))
