@@ -77,6 +77,8 @@ LEVERS = {
     "fz": ("the id tokens' rows (and the head tied to them) stay where they start; word rows train",
            "freeze_id_rows", True),
     "da": ("train describe and ask too, and measure them (the cpu setting leaves them out)", ("describe", "ask"), True),
+    "dp": ("describe and ask also train on the uncaptioned images, their pseudo-queries as captions",
+           "describe_pseudo", True),
 }
 # what a run is measured on: recall over the test images and over the whole catalog (at the
 # setting's beam, then at the wide beam the re-ranker reads), and describe/ask by id alone

@@ -77,6 +77,9 @@ class TrainConfig(BaseModel):
     retrieve_epochs: int = 8
     pseudo_queries: Literal["none", "captioner", "neighbors"] = "none"
     pseudo_per_image: int = 3
+    describe_pseudo: bool = Field(False, description=(
+        "describe and ask also train on images without captions, with their pseudo-queries standing in "
+        "for captions (pseudo_queries='captioner' always does)"))
     describe: bool = True
     ask: bool = True
     batch_size: int = 32
@@ -105,6 +108,12 @@ class TrainConfig(BaseModel):
         if frozen_by and scheme is not None and scheme.adds_tokens and self.id_embeddings == "mean":
             raise ValueError(f"{frozen_by} freezes the new id tokens' rows, and with id_embeddings='mean' they would "
                              "all stay the same: set id_embeddings='aligned', or let them train")
+        return self
+
+    @model_validator(mode="after")
+    def _describe_pseudo_needs_pseudo_queries(self):
+        if self.describe_pseudo and (self.pseudo_queries == "none" or not (self.describe or self.ask)):
+            raise ValueError("describe_pseudo trains describe/ask on pseudo-queries: set pseudo_queries and describe or ask")
         return self
 
     def differences(self, recorded: dict) -> list[str]:
@@ -351,7 +360,8 @@ class Trainer:
         out = list(memorize)
         if query_rows is not None:  # the image's own aligned embedding, in the query's place
             out += [Example(prompts.retrieve(""), ids[k] + [prompts.end], query=i) for i, k in enumerate(self.keys)]
-        described = {**pseudo, **self.captions} if cfg.pseudo_queries == "captioner" else self.captions
+        described = {**pseudo, **self.captions} if cfg.pseudo_queries == "captioner" or cfg.describe_pseudo \
+            else self.captions
         if cfg.describe:
             out += [Example(prompts.describe(ids[k]), prompts.answer(rng.choice(cs)))
                     for k, cs in described.items() if cs]

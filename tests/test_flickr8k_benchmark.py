@@ -54,7 +54,7 @@ def test_every_default_run_and_lever_makes_a_valid_config(bench):
             TrainConfig(**{**setting["config"], **bench.run_config(name)})
         for word, (_, _, value) in bench.LEVERS.items():
             lever = word + ("2" if isinstance(value, type) else "")
-            TrainConfig(**{**setting["config"], **bench.run_config(f"rq+qp+ai+{lever}")})
+            TrainConfig(**{**setting["config"], **bench.run_config(f"rq+pq+qp+ai+da+{lever}")})
 
 
 @pytest.mark.parametrize("name, message", [("rq+bogus", "unknown lever 'bogus'"),

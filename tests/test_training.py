@@ -171,3 +171,30 @@ def test_aligned_id_embeddings_give_id_rows_their_images_geometry(tiny_catalog, 
     cos = lambda x: torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(x, dim=1).T  # noqa: E731
     assert (cos(rows) - cos(centred)).abs().max() < 0.25  # a random projection keeps angles roughly
     assert lm.get_output_embeddings().weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+
+
+def test_describe_pseudo_trains_describe_and_ask_on_uncaptioned_images(tiny_catalog, tmp_path):
+    from transformers import AutoTokenizer
+
+    from genret.language_model import base_checkpoint
+    from genret.prompts import Prompts
+
+    keys = tiny_catalog.keys()[:4]
+    catalog = tiny_catalog.subset(keys).without_captions_for(keys[:1])
+    prompts = Prompts(AutoTokenizer.from_pretrained(base_checkpoint()))
+    ids = {k: prompts.encode(f" image {i}") for i, k in enumerate(keys)}
+    pseudo = {keys[0]: ["a dog runs across the grass"]}  # what pseudo_queries found for the uncaptioned image
+
+    def about_the_uncaptioned_image(**options) -> list[str]:
+        config = TrainConfig(**{**SHORT, "pseudo_queries": "neighbors", **options})
+        examples = Trainer(catalog, config, tmp_path / "run", progress=False).examples("retrieve", 0, prompts, ids, pseudo)
+        id_tokens = ids[keys[0]]  # describe and ask prompts spell the id; retrieve and memorize targets do
+        asked = [e for e in examples if any(e.prompt[i : i + len(id_tokens)] == id_tokens for i in range(len(e.prompt)))]
+        return [prompts.decode_answer(e.target) for e in asked]
+
+    assert about_the_uncaptioned_image() == []
+    answers = about_the_uncaptioned_image(describe_pseudo=True)
+    assert "a dog runs across the grass" in answers
+    assert len(answers) >= 3  # a description, an open question and a yes/no pair
+    with pytest.raises(ValueError, match="describe_pseudo"):
+        TrainConfig(**{**SHORT, "describe_pseudo": True})  # no pseudo-queries to train on
