@@ -310,7 +310,8 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
                     if "reranked_dev" in r.get(scope, {}) else "" for scope in ("test_wide", "catalog_wide")]
         seconds = f"{r['test']['seconds_per_query']:.4f}" + (f", {wide['seconds_per_query']:.3f}" if wide else "")
         cells = [_cell(r, scope, k) for scope in ("test", "catalog") for k in ("R@1", "R@5", "R@10")]
-        weights = "; ".join(_dev_weights(r, scope) for scope in DEV_SCOPE_OF) if "dev_weights" in r or wide else ""
+        weights = [_dev_weights(r, scope) for scope in DEV_SCOPE_OF]
+        weights = "; ".join(weights) if any(weights) else ""
         lines.append(f"| {_label(name, r)} | {' | '.join(cells + reranked)} | {weights} | {seconds} |")
     spoken = {name: r for name, r in results.items() if "describe_captioned" in r}
     if spoken:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .model_store import StoredModel
+from .model_store import ModelStoreError, StoredModel
 from .prompts import Prompts
 from .trie import IdTrie
 
@@ -121,6 +121,9 @@ class EmbeddingReranker:
     beam's score (a log-probability). The weight trades the two; tune it on held-out queries."""
 
     def __init__(self, stored: StoredModel, weight: float = 10.0, device: str = "cpu"):
+        if not stored.can_rerank:
+            raise ModelStoreError(f"{stored.path} cannot re-rank: it lacks alignment.safetensors or "
+                                  "image_embeddings.npy (the two-tower and the images' embeddings)")
         self.encode = stored.load_query_encoder(device)
         self.row = {k: i for i, k in enumerate(stored.catalog.keys())}
         self.image_embeddings = stored.image_embeddings()

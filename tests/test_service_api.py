@@ -175,12 +175,15 @@ def test_rerank_weight_reorders_a_wider_beam_by_the_two_tower(run, engine, tiny_
 
 
 def test_rerank_weight_on_a_model_without_a_two_tower_fails_at_startup(tiny_model_dir, tmp_path):
+    from genret.decoding import EmbeddingReranker
     from genret.model_store import ModelStoreError
 
     for name in ("manifest.json", "catalog.json", "identifiers.json"):  # a model folder without the two-tower
         (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
     with pytest.raises(ModelStoreError, match="GENRET_RERANK_WEIGHT=5 needs the model's alignment"):
         create_app(Settings(model=str(tmp_path), engine="transformers", rerank_weight=5))
+    with pytest.raises(ModelStoreError, match="cannot re-rank"):  # the CLI's --rerank, too: an error, not a crash
+        EmbeddingReranker(StoredModel.open(tmp_path))
     with pytest.raises(ValidationError, match="rerank_weight"):
         Settings(rerank_weight=-1)
 
