@@ -31,6 +31,17 @@ def run():
         yield runner.run
 
 
+@pytest.fixture(scope="module")
+def hf_engine(run, stored):
+    """The transformers engine on the module's `stored` model, started on the module's loop."""
+    from service.engine_hf import HFEngine
+
+    engine = HFEngine(stored, device="cpu")
+    run(engine.start())
+    yield engine
+    run(engine.close())
+
+
 @asynccontextmanager
 async def serve(app, ready_timeout_s: float = 600):
     """An HTTP client on `app` (httpx over ASGI) with the app's lifespan running, once /readyz says ready."""

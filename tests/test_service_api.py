@@ -16,23 +16,20 @@ from genret.model_store import StoredModel
 from service.app import create_app
 from service.engine_hf import HFEngine
 from service.settings import Settings
-from tests.service_helpers import Served, run  # noqa: F401  (fixture)
+from tests.service_helpers import Served, hf_engine, run  # noqa: F401  (fixtures)
 
 MAX_K, MAX_CHARS = 8, 200
 SETTINGS = dict(max_k=MAX_K, default_k=3, beams=3, max_query_chars=MAX_CHARS, public_url="http://img.test")
 
 
 @pytest.fixture(scope="module")
-def engine(run, tiny_model_dir):
-    engine = HFEngine(StoredModel.open(tiny_model_dir), device="cpu")
-    run(engine.start())
-    yield engine
-    run(engine.close())
+def stored(tiny_model_dir):
+    return StoredModel.open(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
-def served(run, engine):
-    served = Served(run, create_app(Settings(**SETTINGS), engine=engine))
+def served(run, hf_engine):
+    served = Served(run, create_app(Settings(**SETTINGS), engine=hf_engine))
     yield served
     served.close()
 
@@ -70,15 +67,15 @@ def test_default_k_and_the_image_urls_serve_the_catalog_files(run, client, tiny_
     assert image.content == tiny_catalog[results[0]["image_id"]].path.read_bytes()
 
 
-def test_describe_and_ask_answer_from_the_id(run, client, engine):
+def test_describe_and_ask_answer_from_the_id(run, client, hf_engine):
     r = run(client.post("/describe/rocket.jpg"))
     assert r.status_code == 200, r.text
     assert r.json()["image_id"] == "rocket.jpg"
-    assert r.json()["description"] == run(engine.describe("rocket.jpg")) != ""
+    assert r.json()["description"] == run(hf_engine.describe("rocket.jpg")) != ""
     r = run(client.post("/ask", json={"image_id": "moon.jpg", "question": "  What is in this image? "}))
     assert r.status_code == 200, r.text
     assert r.json()["question"] == "What is in this image?"
-    assert r.json()["answer"] == run(engine.ask("moon.jpg", "What is in this image?")) != ""
+    assert r.json()["answer"] == run(hf_engine.ask("moon.jpg", "What is in this image?")) != ""
 
 
 @pytest.mark.parametrize("method,path,body", [
@@ -130,8 +127,8 @@ def test_malformed_bodies_are_4xx_never_500(run, client, content, headers):
     assert r.json()["detail"]
 
 
-def test_a_request_over_the_time_limit_is_504(run, engine):
-    slow = Served(run, create_app(Settings(**SETTINGS, request_timeout_s=0.001), engine=engine))
+def test_a_request_over_the_time_limit_is_504(run, hf_engine):
+    slow = Served(run, create_app(Settings(**SETTINGS, request_timeout_s=0.001), engine=hf_engine))
     try:
         r = run(slow.client.post("/search", json={"query": "a horse in a field", "k": 8}))
         assert r.status_code == 504 and "longer than" in r.json()["detail"]
@@ -157,19 +154,19 @@ def test_before_the_engine_is_loaded_it_is_alive_but_not_ready(run, tiny_model_d
     assert search.status_code == describe.status_code == 503 and "loading" in search.json()["detail"]
 
 
-def test_rerank_weight_reorders_a_wider_beam_by_the_two_tower(run, engine, tiny_catalog):
+def test_rerank_weight_reorders_a_wider_beam_by_the_two_tower(run, hf_engine, tiny_catalog):
     from genret.decoding import EmbeddingReranker
 
     query, weight, beams = "an animal in a field", 1000.0, 20  # a wider beam than the 8-image catalog
-    served = Served(run, create_app(Settings(**SETTINGS, rerank_weight=weight, rerank_beams=beams), engine=engine))
+    served = Served(run, create_app(Settings(**SETTINGS, rerank_weight=weight, rerank_beams=beams), engine=hf_engine))
     try:
         r = run(served.client.post("/search", json={"query": query, "k": 3}))
         assert r.status_code == 200, r.text
         results = r.json()["results"]
     finally:
         served.close()
-    plain = run(engine.search(query, beams, beams))
-    [expected] = EmbeddingReranker(engine.stored, weight)([query], [plain])
+    plain = run(hf_engine.search(query, beams, beams))
+    [expected] = EmbeddingReranker(hf_engine.stored, weight)([query], [plain])
     assert [hit["image_id"] for hit in results] == [h.key for h in expected[:3]]
     assert [hit["score"] for hit in results] == pytest.approx([h.score for h in expected[:3]])
 

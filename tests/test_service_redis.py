@@ -13,10 +13,9 @@ import redis.asyncio as aioredis
 
 from genret.model_store import StoredModel
 from service.app import create_app
-from service.engine_hf import HFEngine
 from service.id_store import IdStoreUnavailable, RedisIdStore, catalog_records, publish
 from service.settings import Settings
-from tests.service_helpers import REDIS_URL, RedisServer, Served, namespace, run  # noqa: F401  (fixtures)
+from tests.service_helpers import REDIS_URL, RedisServer, Served, hf_engine, namespace, run  # noqa: F401  (fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,12 +25,6 @@ def stored(tiny_model_dir):
     return StoredModel.open(tiny_model_dir)
 
 
-@pytest.fixture(scope="module")
-def engine(run, stored):
-    engine = HFEngine(stored, device="cpu")
-    run(engine.start())
-    yield engine
-    run(engine.close())
 
 
 def records(stored, host: str) -> dict[str, dict]:
@@ -141,9 +134,9 @@ def test_publish_cli(stored, namespace, capsys):
     assert r.get(f"{namespace}:active") == version
 
 
-def test_a_running_server_serves_each_new_version(run, engine, stored, namespace):
+def test_a_running_server_serves_each_new_version(run, hf_engine, stored, namespace):
     run(publish_to(REDIS_URL, namespace, records(stored, "old")))
-    served = Served(run, create_app(Settings(redis_url=REDIS_URL, id_store_namespace=namespace), engine=engine))
+    served = Served(run, create_app(Settings(redis_url=REDIS_URL, id_store_namespace=namespace), engine=hf_engine))
     try:
         search = lambda: run(served.client.post("/search", json={"query": "the moon at night", "k": 3})).json()
         assert {hit["url"].split("/")[2] for hit in search()["results"]} == {"old"}
@@ -158,10 +151,10 @@ def test_a_running_server_serves_each_new_version(run, engine, stored, namespace
         served.close()
 
 
-def test_nothing_published_is_503_with_the_fix(run, engine, namespace):
+def test_nothing_published_is_503_with_the_fix(run, hf_engine, namespace):
     import httpx
 
-    app = create_app(Settings(redis_url=REDIS_URL, id_store_namespace=namespace), engine=engine)
+    app = create_app(Settings(redis_url=REDIS_URL, id_store_namespace=namespace), engine=hf_engine)
 
     async def probe():  # not via Served: that waits for /readyz, which is what this checks
         async with app.router.lifespan_context(app):
@@ -175,12 +168,12 @@ def test_nothing_published_is_503_with_the_fix(run, engine, namespace):
     assert "nothing is published" in search.json()["detail"] and "service.publish" in search.json()["detail"]
 
 
-def test_redis_down_is_503_and_the_service_recovers_by_itself(run, engine, stored, tmp_path):
+def test_redis_down_is_503_and_the_service_recovers_by_itself(run, hf_engine, stored, tmp_path):
     redis_server = RedisServer(tmp_path).start()
     try:
         run(publish_to(redis_server.url, "genret", records(stored, "cdn")))
         settings = Settings(redis_url=redis_server.url, redis_timeout_s=0.5)
-        served = Served(run, create_app(settings, engine=engine))
+        served = Served(run, create_app(settings, engine=hf_engine))
         try:
             client = served.client
             search = lambda: run(client.post("/search", json={"query": "a cup of coffee", "k": 2}))

@@ -15,11 +15,10 @@ pytest.importorskip("vllm")
 
 from genret.model_store import StoredModel  # noqa: E402
 from service.app import create_app  # noqa: E402
-from service.engine_hf import HFEngine  # noqa: E402
 from service.engine_vllm import VLLMEngine  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.conftest import MODEL_KINDS  # noqa: E402
-from tests.service_helpers import Served, run  # noqa: E402,F401  (fixture)
+from tests.service_helpers import Served, hf_engine, run  # noqa: E402,F401  (fixtures)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -40,14 +39,6 @@ def stored(request):
 @pytest.fixture(scope="module")
 def vllm_engine(run, stored):
     engine = VLLMEngine(stored, SETTINGS)
-    run(engine.start())
-    yield engine
-    run(engine.close())
-
-
-@pytest.fixture(scope="module")
-def hf_engine(run, stored):
-    engine = HFEngine(stored, device="cpu")
     run(engine.start())
     yield engine
     run(engine.close())
