@@ -79,6 +79,8 @@ LEVERS = {
     "da": ("train describe and ask too, and measure them (the cpu setting leaves them out)", ("describe", "ask"), True),
     "dp": ("describe and ask also train on the uncaptioned images, their pseudo-queries as captions",
            "describe_pseudo", True),
+    "kd": ("share N of the first id token's target is the two-tower's distribution over the catalog",
+           "distill_weight", float),
 }
 # what a run is measured on: recall over the test images and over the whole catalog (at the
 # setting's beam, then at the wide beam the re-ranker reads), and describe/ask by id alone

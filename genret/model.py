@@ -94,6 +94,7 @@ class Example:
     target: list[int]
     image: int | None = None  # row in the image-feature table when the prompt starts with the image
     query: int | None = None  # row in the aligned-embedding table when it starts with the query prefix
+    teacher: int | None = None  # row of the teacher's text table when its first target token is distilled
 
 
 class MultimodalLM(nn.Module):
@@ -133,22 +134,33 @@ class MultimodalLM(nn.Module):
         has_image = torch.tensor([ex.image is not None for ex in examples])
         queries = torch.tensor([ex.query if ex.query is not None else 0 for ex in examples])
         has_query = torch.tensor([ex.query is not None for ex in examples])
+        teachers = torch.tensor([ex.teacher if ex.teacher is not None else 0 for ex in examples])
+        has_teacher = torch.tensor([ex.teacher is not None for ex in examples])
         batch = dict(tokens=tokens, labels=label_t, mask=mask, images=images, has_image=has_image,
-                     queries=queries, has_query=has_query)
+                     queries=queries, has_query=has_query, teachers=teachers, has_teacher=has_teacher)
         return {k: v.to(device) for k, v in batch.items()}
 
     def loss(self, batch: dict[str, torch.Tensor], features: torch.Tensor,
-             query_table: torch.Tensor | None = None) -> torch.Tensor:
+             query_table: torch.Tensor | None = None, soft_targets: torch.Tensor | None = None,
+             soft_weight: float = 0.0) -> torch.Tensor:
         """Mean over examples of each example's mean target-token loss.
 
         Averaging over all target tokens instead would let long captions (describe, ask)
         outweigh the two or three tokens of an identifier, which is what retrieval needs most.
+        `soft_targets` (one distribution over the vocabulary per example with a teacher, in
+        batch order) blend into those examples' first target token: (1 - w) * the hard label's
+        loss + w * the cross-entropy against the teacher's distribution.
         """
         embeds = self._embed(batch, features, query_table)
         logits = self.lm(inputs_embeds=embeds, attention_mask=batch["mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         token_loss = nn.functional.cross_entropy(
             logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        if soft_targets is not None and soft_weight:
+            rows = batch["has_teacher"].nonzero().squeeze(1)
+            first = (labels[rows] != IGNORE).int().argmax(1)
+            soft = -(soft_targets * logits[rows, first].float().log_softmax(-1)).sum(-1)
+            token_loss = token_loss.index_put((rows, first), (1 - soft_weight) * token_loss[rows, first] + soft_weight * soft)
         counts = (labels != IGNORE).sum(1).clamp(min=1)
         return (token_loss.sum(1) / counts).mean()
 

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 
 from .catalog import Catalog
+from .distillation import DenseTeacher
 from .identifiers import SCHEMES, STOP_WORDS, IdentifierAssignment, make_scheme
 from .language_model import add_tokens, keep_first_layers, load_base, prune_vocabulary
 from .model import Example, MultimodalLM, QueryPrefix, SoftPrefix
@@ -71,6 +72,10 @@ class TrainConfig(BaseModel):
         "keep the new id tokens' rows (and the output head tied to them) where they start, while the "
         "ordinary words' rows train at embedding_lr: with id_embeddings='aligned', training can then only "
         "move a query's state towards its image's direction"))
+    distill_weight: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "retrieve examples of real captions blend this share of the two-tower's distribution over the "
+        "catalog into their first id token's target (genret.distillation), so the LM also learns which "
+        "other images, uncaptioned ones included, fit the caption"))
     align_epochs: int = 30
     align_dim: int = 256
     memorize_epochs: int = 4
@@ -351,9 +356,12 @@ class Trainer:
         return {k: prompts.encode(identifiers.ids[k]) for k in self.keys}
 
     def examples(self, stage: str, epoch: int, prompts: Prompts, ids: dict[str, list[int]],
-                 pseudo: dict[str, list[str]], query_rows: dict | None = None) -> list[Example]:
+                 pseudo: dict[str, list[str]], query_rows: dict | None = None,
+                 teacher_rows: dict[str, int] | None = None) -> list[Example]:
         """One epoch's examples. `query_rows` (text -> row of the aligned-embedding table, images
-        first) is given when the model has a query prefix."""
+        first) is given when the model has a query prefix; `teacher_rows` (training caption -> row
+        of the teacher's table) when retrieval is distilled. Pseudo-queries get no teacher: the
+        tower would point them back at the captioned image they were borrowed from."""
         rng = random.Random(zlib.crc32(f"{self.config.seed}/{stage}/{epoch}".encode()))
         cfg = self.config
         memorize = [Example(prompts.memorize(), ids[k] + [prompts.end], image=i) for i, k in enumerate(self.keys)]
@@ -371,11 +379,13 @@ class Trainer:
         if stage == "retrieve":
             for k, cs in {**pseudo, **self.captions}.items():
                 for c in cs:
+                    teacher = teacher_rows[c] if teacher_rows is not None and k in self.captions else None
                     if query_rows is None:
-                        out.append(Example(prompts.retrieve(c), ids[k] + [prompts.end]))
+                        out.append(Example(prompts.retrieve(c), ids[k] + [prompts.end], teacher=teacher))
                     else:
                         text = "" if cfg.query_text_dropout and rng.random() < cfg.query_text_dropout else c
-                        out.append(Example(prompts.retrieve(text), ids[k] + [prompts.end], query=query_rows[c]))
+                        out.append(Example(prompts.retrieve(text), ids[k] + [prompts.end], query=query_rows[c],
+                                           teacher=teacher))
                         if (k, c) in query_rows and rng.random() < cfg.query_mixing:
                             out.append(Example(prompts.retrieve(""), ids[k] + [prompts.end], query=query_rows[k, c]))
             if query_rows is not None:
@@ -482,6 +492,13 @@ class Trainer:
         query_table, query_rows = (self.query_table(tower, query_prefix, embeddings, {})
                                    if query_prefix is not None else (None, None))
 
+        teacher, teacher_rows = None, None
+        if self.config.distill_weight:
+            texts, _ = self.caption_pairs()
+            teacher = DenseTeacher(self.aligned_text_embeddings(tower, texts), embeddings,
+                                   [ids[k][0] for k in self.keys], tower.scale().item(), self.device)
+            teacher_rows = {t: i for i, t in enumerate(texts)}
+
         schedule = self.schedule()
         steps_per_epoch = {stage: math.ceil(len(self.examples(stage, 0, prompts, ids, {}, query_rows))
                                             / self.config.batch_size) for stage in ("memorize", "retrieve")}
@@ -519,7 +536,7 @@ class Trainer:
                     query_table, query_rows = self.query_table(tower, query_prefix, embeddings, pseudo)
             if index < done:
                 continue
-            examples = self.examples(stage, epoch, prompts, ids, pseudo, query_rows)
+            examples = self.examples(stage, epoch, prompts, ids, pseudo, query_rows, teacher_rows)
             torch.manual_seed(zlib.crc32(f"{self.config.seed}/{stage}/{epoch}/torch".encode()))  # resumable noise
             losses = []
             bar = tqdm(range(0, len(examples), self.config.batch_size), desc=f"{stage} {epoch + 1}", disable=not self.progress)
@@ -529,8 +546,11 @@ class Trainer:
                 scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * max(scale, 0.05)
+                soft_targets = None
+                if teacher is not None and batch["has_teacher"].any():
+                    soft_targets = teacher.targets(batch["teachers"][batch["has_teacher"]], embedding.shape[0])
                 with autocast:
-                    loss = model.loss(batch, features, query_table)
+                    loss = model.loss(batch, features, query_table, soft_targets, self.config.distill_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

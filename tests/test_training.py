@@ -23,6 +23,7 @@ SHORT = {**TINY_CONFIG, "memorize_epochs": 1, "retrieve_epochs": 2, "align_epoch
 def test_interrupted_training_resumes_to_the_same_model(tiny_catalog, tmp_path, query_tokens):
     catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
     augment = {"query_residuals": 1, "query_noise": 0.5} if query_tokens else {}  # random, yet resumable
+    augment["distill_weight"] = 0.5
     config = TrainConfig(**{**SHORT, "query_tokens": query_tokens, **augment})
     assert Trainer(catalog, config, tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0) is None
     assert not (tmp_path / "m").exists()
@@ -198,3 +199,59 @@ def test_describe_pseudo_trains_describe_and_ask_on_uncaptioned_images(tiny_cata
     assert len(answers) >= 3  # a description, an open question and a yes/no pair
     with pytest.raises(ValueError, match="describe_pseudo"):
         TrainConfig(**{**SHORT, "describe_pseudo": True})  # no pseudo-queries to train on
+
+
+def test_the_dense_teacher_gathers_the_catalog_distribution_onto_first_id_tokens():
+    from genret.distillation import DenseTeacher
+
+    rng = np.random.default_rng(0)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    texts, images = unit(rng.normal(size=(3, 8))), unit(rng.normal(size=(5, 8)))
+    first_tokens = [7, 7, 9, 4, 9]  # images 0 and 1 share a top-level cluster, so do 2 and 4
+    targets = DenseTeacher(texts, images, first_tokens, scale=20.0).targets(torch.tensor([2, 0]), 12).numpy()
+    shares = np.exp(20.0 * texts[[2, 0]] @ images.T)
+    shares /= shares.sum(1, keepdims=True)
+    np.testing.assert_allclose(targets[:, 7], shares[:, 0] + shares[:, 1], rtol=1e-5)
+    np.testing.assert_allclose(targets[:, 9], shares[:, 2] + shares[:, 4], rtol=1e-5)
+    np.testing.assert_allclose(targets[:, 4], shares[:, 3], rtol=1e-5)
+    np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-5)
+    assert not targets[:, [t for t in range(12) if t not in first_tokens]].any()
+
+
+def test_distillation_blends_the_teacher_into_the_first_id_token_only():
+    from genret.model import Example, MultimodalLM, SoftPrefix
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=1, tie_word_embeddings=True))
+    model = MultimodalLM(lm, SoftPrefix(4, 64, 1)).eval()
+    batch = model.collate([Example([1, 2], [5, 6, 0], teacher=0), Example([1, 3, 3], [8, 0])], 0, "cpu")
+    loss = lambda soft, w: model.loss(batch, torch.zeros(1, 4), None, soft, w).item()  # noqa: E731
+    hard = loss(None, 0.0)
+    one_hot = torch.zeros(1, 20).index_fill_(1, torch.tensor([5]), 1.0)
+    assert loss(one_hot, 1.0) == pytest.approx(hard, rel=1e-6)  # a teacher that agrees with the label changes nothing
+    uniform = torch.full((1, 20), 1 / 20)
+    logits = lm(input_ids=batch["tokens"][:1]).logits[0, 1].log_softmax(-1)  # the position predicting token 5
+    first_hard, first_soft = -logits[5].item(), -logits.mean().item()
+    # example 0 has 3 target tokens, and the loss is the mean over 2 examples of their mean token loss
+    assert loss(uniform, 0.25) - hard == pytest.approx(0.25 * (first_soft - first_hard) / 3 / 2, rel=1e-4)
+
+
+def test_distillation_teaches_real_captions_not_pseudo_queries(tiny_catalog, tmp_path):
+    from transformers import AutoTokenizer
+
+    from genret.language_model import base_checkpoint
+    from genret.prompts import Prompts
+
+    keys = tiny_catalog.keys()[:3]
+    catalog = tiny_catalog.subset(keys).without_captions_for(keys[:1])
+    prompts = Prompts(AutoTokenizer.from_pretrained(base_checkpoint()))
+    ids = {k: prompts.encode(f" image {i}") for i, k in enumerate(keys)}
+    trainer = Trainer(catalog, TrainConfig(**{**SHORT, "pseudo_queries": "neighbors", "distill_weight": 0.5}),
+                      tmp_path / "run", progress=False)
+    captions, _ = trainer.caption_pairs()
+    pseudo = {keys[0]: [captions[0]]}  # borrowed from a captioned image, as pseudo_queries does
+    rows = {t: i for i, t in enumerate(captions)}
+    retrieve = [e for e in trainer.examples("retrieve", 0, prompts, ids, pseudo, None, rows)
+                if e.prompt == prompts.retrieve(captions[0])]
+    assert sorted((e.target[:-1] == ids[keys[0]], e.teacher) for e in retrieve) == [(False, 0), (True, None)]
