@@ -179,9 +179,22 @@ def _verify(path: Path, what: str) -> None:
         raise CatalogError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
 
 
+def _repeat_is_dropped(seen: dict[tuple[str, str], str], pair: tuple[str, str], where: str, path: Path,
+                       duplicates: str) -> bool:
+    """Remembers where each (image, caption) pair first appears. A repeat raises under
+    duplicates='error'; otherwise the answer is whether to drop it ('drop') or keep it ('keep')."""
+    if pair not in seen:
+        seen[pair] = where
+        return False
+    if duplicates == "error":
+        raise CatalogError(f"{path}: {where} repeats {seen[pair]} ({pair[0]!r}, {pair[1]!r});"
+                           " pass duplicates='keep' or 'drop' if that is intended")
+    return duplicates == "drop"
+
+
 def _read_csv(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
     entries: dict[str, tuple[str, list[str]]] = {}
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str], str] = {}
     # utf-8-sig: spreadsheets often prepend a BOM, which would otherwise corrupt the 'image' header.
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
@@ -212,15 +225,8 @@ def _read_csv(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
                 raise CatalogError(f"{path}: row {line}: empty image name")
             if not caption:
                 raise CatalogError(f"{path}: row {line}: empty caption for image {key!r}")
-            if (key, caption) in seen:
-                if duplicates == "error":
-                    raise CatalogError(
-                        f"{path}: row {line} repeats row {seen[key, caption]} ({key!r}, {caption!r});"
-                        " pass duplicates='keep' or 'drop' if that is intended"
-                    )
-                if duplicates == "drop":
-                    continue
-            seen.setdefault((key, caption), line)
+            if _repeat_is_dropped(seen, (key, caption), f"row {line}", path, duplicates):
+                continue
             entries.setdefault(key, (f"row {line}", []))[1].append(caption)
     return entries
 
@@ -235,7 +241,7 @@ def _read_coco(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise CatalogError(f"{path}: expected a COCO captions object with 'images' and 'annotations' lists")
 
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str], str] = {}
     by_id: dict[object, str] = {}
     id_at: dict[object, int] = {}
     entries: dict[str, tuple[str, list[str]]] = {}
@@ -267,15 +273,8 @@ def _read_coco(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
         if not isinstance(caption, str) or not caption.strip():
             raise CatalogError(f"{path}: {where}: empty caption for image id {image_id!r}")
         name, caption = by_id[image_id], caption.strip()
-        if (name, caption) in seen:
-            if duplicates == "error":
-                raise CatalogError(
-                    f"{path}: {where} repeats annotations[{seen[name, caption]}] ({name!r}, {caption!r});"
-                    " pass duplicates='keep' or 'drop' if that is intended"
-                )
-            if duplicates == "drop":
-                continue
-        seen.setdefault((name, caption), j)
+        if _repeat_is_dropped(seen, (name, caption), where, path, duplicates):
+            continue
         entries[name][1].append(caption)
     return entries
 
