@@ -480,12 +480,14 @@ class Trainer:
         if self.config.id_embeddings == "aligned":
             self.align_id_embeddings(lm, ids, set(new_tokens), embeddings)
         prefix = SoftPrefix(self.image_features().shape[1], lm.config.hidden_size, self.config.visual_tokens)
+        captions, _ = self.caption_pairs()  # the query prefix's text mean and the teacher's texts
+        caption_embeddings = (self.aligned_text_embeddings(tower, captions)
+                              if self.config.query_tokens or self.config.distill_weight else None)
         query_prefix = None
         if self.config.query_tokens:
             query_prefix = QueryPrefix(embeddings.shape[1], lm.config.hidden_size, self.config.query_tokens,
                                        noise=self.config.query_noise)
-            texts, _ = self.caption_pairs()
-            query_prefix.text_mean.copy_(torch.from_numpy(self.aligned_text_embeddings(tower, texts).mean(0)))
+            query_prefix.text_mean.copy_(torch.from_numpy(caption_embeddings.mean(0)))
             query_prefix.image_mean.copy_(torch.from_numpy(embeddings.mean(0)))
         model = MultimodalLM(lm, prefix, query_prefix).to(self.device)
         features = torch.from_numpy(self.image_features()).to(self.device)
@@ -494,10 +496,9 @@ class Trainer:
 
         teacher, teacher_rows = None, None
         if self.config.distill_weight:
-            texts, _ = self.caption_pairs()
-            teacher = DenseTeacher(self.aligned_text_embeddings(tower, texts), embeddings,
-                                   [ids[k][0] for k in self.keys], tower.scale().item(), self.device)
-            teacher_rows = {t: i for i, t in enumerate(texts)}
+            teacher = DenseTeacher(caption_embeddings, embeddings, [ids[k][0] for k in self.keys],
+                                   tower.scale().item(), self.device)
+            teacher_rows = {t: i for i, t in enumerate(captions)}
 
         schedule = self.schedule()
         steps_per_epoch = {stage: math.ceil(len(self.examples(stage, 0, prompts, ids, {}, query_rows))

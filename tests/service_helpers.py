@@ -32,6 +32,14 @@ def run():
 
 
 @pytest.fixture(scope="module")
+def stored(tiny_model_dir):
+    """The tiny model, opened once per module (test_service_vllm overrides it with both kinds)."""
+    from genret.model_store import StoredModel
+
+    return StoredModel.open(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
 def hf_engine(run, stored):
     """The transformers engine on the module's `stored` model, started on the module's loop."""
     from service.engine_hf import HFEngine

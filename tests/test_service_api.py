@@ -16,15 +16,10 @@ from genret.model_store import StoredModel
 from service.app import create_app
 from service.engine_hf import HFEngine
 from service.settings import Settings
-from tests.service_helpers import Served, hf_engine, run  # noqa: F401  (fixtures)
+from tests.service_helpers import Served, hf_engine, run, stored  # noqa: F401  (fixtures)
 
 MAX_K, MAX_CHARS = 8, 200
 SETTINGS = dict(max_k=MAX_K, default_k=3, beams=3, max_query_chars=MAX_CHARS, public_url="http://img.test")
-
-
-@pytest.fixture(scope="module")
-def stored(tiny_model_dir):
-    return StoredModel.open(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,13 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from genret.model_store import StoredModel
 from service.app import create_app
 from service.id_store import IdStoreUnavailable, RedisIdStore, catalog_records, publish
 from service.settings import Settings
-from tests.service_helpers import REDIS_URL, RedisServer, Served, hf_engine, namespace, run  # noqa: F401  (fixtures)
+from tests.service_helpers import (  # noqa: F401  (fixtures)
+    REDIS_URL, RedisServer, Served, hf_engine, namespace, run, stored)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def stored(tiny_model_dir):
-    return StoredModel.open(tiny_model_dir)
-
-
 
 
 def records(stored, host: str) -> dict[str, dict]:
