@@ -11,6 +11,11 @@ re-ranking weight is chosen, so the test queries are used only to report.
 
     python benchmarks/flickr8k.py --setting cpu            # reduced: minutes per scheme on a CPU
     python benchmarks/flickr8k.py --setting gpu            # the full protocol (8,091 images)
+    python benchmarks/flickr8k.py --setting gpu-short      # the same data and model, one short GPU call
+
+A GPU machine without the images: run `--image-features-only` where the images are and carry
+<out>/shared/prepared/image_features.npy; nothing else reads pixels (the catalog reader still
+wants a file under each image's name there: empty ones do).
 
 Every step writes its result and every training run checkpoints each epoch, so the same
 command resumes after an interruption (a GPU call cut at its time limit, say). Results:
@@ -45,6 +50,11 @@ SETTINGS = {
     "gpu": dict(train_images=None, dev_images=None, test_images=None, beams=20, wide_beams=50, config=dict(
         num_layers=None, memorize_epochs=3, retrieve_epochs=8, batch_size=128, lr=3e-4, prefix_lr=1e-3,
         embedding_lr=3e-3, describe=True, ask=True, align_epochs=40, query_tokens=0)),
+    # the full protocol's data and model, trained briefly and for retrieval alone, to fit one
+    # 10-minute GPU call (a lease here is 15 minutes of device time, its start and uploads included)
+    "gpu-short": dict(train_images=None, dev_images=None, test_images=None, beams=20, wide_beams=50, config=dict(
+        num_layers=None, memorize_epochs=2, retrieve_epochs=4, batch_size=128, lr=3e-4, prefix_lr=1e-3,
+        embedding_lr=3e-3, describe=False, ask=False, align_epochs=40, query_tokens=0)),
 }
 # A run is named by its identifier scheme and "+"-joined levers, each a set of TrainConfig
 # fields on top of the setting's config (so "rq+pq+qp+res2+layers4" needs no code):
@@ -182,6 +192,8 @@ def dense_baseline(trainer, queries, test_keys, keys) -> dict:
 
 
 def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Path, seed: int = 0) -> dict:
+    import torch
+
     from genret.decoding import EmbeddingReranker, TransformersEngine
     from genret.evaluation import evaluate_describe_and_ask, evaluate_generative
     from genret.model_store import StoredModel
@@ -206,10 +218,12 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
     # scope -> (queries, candidates, beams, queries per batch); the "_wide" scopes are GENIUS's wide
     # beam, which gives the re-ranker more candidates (their beam 50: R@5 24 -> 68)
     wide = setting["wide_beams"]
+    per_batch = 4 if torch.cuda.is_available() else 1  # the same searches, more per call on a GPU
     scopes = {"test": (queries, test_keys, setting["beams"], 16), "catalog": (queries, None, setting["beams"], 16),
               "test_wide": (queries, test_keys, wide, 4), "catalog_wide": (queries, None, wide, 4),
               "dev_wide": (protocol.dev_queries, protocol.dev_keys, wide, 4),
               "dev_catalog_wide": (protocol.dev_queries, None, wide, 4)}
+    scopes = {scope: (q, c, b, n * per_batch) for scope, (q, c, b, n) in scopes.items()}
     # describing and answering about images known only by id: ones whose captions were trained
     # on, and the test images, whose captions never were (their held-out ones are the references)
     spoken = {}
@@ -359,6 +373,9 @@ def main() -> int:
                         help="runs to train, each a scheme and '+'-joined levers, e.g. rq+pq+qp+res2 (see LEVERS)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="train each scheme with seeds 0..N-1 and report mean ± standard deviation")
+    parser.add_argument("--image-features-only", action="store_true",
+                        help="compute the catalog's image features into <out>/shared/prepared and stop: what a GPU "
+                             "machine without the images needs carried to it (the runs never read pixels again)")
     args = parser.parse_args()
     if not (args.data / "captions.csv").exists():
         print(f"flickr8k: no data at {args.data} (set GENRET_FLICKR8K)", file=sys.stderr)
@@ -387,6 +404,9 @@ def main() -> int:
     base = Trainer(catalog, TrainConfig(**setting["config"]), out / "shared")
     base.prepared.mkdir(parents=True, exist_ok=True)
     base.image_features()
+    if args.image_features_only:
+        print(f"image features: {base.prepared / 'image_features.npy'}")
+        return 0
     base.caption_features(base.caption_pairs()[0])
     base.align()
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .model_store import ModelStoreError, StoredModel
 from .prompts import Prompts
@@ -66,13 +67,9 @@ class TransformersEngine:
         beams = max(beams or k, k)
         inputs, width = self.retrieval_inputs(queries)
         end = self.prompts.end
-
-        def allowed(_, sequence: torch.Tensor) -> list[int]:
-            return trie.allowed_next(sequence[width:].tolist()) or [end]
-
         out = self.lm.generate(
-            **inputs, num_beams=beams, num_return_sequences=beams,
-            max_new_tokens=trie.max_depth(), prefix_allowed_tokens_fn=allowed, do_sample=False,
+            **inputs, num_beams=beams, num_return_sequences=beams, max_new_tokens=trie.max_depth(),
+            logits_processor=LogitsProcessorList([TrieMask(trie, width)]), do_sample=False,
             length_penalty=0.0, early_stopping=True, output_scores=True, output_logits=True,
             return_dict_in_generate=True, pad_token_id=end, eos_token_id=end,
         )
@@ -101,6 +98,32 @@ class TransformersEngine:
 
     def ask(self, key: str, question: str) -> str:
         return self.generate([self.prompts.ask(self.stored.id_tokens[key], question)])[0]
+
+
+class TrieMask(LogitsProcessor):
+    """Keeps every beam on the id trie: each token that does not continue its prefix towards a
+    catalog id gets -inf. transformers' `prefix_allowed_tokens_fn` reads each beam back from the
+    device and writes its mask row alone; here one read serves the whole step and beams at the
+    same trie node share one write (at the first step every beam is at the root, and with
+    thousands of atomic ids those per-beam writes were most of a search's time). A finished
+    sequence may only repeat the end token."""
+
+    def __init__(self, trie: IdTrie, prompt_width: int):
+        self.trie, self.width = trie, prompt_width
+        self.end_only = [trie.end_token]
+        self._tensors: dict[int, torch.Tensor] = {}  # id(allowed list) -> its token ids on the device
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        groups: dict[int, tuple[list[int], list[int]]] = {}  # the trie caches each node's list
+        for row, prefix in enumerate(input_ids[:, self.width:].tolist()):
+            allowed = self.trie.allowed_next(prefix) or self.end_only
+            groups.setdefault(id(allowed), (allowed, []))[1].append(row)
+        mask = torch.full_like(scores, float("-inf"))
+        for key, (allowed, rows) in groups.items():
+            if key not in self._tensors:
+                self._tensors[key] = torch.tensor(allowed, device=scores.device)
+            mask[torch.tensor(rows, device=scores.device)[:, None], self._tensors[key]] = 0.0
+        return scores + mask
 
 
 def _greedy_scores(out, width: int, end: int) -> list[float]:

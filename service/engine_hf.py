@@ -13,8 +13,9 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from transformers import LogitsProcessorList
 
-from genret.decoding import Hit, TransformersEngine
+from genret.decoding import Hit, TransformersEngine, TrieMask
 from genret.model_store import StoredModel
 
 from .engine import EngineError
@@ -85,7 +86,7 @@ def _greedy_search(engine: TransformersEngine, query: str) -> list[Hit]:
     trie, end = engine.trie, engine.prompts.end
     out = engine.lm.generate(
         **inputs, max_new_tokens=trie.max_depth(), do_sample=False,
-        num_beams=1, prefix_allowed_tokens_fn=lambda _, seq: trie.allowed_next(seq[width:].tolist()) or [end],
+        num_beams=1, logits_processor=LogitsProcessorList([TrieMask(trie, width)]),
         output_logits=True, return_dict_in_generate=True, pad_token_id=end, eos_token_id=end,
     )
     tokens = out.sequences[0, width:].tolist()

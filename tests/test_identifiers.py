@@ -366,3 +366,34 @@ def test_trie_property_random_sequences(seqs, data):
         prefix.append(data.draw(st.sampled_from(trie.allowed_next(prefix))))
     key = trie.key_for(prefix)
     assert key is not None and seqs[int(key[1:])] == prefix[:-1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seqs=st.lists(
+        st.lists(st.integers(1, 6), min_size=1, max_size=4), min_size=1, max_size=20, unique_by=tuple
+    ),
+    data=st.data(),
+)
+def test_trie_mask_allows_exactly_each_beams_next_tokens(seqs, data):
+    """The batched mask beam search uses gives every row what `allowed_next` says for its own
+    prefix (a finished one: the end token only), beams at one node sharing one write."""
+    import torch
+
+    from genret.decoding import TrieMask
+
+    trie = IdTrie({f"k{i}": s for i, s in enumerate(seqs)}, end_token=0)
+    depth = data.draw(st.integers(0, 5))
+    prompt_width = 2
+    rows = []
+    for _ in range(data.draw(st.integers(1, 12))):
+        prefix: list[int] = []
+        while len(prefix) < depth:  # a walk down the trie, then past its end, as beams go
+            prefix.append(data.draw(st.sampled_from(trie.allowed_next(prefix) or [0])))
+        rows.append([7, 7] + prefix)
+    scores = torch.randn(len(rows), 8).log_softmax(-1)
+    masked = TrieMask(trie, prompt_width)(torch.tensor(rows), scores)
+    for row, out, before in zip(rows, masked, scores):
+        allowed = set(trie.allowed_next(row[prompt_width:]) or [0])
+        assert {t for t in range(8) if torch.isfinite(out[t])} == allowed
+        assert all(out[t] == before[t] for t in allowed)
