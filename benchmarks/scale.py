@@ -202,6 +202,7 @@ class InstrumentedTrie:
 
     def __init__(self, trie):
         self.trie, self.seconds, self.calls, self.returned = trie, 0.0, 0, []
+        self.end_token = trie.end_token
 
     def allowed_next(self, prefix):
         started = time.perf_counter()

@@ -1,7 +1,8 @@
 """The Flickr8k benchmark's run names: a scheme and '+'-joined levers stand for TrainConfig fields,
 and a name it does not know is refused with the list of levers before any work starts; the
 re-ranking weight is chosen on dev queries; the reduced catalog keeps dev and test captions out.
-(The benchmark itself needs minutes per run: it is run by hand, not here.)"""
+(The benchmark itself needs minutes per run: it is run by hand, not here.) Its first step alone,
+the image features a GPU machine without the images needs, runs here where Flickr8k is present."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from genret.training import TrainConfig
@@ -95,3 +97,14 @@ def test_dev_and_test_images_are_memorized_but_never_trained_on_with_their_capti
     assert sum(bool(catalog[k].captions) for k in catalog.keys()) == 200
     assert {k for _, k in protocol.queries} == test and len(protocol.queries) == 250
     assert {k for _, k in protocol.dev_queries} == dev and len(protocol.dev_queries) == 250
+
+
+@pytest.mark.skipif(not (FLICKR8K / "captions.csv").exists(), reason="Flickr8k is not present")
+def test_image_features_only_writes_the_features_a_gpu_machine_needs_and_stops(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GENRET_FLICKR8K": str(FLICKR8K)}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--setting", "cpu", "--out", str(tmp_path), "--image-features-only"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert np.load(tmp_path / "shared" / "prepared" / "image_features.npy").shape == (300, 1280)
+    assert sorted(p.name for p in (tmp_path / "shared" / "prepared").iterdir()) == ["image_features.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # no baseline, no runs, no report
