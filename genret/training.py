@@ -88,6 +88,14 @@ class TrainConfig(BaseModel):
     describe: bool = True
     ask: bool = True
     batch_size: int = 32
+    group_by_length: bool = Field(False, description=(
+        "batches of examples of similar length, in random order: each batch is padded to its longest "
+        "example, and a random mix of 9-token memorize examples and 30-token captions nearly doubles "
+        "the tokens computed"))
+    length_slices: int = Field(1, ge=1, description=(
+        "each batch runs as this many forward and backward passes over its examples sorted by length, "
+        "their gradients summed: the same update with less padding (a batch pads to its longest example, "
+        "and 9-token memorize examples share batches with 30-token captions)"))
     lr: float = 5e-4
     prefix_lr: float = 1e-3
     # New id tokens start far from what the query states predict; a faster embedding/head
@@ -172,6 +180,41 @@ def pick_device(name: str) -> torch.device:
 def content_words(text: str) -> list[str]:
     words = [w for w in text.lower().replace(".", " ").replace(",", " ").split() if w.isalpha()]
     return [w for w in words if w not in STOP_WORDS and len(w) > 2]
+
+
+def length_grouped(examples: list[Example], batch_size: int, rng: random.Random, lead: dict[str, int],
+                   window: int = 50) -> list[Example]:
+    """The shuffled examples reordered so that each run of `batch_size` holds examples of similar
+    length, the batches in random order. Sorting happens within windows of `window` batches of
+    the shuffled order (as transformers' group_by_length does), so an epoch still mixes its tasks
+    across steps. `lead`: the soft tokens an example with an image or a query starts with."""
+
+    def length(ex: Example) -> int:
+        soft = lead["image"] if ex.image is not None else lead["query"] if ex.query is not None else 0
+        return soft + len(ex.prompt) + len(ex.target)
+
+    batches = []
+    for start in range(0, len(examples), batch_size * window):
+        chunk = sorted(examples[start : start + batch_size * window], key=length)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return [ex for batch in batches for ex in batch]
+
+
+def length_slices(batch: list[Example], slices: int, lead: dict[str, int]) -> list[list[Example]]:
+    """The batch's examples sorted by length and cut into `slices` runs of near-equal size, each
+    then padded only to its own longest example; one slice is the batch as it is. `lead`: the
+    soft tokens an example with an image or a query starts with."""
+    if slices <= 1:
+        return [batch]
+
+    def length(ex: Example) -> int:
+        soft = lead["image"] if ex.image is not None else lead["query"] if ex.query is not None else 0
+        return soft + len(ex.prompt) + len(ex.target)
+
+    ordered = sorted(batch, key=length)
+    size = math.ceil(len(ordered) / slices)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 class Trainer:
@@ -394,6 +437,8 @@ class Trainer:
             if cfg.ask:
                 out += self.ask_examples(rng, prompts, ids, described)
         rng.shuffle(out)
+        if cfg.group_by_length:
+            out = length_grouped(out, cfg.batch_size, rng, lead={"image": cfg.visual_tokens, "query": cfg.query_tokens})
         return out
 
     def ask_examples(self, rng, prompts, ids, described) -> list[Example]:
@@ -529,6 +574,7 @@ class Trainer:
         pseudo_ready = self.config.pseudo_queries == "none"  # made once, at the first retrieve epoch
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _no_autocast()
         pad = prompts.end
+        lead = {"image": self.config.visual_tokens, "query": self.config.query_tokens}
         model.train()
         for index, (stage, epoch) in enumerate(schedule):
             if stage == "retrieve" and not pseudo_ready:
@@ -542,18 +588,23 @@ class Trainer:
             losses = []
             bar = tqdm(range(0, len(examples), self.config.batch_size), desc=f"{stage} {epoch + 1}", disable=not self.progress)
             for start in bar:
-                batch = model.collate(examples[start : start + self.config.batch_size], pad, self.device)
                 scale = min(1.0, (step + 1) / max(1, self.config.warmup_steps))
                 scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * max(scale, 0.05)
-                soft_targets = None
-                if teacher is not None and batch["has_teacher"].any():
-                    soft_targets = teacher.targets(batch["teachers"][batch["has_teacher"]], embedding.shape[0])
-                with autocast:
-                    loss = model.loss(batch, features, query_table, soft_targets, self.config.distill_weight)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                whole = examples[start : start + self.config.batch_size]
+                loss = 0.0
+                for part in length_slices(whole, self.config.length_slices, lead):
+                    batch = model.collate(part, pad, self.device)
+                    soft_targets = None
+                    if teacher is not None and batch["has_teacher"].any():
+                        soft_targets = teacher.targets(batch["teachers"][batch["has_teacher"]], embedding.shape[0])
+                    with autocast:  # the batch's loss is the mean over its examples: each part weighs its share
+                        part_loss = model.loss(batch, features, query_table, soft_targets, self.config.distill_weight)
+                        part_loss = part_loss * (len(part) / len(whole))
+                    part_loss.backward()
+                    loss = loss + part_loss.detach()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 step += 1
