@@ -89,7 +89,6 @@ LEVERS = {
     "da": ("train describe and ask too, and measure them (the cpu setting leaves them out)", ("describe", "ask"), True),
     "dp": ("describe and ask also train on the uncaptioned images, their pseudo-queries as captions",
            "describe_pseudo", True),
-    "gl": ("batches of examples of similar length (less padding)", "group_by_length", True),
     "ls": ("each batch as N length-sorted slices, their gradients summed (the same update, less padding)",
            "length_slices", int),
     "kd": ("share N of the first id token's target is the two-tower's distribution over the catalog",

@@ -88,10 +88,6 @@ class TrainConfig(BaseModel):
     describe: bool = True
     ask: bool = True
     batch_size: int = 32
-    group_by_length: bool = Field(False, description=(
-        "batches of examples of similar length, in random order: each batch is padded to its longest "
-        "example, and a random mix of 9-token memorize examples and 30-token captions nearly doubles "
-        "the tokens computed"))
     length_slices: int = Field(1, ge=1, description=(
         "each batch runs as this many forward and backward passes over its examples sorted by length, "
         "their gradients summed: the same update with less padding (a batch pads to its longest example, "
@@ -180,25 +176,6 @@ def pick_device(name: str) -> torch.device:
 def content_words(text: str) -> list[str]:
     words = [w for w in text.lower().replace(".", " ").replace(",", " ").split() if w.isalpha()]
     return [w for w in words if w not in STOP_WORDS and len(w) > 2]
-
-
-def length_grouped(examples: list[Example], batch_size: int, rng: random.Random, lead: dict[str, int],
-                   window: int = 50) -> list[Example]:
-    """The shuffled examples reordered so that each run of `batch_size` holds examples of similar
-    length, the batches in random order. Sorting happens within windows of `window` batches of
-    the shuffled order (as transformers' group_by_length does), so an epoch still mixes its tasks
-    across steps. `lead`: the soft tokens an example with an image or a query starts with."""
-
-    def length(ex: Example) -> int:
-        soft = lead["image"] if ex.image is not None else lead["query"] if ex.query is not None else 0
-        return soft + len(ex.prompt) + len(ex.target)
-
-    batches = []
-    for start in range(0, len(examples), batch_size * window):
-        chunk = sorted(examples[start : start + batch_size * window], key=length)
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return [ex for batch in batches for ex in batch]
 
 
 def length_slices(batch: list[Example], slices: int, lead: dict[str, int]) -> list[list[Example]]:
@@ -437,8 +414,6 @@ class Trainer:
             if cfg.ask:
                 out += self.ask_examples(rng, prompts, ids, described)
         rng.shuffle(out)
-        if cfg.group_by_length:
-            out = length_grouped(out, cfg.batch_size, rng, lead={"image": cfg.visual_tokens, "query": cfg.query_tokens})
         return out
 
     def ask_examples(self, rng, prompts, ids, described) -> list[Example]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -11,10 +10,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from genret.identifiers import ResidualQuantizationIds
-from genret.model import Example
 from genret.model_store import StoredModel
 from genret.prompts import normalize_caption
-from genret.training import TrainConfig, Trainer, id_token_vectors, length_grouped
+from genret.training import TrainConfig, Trainer, id_token_vectors
 
 from .conftest import TINY_CONFIG
 
@@ -25,7 +23,7 @@ SHORT = {**TINY_CONFIG, "memorize_epochs": 1, "retrieve_epochs": 2, "align_epoch
 def test_interrupted_training_resumes_to_the_same_model(tiny_catalog, tmp_path, query_tokens):
     catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
     augment = {"query_residuals": 1, "query_noise": 0.5} if query_tokens else {}  # random, yet resumable
-    augment.update(distill_weight=0.5, group_by_length=True)
+    augment.update(distill_weight=0.5, length_slices=2)
     config = TrainConfig(**{**SHORT, "query_tokens": query_tokens, **augment})
     assert Trainer(catalog, config, tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0) is None
     assert not (tmp_path / "m").exists()
@@ -257,23 +255,6 @@ def test_distillation_teaches_real_captions_not_pseudo_queries(tiny_catalog, tmp
     retrieve = [e for e in trainer.examples("retrieve", 0, prompts, ids, pseudo, None, rows)
                 if e.prompt == prompts.retrieve(captions[0])]
     assert sorted((e.target[:-1] == ids[keys[0]], e.teacher) for e in retrieve) == [(False, 0), (True, None)]
-
-
-def test_length_grouping_keeps_every_example_once_and_pads_less():
-    rng = random.Random(0)
-    examples = [Example([1] * rng.randint(1, 40), [2] * rng.randint(1, 5), image=0 if i % 3 == 0 else None)
-                for i in range(1000)]
-    lead = {"image": 4, "query": 4}
-    grouped = length_grouped(list(examples), 32, random.Random(1), lead)
-    assert sorted(map(id, grouped)) == sorted(map(id, examples))
-    assert [id(e) for e in grouped] == [
-        id(e) for e in length_grouped(list(examples), 32, random.Random(1), lead)]  # the epoch's rng decides
-
-    def padded_tokens(order):
-        length = lambda e: (4 if e.image is not None else 0) + len(e.prompt) + len(e.target)
-        return sum(32 * max(map(length, order[i : i + 32])) for i in range(0, len(order), 32))
-
-    assert padded_tokens(grouped) < 0.7 * padded_tokens(examples)
 
 
 def test_length_slices_give_the_same_training_with_less_padding(tiny_catalog, tmp_path):
