@@ -349,13 +349,12 @@ def test_trie_prefix_inserted_after_longer_id():
     assert trie.key_for([1, 2]) == "short" and trie.key_for([1, 2, 3]) == "long"
 
 
+# distinct token sequences over a small alphabet, so ids share prefixes and end inside each other
+ID_SEQUENCES = st.lists(st.lists(st.integers(1, 6), min_size=1, max_size=5), min_size=1, max_size=30, unique_by=tuple)
+
+
 @settings(max_examples=100, deadline=None)
-@given(
-    seqs=st.lists(
-        st.lists(st.integers(1, 6), min_size=1, max_size=5), min_size=1, max_size=30, unique_by=tuple
-    ),
-    data=st.data(),
-)
+@given(seqs=ID_SEQUENCES, data=st.data())
 def test_trie_property_random_sequences(seqs, data):
     trie = IdTrie({f"k{i}": s for i, s in enumerate(seqs)}, end_token=0)
     for i, s in enumerate(seqs):
@@ -369,12 +368,7 @@ def test_trie_property_random_sequences(seqs, data):
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    seqs=st.lists(
-        st.lists(st.integers(1, 6), min_size=1, max_size=4), min_size=1, max_size=20, unique_by=tuple
-    ),
-    data=st.data(),
-)
+@given(seqs=ID_SEQUENCES, data=st.data())
 def test_trie_mask_allows_exactly_each_beams_next_tokens(seqs, data):
     """The batched mask beam search uses gives every row what `allowed_next` says for its own
     prefix (a finished one: the end token only), beams at one node sharing one write."""
@@ -383,7 +377,7 @@ def test_trie_mask_allows_exactly_each_beams_next_tokens(seqs, data):
     from genret.decoding import TrieMask
 
     trie = IdTrie({f"k{i}": s for i, s in enumerate(seqs)}, end_token=0)
-    depth = data.draw(st.integers(0, 5))
+    depth = data.draw(st.integers(0, 6))
     prompt_width = 2
     rows = []
     for _ in range(data.draw(st.integers(1, 12))):
