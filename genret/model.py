@@ -112,14 +112,21 @@ class MultimodalLM(nn.Module):
                 embeds[has, : prefix.n_tokens] = soft
         return embeds
 
+    def soft_tokens(self, ex: Example) -> int:
+        """The placeholder slots an example starts with, for its visual or query prefix."""
+        if ex.image is not None and ex.query is not None:
+            raise ValueError("an example starts with the image or with the query, not both")
+        return self.prefix.n_tokens if ex.image is not None else self.query_prefix.n_tokens if ex.query is not None else 0
+
+    def length(self, ex: Example) -> int:
+        """The example's sequence length before padding."""
+        return self.soft_tokens(ex) + len(ex.prompt) + len(ex.target)
+
     def collate(self, examples: list[Example], pad_id: int, device) -> dict[str, torch.Tensor]:
         """Right-padded batch; prefixed examples get `n_tokens` placeholder slots at the start."""
         rows, labels = [], []
         for ex in examples:
-            if ex.image is not None and ex.query is not None:
-                raise ValueError("an example starts with the image or with the query, not both")
-            lead = ([pad_id] * self.prefix.n_tokens if ex.image is not None else
-                    [pad_id] * self.query_prefix.n_tokens if ex.query is not None else [])
+            lead = [pad_id] * self.soft_tokens(ex)
             rows.append(lead + ex.prompt + ex.target)
             labels.append([IGNORE] * (len(lead) + len(ex.prompt)) + ex.target)
         width = max(map(len, rows))

@@ -20,6 +20,7 @@ import random
 import shutil
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -178,17 +179,11 @@ def content_words(text: str) -> list[str]:
     return [w for w in words if w not in STOP_WORDS and len(w) > 2]
 
 
-def length_slices(batch: list[Example], slices: int, lead: dict[str, int]) -> list[list[Example]]:
-    """The batch's examples sorted by length and cut into `slices` runs of near-equal size, each
-    then padded only to its own longest example; one slice is the batch as it is. `lead`: the
-    soft tokens an example with an image or a query starts with."""
+def length_slices(batch: list[Example], slices: int, length: Callable[[Example], int]) -> list[list[Example]]:
+    """The batch's examples sorted by `length` and cut into `slices` runs of near-equal size, each
+    then padded only to its own longest example; one slice is the batch as it is."""
     if slices <= 1:
         return [batch]
-
-    def length(ex: Example) -> int:
-        soft = lead["image"] if ex.image is not None else lead["query"] if ex.query is not None else 0
-        return soft + len(ex.prompt) + len(ex.target)
-
     ordered = sorted(batch, key=length)
     size = math.ceil(len(ordered) / slices)
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
@@ -549,7 +544,6 @@ class Trainer:
         pseudo_ready = self.config.pseudo_queries == "none"  # made once, at the first retrieve epoch
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _no_autocast()
         pad = prompts.end
-        lead = {"image": self.config.visual_tokens, "query": self.config.query_tokens}
         model.train()
         for index, (stage, epoch) in enumerate(schedule):
             if stage == "retrieve" and not pseudo_ready:
@@ -570,7 +564,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 whole = examples[start : start + self.config.batch_size]
                 loss = 0.0
-                for part in length_slices(whole, self.config.length_slices, lead):
+                for part in length_slices(whole, self.config.length_slices, model.length):
                     batch = model.collate(part, pad, self.device)
                     soft_targets = None
                     if teacher is not None and batch["has_teacher"].any():
