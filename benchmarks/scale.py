@@ -15,9 +15,8 @@ What is synthetic, and why that is enough for what is measured:
     seeded stream), so every size sees the same data;
   * identifiers are assigned to those vectors by the product's own schemes (`StructuredIds`,
     branching 32; `ResidualQuantizationIds`, 3 levels x 256 codes, collisions get one more
-    code), but their k-means is swapped for FAISS k-means (trained on at most 256 points per
-    centroid, then every point assigned to its nearest centroid): sklearn's KMeans, which the
-    product uses, takes minutes per fit at 100K and about an hour for RQ at 1M on 2 cores;
+    code), unchanged: their k-means fits on at most 256 points per centroid and assigns every
+    point to its nearest centroid, so "build s" is what a catalog of that size costs;
   * the language model is a randomly initialised `LlamaForCausalLM` with SmolLM2-135M's shape
     cut to 2 layers (the `cpu` training setting), vocabulary = a few hundred text tokens + the
     identifier tokens. Its weights are random: latency is measured, not accuracy;
@@ -49,7 +48,6 @@ import time
 import tracemalloc
 import zlib
 from pathlib import Path
-from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -151,25 +149,6 @@ def quiet_stderr():
         os.close(saved)
 
 
-class _KMeansFit:
-    def __init__(self, labels: np.ndarray, centers: np.ndarray):
-        self.labels_, self.cluster_centers_ = labels, centers
-
-
-def faiss_kmeans(x: np.ndarray, k: int, seed: int, n_init: int) -> _KMeansFit:
-    """Drop-in for genret.identifiers._kmeans: FAISS k-means on a sample, then nearest-centroid
-    assignment of every point (minutes instead of hours at 1M on 2 cores)."""
-    import faiss
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    km = faiss.Kmeans(x.shape[1], int(k), niter=20, nredo=max(1, int(n_init)), seed=int(seed) + 1,
-                      max_points_per_centroid=256, min_points_per_centroid=1, verbose=False)
-    with quiet_stderr():
-        km.train(x)
-    _, labels = km.index.search(x, 1)
-    return _KMeansFit(labels.ravel().astype(np.int64), km.centroids.copy())
-
-
 class SyntheticPrompts:
     """The part of genret.prompts.Prompts that search uses, over the synthetic text vocabulary."""
 
@@ -192,7 +171,7 @@ def make_engine(lm, trie, prompts):
     class SyntheticEngine(TransformersEngine):
         def __init__(self):  # no model store: the LM, trie and prompts are given; text prompts only
             self.device, self.lm, self.trie, self.prompts = "cpu", lm, trie, prompts
-            self.query_soft_prefix = None
+            self.query_soft_prefix, self.cache_prompts = None, True
 
     return SyntheticEngine()
 
@@ -233,13 +212,11 @@ def random_lm(vocab_size: int, layers: int, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
-def assign_ids(method: str, keys: list[str], x: np.ndarray, kmeans: str):
+def assign_ids(method: str, keys: list[str], x: np.ndarray):
     from genret import identifiers
 
     scheme, options = SCHEMES[method]
-    fit = faiss_kmeans if kmeans == "faiss" else identifiers._kmeans
-    with mock.patch.object(identifiers, "_kmeans", fit):
-        return identifiers.make_scheme(scheme, **options).assign(keys, {}, x)
+    return identifiers.make_scheme(scheme, **options).assign(keys, {}, x)
 
 
 def tokenize_ids(assignment, text_vocab: int) -> dict[str, list[int]]:
@@ -256,7 +233,7 @@ def run_generative(method: str, n: int, x: np.ndarray, args, log) -> dict:
 
     keys = catalog_keys(n)
     started = time.perf_counter()
-    assignment = assign_ids(method, keys, x, args.kmeans)
+    assignment = assign_ids(method, keys, x)
     assign_s = time.perf_counter() - started
     new_tokens = len(assignment.new_tokens)
     tracemalloc.start()
@@ -520,7 +497,7 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
              f"warm-up; throughput: {meta['batches']} batches of {meta['batch']} queries, repeated for at least "
              f"{meta['min_seconds']} s. Vectors: {DIM}-d float32. "
              f"LM: random-weight Llama, SmolLM2-135M shape, {meta['layers']} layers, {meta['text_vocab']} text "
-             f"tokens + id tokens. Identifier k-means: {meta['kmeans']}.",
+             f"tokens + id tokens. Identifiers: the product's schemes, k-means included.",
              "", "Query text encoding is excluded for every method"
              + (f" (MiniLM alone: {enc['p50_ms']:.1f} ms p50 per query here, needed by dense search only)."
                 if "p50_ms" in enc else "."),
@@ -589,8 +566,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, help="timed batches for throughput (default 4)")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the random LM (default 2)")
     parser.add_argument("--text-vocab", type=int, default=512, help="text tokens besides the id tokens")
-    parser.add_argument("--kmeans", choices=["faiss", "sklearn"], default="faiss",
-                        help="k-means inside the identifier schemes (sklearn = the product's; slow at scale)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch and FAISS threads for every method (default 1: on a small machine shared "
                              "with other jobs, OpenMP threads on contended cores make timings erratic)")
@@ -615,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     meta = {"sizes": args.sizes, "queries": args.queries, "warmup": args.warmup, "batch": args.batch,
-            "batches": args.batches, "layers": args.layers, "text_vocab": args.text_vocab, "kmeans": args.kmeans,
+            "batches": args.batches, "layers": args.layers, "text_vocab": args.text_vocab,
             "threads": args.threads, "min_seconds": args.min_seconds,
             "faiss_blas_from_queries": BLAS_MIN_QUERIES, "machine": machine(), "k": K, "dim": DIM,
             "versions": {"torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__},

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import ClassVar, Mapping, Sequence
+from typing import ClassVar, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -104,14 +104,32 @@ def _check_embeddings(scheme: str, keys: list[str], embeddings: np.ndarray | Non
     return emb
 
 
-def _kmeans(x: np.ndarray, k: int, seed: int, n_init: int):
-    """Fit k-means quietly: duplicate rows legitimately give fewer distinct clusters than k."""
+# k-means fits on at most this many points per centroid (FAISS's default), then every point goes
+# to its nearest centroid: past it, more points barely move the centroids, and the fit's cost
+# stops growing with the catalog (sklearn on all of 100K points at k=256 took 124 s here).
+MAX_POINTS_PER_CENTROID = 256
+
+
+class Clusters(NamedTuple):
+    labels: np.ndarray  # (N,) the centroid each point is nearest to
+    centroids: np.ndarray  # (k, d)
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int, n_init: int) -> Clusters:
+    """Fit k-means quietly (duplicate rows legitimately give fewer distinct clusters than k), on
+    a seeded sample when the points outnumber k * MAX_POINTS_PER_CENTROID."""
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
+    sample = x
+    if len(x) > k * MAX_POINTS_PER_CENTROID:
+        rows = np.random.default_rng(seed).choice(len(x), k * MAX_POINTS_PER_CENTROID, replace=False)
+        sample = x[np.sort(rows)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
+        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(sample)
+    labels = km.labels_ if sample is x else km.predict(x)
+    return Clusters(labels, km.cluster_centers_)
 
 
 # --------------------------------------------------------------------------- schemes
@@ -241,7 +259,7 @@ class StructuredIds(IdentifierScheme):
                 for pos, i in enumerate(members):
                     paths[int(i)] = path + ((level, pos),)
                 continue
-            labels = _kmeans(emb[members], k, self.seed, self.n_init).labels_
+            labels = _kmeans(emb[members], k, self.seed, self.n_init).labels
             groups = [members[labels == c] for c in np.unique(labels)]
             if len(groups) < 2:
                 # All points identical (or k-means collapsed): split in key order so we progress.
@@ -294,10 +312,10 @@ class ResidualQuantizationIds(IdentifierScheme):
         residual = emb.copy()
         codebooks, codes = [], np.zeros((len(keys), self.levels), dtype=np.int64)
         for level in range(self.levels):
-            km = _kmeans(residual, size, self.seed + level, self.n_init)
-            codes[:, level] = km.labels_
-            codebooks.append(km.cluster_centers_.astype(np.float32))
-            residual = residual - codebooks[-1][km.labels_]
+            clusters = _kmeans(residual, size, self.seed + level, self.n_init)
+            codes[:, level] = clusters.labels
+            codebooks.append(clusters.centroids.astype(np.float32))
+            residual = residual - codebooks[-1][clusters.labels]
         self.codebooks, self.codes = codebooks, codes
 
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)

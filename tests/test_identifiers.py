@@ -292,6 +292,24 @@ def test_rq_codebook_clamped_to_catalog_size():
     assert len(set(a.ids.values())) == 5
 
 
+def test_kmeans_past_the_sample_cap_fits_a_sample_and_assigns_every_point(monkeypatch):
+    """A large catalog's k-means fits on a seeded sample (its cost stops growing with N), and
+    every point still goes to its nearest centroid; the schemes built on it stay valid."""
+    import genret.identifiers as identifiers
+
+    keys, captions, emb = catalog()
+    monkeypatch.setattr(identifiers, "MAX_POINTS_PER_CENTROID", 4)  # 300 points > 16 * 4
+    clusters = identifiers._kmeans(emb.astype(np.float32), 16, 0, 1)
+    assert clusters.labels.shape == (N,) and clusters.centroids.shape == (16, DIM)
+    distances = ((emb[:, None, :] - clusters.centroids[None]) ** 2).sum(-1)
+    assert (clusters.labels == distances.argmin(1)).all()
+    again = identifiers._kmeans(emb.astype(np.float32), 16, 0, 1)
+    assert (again.labels == clusters.labels).all()  # the sample is seeded
+    for scheme in (ResidualQuantizationIds(levels=2, codebook_size=16), StructuredIds(branching=4)):
+        a = scheme.assign(keys, captions, emb)
+        assert len(set(a.ids.values())) == N
+
+
 def test_atomic_ids():
     keys, _, _ = catalog()
     a = assignment("atomic")

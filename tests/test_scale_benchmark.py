@@ -101,7 +101,7 @@ def test_synthetic_catalogs_nest_and_ids_are_unique():
     assert np.allclose(np.linalg.norm(large, axis=1), 1.0, atol=1e-5)
     keys = scale.catalog_keys(300)
     for method in ("gen-structured", "gen-rq"):
-        assignment = scale.assign_ids(method, keys, scale.catalog_vectors(300), "faiss")
+        assignment = scale.assign_ids(method, keys, scale.catalog_vectors(300))
         sequences = scale.tokenize_ids(assignment, 512)
         assert len({tuple(s) for s in sequences.values()}) == len(keys)
         assert all(t >= 512 for s in sequences.values() for t in s)
