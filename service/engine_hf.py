@@ -12,10 +12,7 @@ import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-from transformers import LogitsProcessorList
-
-from genret.decoding import Hit, TransformersEngine, TrieMask
+from genret.decoding import Hit, TransformersEngine
 from genret.model_store import StoredModel
 
 from .engine import EngineError
@@ -61,8 +58,6 @@ class HFEngine:
         return self._engine
 
     async def search(self, query: str, k: int, beams: int) -> list[Hit]:
-        if max(beams, k) == 1:
-            return await self._run(_greedy_search, self.engine, query)
         [hits] = await self._run(self.engine.search, [query], k=k, beams=max(beams, k))
         return hits
 
@@ -76,20 +71,3 @@ class HFEngine:
         [text] = await self._run(self.engine.generate, [prompt], max_new_tokens=self.max_answer_tokens)
         return text
 
-
-@torch.inference_mode()
-def _greedy_search(engine: TransformersEngine, query: str) -> list[Hit]:
-    """beams=1: TransformersEngine.search runs generate() with num_beams=1, which is greedy search
-    and returns no `sequences_scores` (AttributeError). Same constrained path here, with the
-    score summed from the raw logits so it matches the beam scores' scale."""
-    inputs, width = engine.retrieval_inputs([query])
-    trie, end = engine.trie, engine.prompts.end
-    out = engine.lm.generate(
-        **inputs, max_new_tokens=trie.max_depth(), do_sample=False,
-        num_beams=1, logits_processor=LogitsProcessorList([TrieMask(trie, width)]),
-        output_logits=True, return_dict_in_generate=True, pad_token_id=end, eos_token_id=end,
-    )
-    tokens = out.sequences[0, width:].tolist()
-    score = sum(float(logits[0].float().log_softmax(-1)[t]) for logits, t in zip(out.logits, tokens))
-    key = trie.key_for(tokens[: tokens.index(end)] if end in tokens else tokens)
-    return [] if key is None else [Hit(key, score)]

@@ -65,6 +65,19 @@ def test_saved_model_reloads_with_the_same_top_k(engine):
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
 
 
+def test_the_prompt_cache_changes_no_hit_or_score(engine):
+    """Beam search over prompts computed once per query (then copied per beam) finds what it
+    finds when every beam recomputes its prompt: prompts of different lengths (left padding)
+    at a few widths of beam."""
+    recomputing = TransformersEngine(engine.stored, device="cpu", cache_prompts=False)
+    queries = ["a cat", "an astronaut in a white suit floating above the earth", "brown coffee beans in a cup"]
+    for beams in (4, 7):
+        cached, plain = engine.search(queries, k=4, beams=beams), recomputing.search(queries, k=4, beams=beams)
+        assert [[h.key for h in row] for row in cached] == [[h.key for h in row] for row in plain]
+        for a, b in zip(cached, plain):
+            assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+
+
 def test_describe_and_ask_answer_from_the_id_alone(engine, tiny_catalog):
     key = "rocket.jpg"
     description = engine.describe(key)
