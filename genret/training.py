@@ -189,6 +189,34 @@ def length_slices(batch: list[Example], slices: int, length: Callable[[Example],
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
+LOSS_EVERY = 20  # steps between the progress bar's loss readings
+
+
+def train_step(model: MultimodalLM, optimizer: torch.optim.Optimizer, batch: list[Example], pad: int,
+               features: torch.Tensor, query_table: torch.Tensor | None = None, slices: int = 1,
+               teacher: DenseTeacher | None = None, distill_weight: float = 0.0) -> torch.Tensor:
+    """One optimizer step on a batch; returns its loss still on the device (reading it would make
+    the CPU wait for the GPU, which then idles while the next batch is collated)."""
+    device = features.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _no_autocast()
+    vocabulary = model.lm.get_input_embeddings().weight.shape[0]
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.zeros((), device=device)
+    for part in length_slices(batch, slices, model.length):
+        collated = model.collate(part, pad, device)
+        soft_targets = None
+        if teacher is not None and collated["has_teacher"].any():
+            soft_targets = teacher.targets(collated["teachers"][collated["has_teacher"]], vocabulary)
+        with autocast:  # the batch's loss is the mean over its examples: each part weighs its share
+            part_loss = model.loss(collated, features, query_table, soft_targets, distill_weight)
+            part_loss = part_loss * (len(part) / len(batch))
+        part_loss.backward()
+        loss = loss + part_loss.detach()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss
+
+
 class Trainer:
     def __init__(self, catalog: Catalog, config: TrainConfig, run_dir: Path, *, image_features: np.ndarray | None = None,
                  caption_features: dict[str, np.ndarray] | None = None, progress: bool = True):
@@ -528,7 +556,7 @@ class Trainer:
             {"params": [embedding], "lr": self.config.embedding_lr},
             {"params": [*model.prefix.parameters(), *(query_prefix.parameters() if query_prefix else [])],
              "lr": self.config.prefix_lr},
-        ], weight_decay=0.0)
+        ], weight_decay=0.0, fused=self.device.type == "cuda")
         base_lrs = [g["lr"] for g in optimizer.param_groups]
 
         checkpoint = self.run_dir / "checkpoint.pt"
@@ -542,7 +570,6 @@ class Trainer:
 
         pseudo: dict[str, list[str]] = {}
         pseudo_ready = self.config.pseudo_queries == "none"  # made once, at the first retrieve epoch
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _no_autocast()
         pad = prompts.end
         model.train()
         for index, (stage, epoch) in enumerate(schedule):
@@ -561,25 +588,14 @@ class Trainer:
                 scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * max(scale, 0.05)
-                optimizer.zero_grad(set_to_none=True)
-                whole = examples[start : start + self.config.batch_size]
-                loss = 0.0
-                for part in length_slices(whole, self.config.length_slices, model.length):
-                    batch = model.collate(part, pad, self.device)
-                    soft_targets = None
-                    if teacher is not None and batch["has_teacher"].any():
-                        soft_targets = teacher.targets(batch["teachers"][batch["has_teacher"]], embedding.shape[0])
-                    with autocast:  # the batch's loss is the mean over its examples: each part weighs its share
-                        part_loss = model.loss(batch, features, query_table, soft_targets, self.config.distill_weight)
-                        part_loss = part_loss * (len(part) / len(whole))
-                    part_loss.backward()
-                    loss = loss + part_loss.detach()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
+                losses.append(train_step(model, optimizer, examples[start : start + self.config.batch_size], pad,
+                                         features, query_table, self.config.length_slices, teacher,
+                                         self.config.distill_weight))
                 step += 1
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            history.append({"stage": stage, "epoch": epoch, "loss": float(np.mean(losses)), "examples": len(examples)})
+                if step % LOSS_EVERY == 0:  # reading a loss waits for the GPU: not every step
+                    bar.set_postfix(loss=f"{torch.stack(losses[-LOSS_EVERY:]).mean().item():.3f}")
+            history.append({"stage": stage, "epoch": epoch, "loss": torch.stack(losses).mean().item(),
+                            "examples": len(examples)})
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epochs_done": index + 1,
                         "step": step, "history": history}, checkpoint)
             if time_budget_s is not None and time.monotonic() - started > time_budget_s and index + 1 < len(schedule):
