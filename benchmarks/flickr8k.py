@@ -250,7 +250,9 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
                                                     reranker=reranker, batch_size=batch_size,
                                                     rerank_weights=RERANK_WEIGHTS if beams == wide else ())
             result_path.write_text(json.dumps(result, indent=1))
-    return at_dev_weight(result)
+    result = at_dev_weight(result)
+    result_path.write_text(json.dumps(result, indent=1))  # the run's own file holds its dev-chosen weights too
+    return result
 
 
 def at_dev_weight(result: dict) -> dict:
