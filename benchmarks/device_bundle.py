@@ -97,17 +97,18 @@ def pack(sources: dict[str, Path], dest: Path, part_bytes: int) -> list[Path]:
     with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
         for name, path in sorted(sources.items()):
             tar.add(path, arcname=name, filter=lambda info: None if "__pycache__" in info.name else info)
-    parts, manifest = [], {"archive_sha256": _sha256(archive), "parts": []}
+    parts, entries, whole_digest = [], [], hashlib.sha256()
     with archive.open("rb") as whole:
         while chunk := whole.read(part_bytes):
+            whole_digest.update(chunk)
             folder = dest / f"part-{len(parts) + 1:02d}"
             folder.mkdir()
             part = folder / f"bundle.{len(parts) + 1:02d}"
             part.write_bytes(chunk)
             parts.append(folder)
-            manifest["parts"].append({"name": part.name, "bytes": len(chunk),
-                                      "sha256": hashlib.sha256(chunk).hexdigest()})
+            entries.append({"name": part.name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
     archive.unlink()
+    manifest = {"archive_sha256": whole_digest.hexdigest(), "parts": entries}
     for folder in parts:
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return parts
@@ -173,14 +174,6 @@ def unpack(parts_dir: Path, into: Path) -> Path:
                    "export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1\n")
     done.write_text(manifest["archive_sha256"])
     return env
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -55,11 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=16_000, help="a pruned vocabulary plus the atomic ids")
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from genret.model import MultimodalLM, QueryPrefix, SoftPrefix
