@@ -99,8 +99,13 @@ LEVERS = {
 RECALL_SCOPES = ("test", "catalog", "test_wide", "catalog_wide", "dev_wide", "dev_catalog_wide")
 # each reported wide scope takes its re-ranking weight from the same search over the dev queries
 DEV_SCOPE_OF = {"test_wide": "dev_wide", "catalog_wide": "dev_catalog_wide"}
-# the re-ranking weights tried on every wide beam; the report uses the one best on the dev queries
+# the re-ranking weights tried on every wide beam, each with every hubness weight; the report uses
+# the pair best on the dev queries
 RERANK_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)
+HUBNESS_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+RERANK_GRID = tuple((w, h) for w in RERANK_WEIGHTS for h in HUBNESS_WEIGHTS)
+# the dense baseline's own hubness correction: similarity - beta x hubness, beta best on the dev queries
+DENSE_HUBNESS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 DEV_QUERIES = 1000  # at most: dev queries are for choosing a weight, not for reporting
 SPOKEN_SCOPES = ("describe_captioned", "describe_uncaptioned")
 DEFAULT_RUNS = ["structured+pq", "structured", "atomic", "rq", "rq+pq", "semantic", "string", "numeric",
@@ -158,38 +163,56 @@ def build_catalog(data: Path, setting: dict, seed: int = 0) -> Protocol:
     return Protocol(catalog.without_captions_for(held_out), queries, test, dev_queries, dev)
 
 
-def dense_baseline(trainer, queries, test_keys, keys) -> dict:
-    """The two-tower's own ranking, and, as "dense on rq codes (quantized)", the same ranking
-    against each image's RQ reconstruction (its id's codebook entries summed): what scoring the
-    rq runs' ids exactly by the query's embedding gives, i.e. what the ids' quantization alone
-    costs (a generative model also learns from pseudo-queries, so it can do better over the
-    catalog)."""
+def dense_baseline(trainer, protocol: Protocol, keys) -> dict:
+    """The two-tower's own ranking; the same corrected for hubness (similarity - beta x each image's
+    hubness, beta chosen on the dev queries searched over the same scope); and, as "dense on rq
+    codes (quantized)", the plain ranking against each image's RQ reconstruction (its id's
+    codebook entries summed): what scoring the rq runs' ids exactly by the query's embedding
+    gives, i.e. what the ids' quantization alone costs (a generative model also learns from
+    pseudo-queries, so it can do better over the catalog)."""
     import torch
 
-    from genret.alignment import dense_rank
+    from genret.alignment import dense_rank, hubness
     from genret.encoders import TextEncoder
     from genret.evaluation import recall
     from genret.identifiers import make_scheme
 
     tower = trainer.align().cpu().eval()
+    encoder = TextEncoder(device="cpu")
     with torch.inference_mode():
         image_emb = tower.embed_images(torch.from_numpy(trainer.image_features())).numpy()
-        text_feats = TextEncoder(device="cpu").encode([q for q, _ in queries])
-        query_emb = tower.embed_texts(torch.from_numpy(text_feats)).numpy()
+        embed = lambda texts: tower.embed_texts(torch.from_numpy(encoder.encode(texts))).numpy()
+        query_emb, dev_emb = embed([q for q, _ in protocol.queries]), embed([q for q, _ in protocol.dev_queries])
+        texts, _ = trainer.caption_pairs()
+        bank = tower.embed_texts(torch.from_numpy(trainer.caption_features(texts))).numpy()
+    image_hubness = hubness(image_emb, bank)
     rq = make_scheme("rq", **SCHEMES["rq"]["scheme_options"])
     rq.assign(keys, {}, image_emb)
     quantized = sum(codebook[rq.codes[:, level]] for level, codebook in enumerate(rq.codebooks))
-    targets = [t for _, t in queries]
-    out = {}
-    for name, images in (("dense two-tower", image_emb), ("dense on rq codes (quantized)", quantized)):
-        out[name] = {}
-        for scope, subset in (("test", test_keys), ("catalog", keys)):
-            rows = np.array([keys.index(k) for k in subset])
-            started = time.perf_counter()
-            ranked, _ = dense_rank(query_emb, images[rows], k=10)
-            seconds = time.perf_counter() - started
-            out[name][scope] = {**recall([[subset[i] for i in r] for r in ranked], targets),
-                                "candidates": len(subset), "seconds_per_query": seconds / len(queries)}
+
+    def search(images, queries, emb, subset, beta=0.0) -> dict:
+        rows = np.array([keys.index(k) for k in subset])
+        started = time.perf_counter()
+        if beta:  # every similarity is needed before the correction can rank them
+            scores = emb @ images[rows].T - beta * image_hubness[rows]
+            ranked = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+        else:
+            ranked, _ = dense_rank(emb, images[rows], k=10)
+        seconds = time.perf_counter() - started
+        return {**recall([[subset[i] for i in r] for r in ranked], [t for _, t in queries]),
+                "candidates": len(subset), "seconds_per_query": seconds / len(queries)}
+
+    def best_beta(subset) -> float:
+        dev = {b: search(image_emb, protocol.dev_queries, dev_emb, subset, b) for b in DENSE_HUBNESS}
+        return max(DENSE_HUBNESS, key=lambda b: (dev[b]["R@10"], dev[b]["R@5"], dev[b]["R@1"], -b))
+
+    out = {"dense two-tower": {}, "dense two-tower, hubness-corrected": {}, "dense on rq codes (quantized)": {}}
+    for scope, subset, dev_subset in (("test", protocol.test_keys, protocol.dev_keys), ("catalog", keys, keys)):
+        out["dense two-tower"][scope] = search(image_emb, protocol.queries, query_emb, subset)
+        beta = best_beta(dev_subset)
+        out["dense two-tower, hubness-corrected"][scope] = {
+            **search(image_emb, protocol.queries, query_emb, subset, beta), "hubness_beta": beta}
+        out["dense on rq codes (quantized)"][scope] = search(quantized, protocol.queries, query_emb, subset)
     return out
 
 
@@ -248,7 +271,7 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
                 scope_queries, candidates, beams, batch_size = scopes[scope]
                 result[scope] = evaluate_generative(engine, scope_queries, candidates=candidates, beams=beams,
                                                     reranker=reranker, batch_size=batch_size,
-                                                    rerank_weights=RERANK_WEIGHTS if beams == wide else ())
+                                                    rerank_grid=RERANK_GRID if beams == wide else ())
             result_path.write_text(json.dumps(result, indent=1))
     result = at_dev_weight(result)
     result_path.write_text(json.dumps(result, indent=1))  # the run's own file holds its dev-chosen weights too
@@ -256,15 +279,20 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
 
 
 def at_dev_weight(result: dict) -> dict:
-    """Each wide scope re-ranked at the weight whose recall on the dev queries, searched the same
-    way, is best (R@10, then R@5, then R@1; the smaller weight on a tie), as "reranked_dev"."""
+    """Each wide scope re-ranked at the (weight, hubness weight) whose recall on the dev queries,
+    searched the same way, is best (R@10, then R@5, then R@1; the smaller weights on a tie), as
+    "reranked_dev"."""
     for scope, dev_scope in DEV_SCOPE_OF.items():
         by_weight = result.get(dev_scope, {}).get("reranked_by_weight")
         if not by_weight or "reranked_by_weight" not in result.get(scope, {}):
             continue
-        weight = max(by_weight, key=lambda w: (by_weight[w]["R@10"], by_weight[w]["R@5"], by_weight[w]["R@1"], -float(w)))
+        pair = lambda key: tuple(float(w) for w in key.split(","))
+        best = max(by_weight, key=lambda k: (by_weight[k]["R@10"], by_weight[k]["R@5"], by_weight[k]["R@1"],
+                                             tuple(-w for w in pair(k))))
+        weight, hubness_weight = pair(best)
         for s in (scope, dev_scope):
-            result[s]["reranked_dev"] = {"weight": float(weight), **result[s]["reranked_by_weight"][weight]}
+            result[s]["reranked_dev"] = {"weight": weight, "hubness_weight": hubness_weight,
+                                         **result[s]["reranked_by_weight"][best]}
     return result
 
 
@@ -274,7 +302,7 @@ def over_seeds(runs: list[dict]) -> dict:
     if len(runs) == 1:
         return runs[0]
     row = {"seeds": [r.get("seed", 0) for r in runs], "spread": {}}
-    row["dev_weights"] = {scope: [r[scope]["reranked_dev"]["weight"] for r in runs] for scope in DEV_SCOPE_OF
+    row["dev_weights"] = {scope: [_weights_of(r[scope]["reranked_dev"]) for r in runs] for scope in DEV_SCOPE_OF
                           if all("reranked_dev" in r.get(scope, {}) for r in runs)}
     for scope in [s for s in (*RECALL_SCOPES, *SPOKEN_SCOPES) if all(s in r for r in runs)]:
         row[scope], row["spread"][scope] = {}, {}
@@ -304,10 +332,18 @@ def _label(name: str, row: dict) -> str:
     return name + (f" ({len(row['seeds'])} seeds)" if "seeds" in row else "")
 
 
+def _weights_of(reranked_dev: dict) -> list[float]:
+    return [reranked_dev["weight"], reranked_dev.get("hubness_weight", 0.0)]
+
+
 def _dev_weights(row: dict, scope: str) -> str:
-    """The re-ranking weight (one per seed) the dev queries chose for a scope."""
-    weights = row.get("dev_weights", {}).get(scope) or [row.get(scope, {}).get("reranked_dev", {}).get("weight")]
-    return " / ".join(f"{w:g}" for w in weights if w is not None)
+    """The re-ranking weights "w, h" (one pair per seed) the dev queries chose for a scope; for
+    the dense baseline's hubness correction, its beta."""
+    if "hubness_beta" in row.get(scope.removesuffix("_wide"), {}):
+        return f"β {row[scope.removesuffix('_wide')]['hubness_beta']:g}"
+    chosen = row.get(scope, {}).get("reranked_dev")
+    pairs = row.get("dev_weights", {}).get(scope) or ([_weights_of(chosen)] if chosen else [])
+    return " / ".join(f"{w:g}, {h:g}" for w, h in pairs)
 
 
 def write_report(out: Path, results: dict, meta: dict) -> None:
@@ -317,11 +353,14 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
              f"{meta['queries']} test queries over {meta['test_images']} test images, {meta['dev_queries']} dev "
              f"queries over {meta['dev_images']} dev images; beams {meta['beams']}; machine: {meta['machine']}", "",
              f"Re-ranked: a beam of {meta['wide_beams']}, each hit's score (its log-probability) plus w × the "
-             "two-tower's query-image similarity, w the weight best on the dev queries (of "
-             f"{', '.join(f'{w:g}' for w in RERANK_WEIGHTS)}; one per seed), searching the dev images for the "
-             "test scope and the whole catalog for the catalog scope.", "",
+             "two-tower's query-image similarity minus h × the image's hubness (its mean similarity to its "
+             "5 nearest training captions), w and h the pair best on the dev queries (w of "
+             f"{', '.join(f'{w:g}' for w in RERANK_WEIGHTS)}; h of {', '.join(f'{w:g}' for w in HUBNESS_WEIGHTS)}; "
+             "one pair per seed), searching the dev images for the test scope and the whole catalog for the "
+             "catalog scope. The dense baseline's hubness correction ranks by similarity - β × hubness, β "
+             f"(of {', '.join(f'{b:g}' for b in DENSE_HUBNESS)}) chosen on the dev queries the same way.", "",
              "| approach | test R@1 | test R@5 | test R@10 | catalog R@1 | catalog R@5 | catalog R@10 | "
-             "test R@1/5/10, re-ranked | catalog R@1/5/10, re-ranked | w (dev): test; catalog | "
+             "test R@1/5/10, re-ranked | catalog R@1/5/10, re-ranked | w, h (dev): test; catalog | "
              "s/query (test, catalog wide) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -380,6 +419,9 @@ def main() -> int:
     parser.add_argument("--image-features-only", action="store_true",
                         help="compute the catalog's image features into <out>/shared/prepared and stop: what a GPU "
                              "machine without the images needs carried to it (the runs never read pixels again)")
+    parser.add_argument("--baseline-only", action="store_true",
+                        help="train the two-tower, report the dense baseline and stop (no LM is trained; at full "
+                             "size this runs on a CPU in minutes)")
     args = parser.parse_args()
     if not (args.data / "captions.csv").exists():
         print(f"flickr8k: no data at {args.data} (set GENRET_FLICKR8K)", file=sys.stderr)
@@ -416,8 +458,8 @@ def main() -> int:
 
     results = {}
     dense_path = out / "dense.json"
-    if "dense on rq codes (quantized)" not in json.loads(dense_path.read_text() if dense_path.exists() else "{}"):
-        dense_path.write_text(json.dumps(dense_baseline(base, queries, test_keys, keys), indent=1))
+    if "dense two-tower, hubness-corrected" not in json.loads(dense_path.read_text() if dense_path.exists() else "{}"):
+        dense_path.write_text(json.dumps(dense_baseline(base, protocol, keys), indent=1))
     results.update(json.loads(dense_path.read_text()))
     meta = {"setting": args.setting, "catalog_images": len(catalog), "test_images": len(test_keys),
             "dev_images": len(protocol.dev_keys), "dev_queries": len(protocol.dev_queries),
@@ -425,7 +467,7 @@ def main() -> int:
             "wide_beams": setting["wide_beams"],
             "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores",
             "command": "python benchmarks/flickr8k.py " + " ".join(sys.argv[1:])}
-    for name in args.schemes:
+    for name in [] if args.baseline_only else args.schemes:
         results[name] = over_seeds([run_scheme(name, protocol, setting, out, base.prepared, seed)
                                     for seed in range(args.seeds)])
         write_report(out, results, meta)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -25,13 +26,17 @@ __all__ = [
     "TwoTower",
     "QueryEncoder",
     "train_two_tower",
+    "validated_epochs",
     "save_two_tower",
     "load_two_tower",
     "image_embeddings",
     "text_embeddings",
     "dense_rank",
+    "hubness",
     "recall_at_k",
 ]
+
+HUBNESS_NEIGHBORS = 5  # a captioned image's own captions (five in Flickr8k and COCO)
 
 
 class Head(nn.Module):
@@ -101,8 +106,10 @@ def train_two_tower(
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
+    after_epoch: Callable[[TwoTower], bool] | None = None,
 ) -> TwoTower:
-    """Train on caption i paired with image row text_image_index[i]; an epoch visits every caption once."""
+    """Train on caption i paired with image row text_image_index[i]; an epoch visits every caption once.
+    `after_epoch(model)` runs after each epoch (in eval mode); returning False stops training."""
     if len(text_feats) != len(text_image_index):
         raise ValueError(f"{len(text_feats)} text rows but {len(text_image_index)} text->image indices")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,7 +152,53 @@ def train_two_tower(
             sched.step()
             total, count = total + loss.item(), count + 1
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}", scale=f"{model.scale().item():.1f}")
+        if after_epoch is not None:
+            keep_going = after_epoch(model.eval())
+            model.train()
+            if keep_going is False:
+                break
     return model.eval()
+
+
+def validated_epochs(
+    image_feats: np.ndarray,
+    text_feats: np.ndarray,
+    text_image_index: np.ndarray,
+    *,
+    max_epochs: int,
+    held_out_share: float = 0.1,
+    patience: int = 3,
+    min_held_out: int = 10,
+    seed: int = 0,
+    **train_options,
+) -> dict | None:
+    """How many epochs the two-tower should train: the count at which the captions of held-out
+    images (a seeded `held_out_share` of the captioned ones) best find their image among all
+    images, by mean R@1/5/10; training stops `patience` epochs after the best.
+
+    The heads fit their training captions in a few epochs and then pull those images towards
+    every query (trained on Flickr8k's train split, the test captions' R@10 over the test images
+    was 0.63 after 3 epochs and 0.49 after 40). None when the share comes to fewer than
+    `min_held_out` images: too few to choose by (a small catalog's queries are its own captions)."""
+    captioned = np.unique(text_image_index)
+    held_count = round(held_out_share * len(captioned))
+    if held_count < max(1, min_held_out) or held_count >= len(captioned):
+        return None
+    held = np.random.default_rng(seed).choice(captioned, size=held_count, replace=False)
+    is_held = np.isin(text_image_index, held)
+    scores: list[float] = []
+
+    def measure(model: TwoTower) -> bool:
+        images = image_embeddings(model, image_feats)
+        queries = text_embeddings(model, text_feats[is_held])
+        ranked, _ = dense_rank(queries, images, k=10)
+        scores.append(float(np.mean(list(recall_at_k(ranked, text_image_index[is_held]).values()))))
+        return len(scores) - 1 - int(np.argmax(scores)) < patience
+
+    train_two_tower(image_feats, text_feats[~is_held], text_image_index[~is_held], epochs=max_epochs, seed=seed,
+                    after_epoch=measure, **train_options)
+    return {"epochs": int(np.argmax(scores)) + 1, "held_out_images": held_count,
+            "held_out_mean_recall": [round(x, 4) for x in scores]}
 
 
 @torch.inference_mode()
@@ -215,6 +268,25 @@ def dense_rank(
         idx.append(top.indices.numpy())
         scores.append(top.values.numpy())
     return np.concatenate(idx), np.concatenate(scores)
+
+
+@torch.inference_mode()
+def hubness(image_emb: np.ndarray, query_bank: np.ndarray, neighbors: int = HUBNESS_NEIGHBORS,
+            batch_size: int = 1024) -> np.ndarray:
+    """Each image's mean similarity to its `neighbors` nearest training queries (CSLS, QB-Norm).
+
+    The two-tower is fit to the captioned images, so they sit close to many queries and outrank
+    uncaptioned images for queries that are not theirs. Subtracting a multiple of this evens
+    that out."""
+    bank = torch.as_tensor(np.asarray(query_bank), dtype=torch.float32)
+    k = min(neighbors, len(bank))
+    out = np.zeros(len(image_emb), np.float32)
+    if k == 0:
+        return out
+    for start in range(0, len(image_emb), batch_size):
+        images = torch.as_tensor(np.asarray(image_emb[start : start + batch_size]), dtype=torch.float32)
+        out[start : start + len(images)] = (images @ bank.T).topk(k, dim=1).values.mean(1).numpy()
+    return out
 
 
 def recall_at_k(ranked_indices: np.ndarray, targets: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:

@@ -128,10 +128,14 @@ def cmd_evaluate(args) -> None:
     engine = TransformersEngine(stored, device=args.device)
     candidates = read_split(args.candidates) if args.candidates else None
     check_candidates(stored.trie(candidates), queries)
-    rerank = args.rerank or bool(args.rerank_weights)
-    reranker = EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device) if rerank else None
+    grid = []  # every (weight, hubness weight) pair asked for, from the same beams
+    if args.rerank_weights or args.hubness_weights:
+        grid = [(w, h) for w in args.rerank_weights or [args.rerank_weight]
+                for h in args.hubness_weights or [args.hubness_weight]]
+    reranker = (EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device,
+                                  hubness_weight=args.hubness_weight) if args.rerank or grid else None)
     result = evaluate_generative(engine, queries, candidates=candidates, beams=args.beams, reranker=reranker,
-                                 rerank_weights=args.rerank_weights or ())
+                                 rerank_grid=grid)
     result["model"] = stored.manifest["name"]
     print(json.dumps(result, indent=1))
     if args.out:
@@ -145,7 +149,8 @@ def cmd_search(args) -> None:
     engine = TransformersEngine(stored, device=args.device)
     hits = engine.search([args.query], k=args.k, beams=args.beams)
     if args.rerank:
-        hits = EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device)([args.query], hits)
+        hits = EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device,
+                                 hubness_weight=args.hubness_weight)([args.query], hits)
     for hit in hits[0]:
         print(f"{hit.score:9.3f}  {hit.key}  {stored.identifiers.ids[hit.key]}")
 
@@ -229,9 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerank", action="store_true", help="also report re-ranking with the two-tower")
     p.add_argument("--rerank-weight", type=rerank_weight, default=10.0, metavar="W",
                    help="re-ranked score: log-probability + W x query-image similarity (default 10)")
+    p.add_argument("--hubness-weight", type=rerank_weight, default=0.0, metavar="H",
+                   help="re-ranked score also minus H x the image's hubness (default 0; see genret.alignment.hubness)")
     p.add_argument("--rerank-weights", type=rerank_weight, nargs="+", metavar="W",
                    help="also report recall re-ranked at each of these weights, from the same beams "
                         "(choose the weight on held-out queries, not on the ones you report)")
+    p.add_argument("--hubness-weights", type=rerank_weight, nargs="+", metavar="H",
+                   help="also report recall at each of these hubness weights (with --rerank-weights, every pair)")
     p.add_argument("--limit", type=int)
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--device")
@@ -245,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerank", action="store_true", help="re-rank the beam with the two-tower")
     p.add_argument("--rerank-weight", type=rerank_weight, default=10.0, metavar="W",
                    help="re-ranked score: log-probability + W x query-image similarity (default 10)")
+    p.add_argument("--hubness-weight", type=rerank_weight, default=0.0, metavar="H",
+                   help="re-ranked score also minus H x the image's hubness (default 0)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_search)
 

@@ -159,17 +159,25 @@ def _until_end(sequence: list[int], end: int) -> list[int]:
 
 
 class EmbeddingReranker:
-    """GENIUS's re-ranking: add `weight` times the two-tower's query-image similarity to each
-    beam's score (a log-probability). The weight trades the two; tune it on held-out queries."""
+    """GENIUS's re-ranking: each beam's score (a log-probability) plus `weight` times the
+    two-tower's query-image similarity, minus `hubness_weight` times the image's hubness.
 
-    def __init__(self, stored: StoredModel, weight: float = 10.0, device: str = "cpu"):
+    Both the two-tower and the LM reading its space favour the captioned images they were fit
+    to; the hubness term (genret.alignment.hubness) takes that back. Tune both weights on
+    held-out queries searched the way the service searches (its whole catalog)."""
+
+    def __init__(self, stored: StoredModel, weight: float = 10.0, device: str = "cpu", hubness_weight: float = 0.0):
         if not stored.can_rerank:
             raise ModelStoreError(f"{stored.path} cannot re-rank: it lacks alignment.safetensors or "
                                   "image_embeddings.npy (the two-tower and the images' embeddings)")
         self.encode = stored.load_query_encoder(device)
         self.row = {k: i for i, k in enumerate(stored.catalog.keys())}
         self.image_embeddings = stored.image_embeddings()
-        self.weight, self.device = weight, device
+        self.image_hubness = stored.image_hubness()
+        if hubness_weight > 0 and self.image_hubness is None:
+            raise ModelStoreError(f"{stored.path} lacks image_hubness.npy (models trained before it existed): "
+                                  "retrain it to re-rank with a hubness weight")
+        self.weight, self.hubness_weight, self.device = weight, hubness_weight, device
 
     @torch.inference_mode()
     def similarities(self, queries: list[str], hits: list[list[Hit]]) -> list[list[float]]:
@@ -177,11 +185,22 @@ class EmbeddingReranker:
         return [[float(self.image_embeddings[self.row[h.key]] @ q) for h in candidates]
                 for q, candidates in zip(query_emb, hits)]
 
+    def hubness(self, hits: list[list[Hit]]) -> list[list[float]] | None:
+        if self.image_hubness is None:
+            return None
+        return [[float(self.image_hubness[self.row[h.key]]) for h in candidates] for candidates in hits]
+
     def __call__(self, queries: list[str], hits: list[list[Hit]]) -> list[list[Hit]]:
-        return reranked(hits, self.similarities(queries, hits), self.weight)
+        return reranked(hits, self.similarities(queries, hits), self.weight, self.hubness(hits), self.hubness_weight)
 
 
-def reranked(hits: list[list[Hit]], similarities: list[list[float]], weight: float) -> list[list[Hit]]:
-    """Each query's hits re-scored as score + weight * similarity, best first."""
-    return [sorted((Hit(h.key, h.score + weight * s) for h, s in zip(row, sims)), key=lambda h: -h.score)
-            for row, sims in zip(hits, similarities)]
+def reranked(hits: list[list[Hit]], similarities: list[list[float]], weight: float,
+             hubness: list[list[float]] | None = None, hubness_weight: float = 0.0) -> list[list[Hit]]:
+    """Each query's hits re-scored as score + weight * similarity - hubness_weight * hubness, best first."""
+    if hubness is None:
+        if hubness_weight:
+            raise ValueError("a hubness weight needs the hits' hubness")
+        hubness = [[0.0] * len(row) for row in hits]
+    return [sorted((Hit(h.key, h.score + weight * s - hubness_weight * u) for h, s, u in zip(row, sims, hubs)),
+                   key=lambda h: -h.score)
+            for row, sims, hubs in zip(hits, similarities, hubness)]

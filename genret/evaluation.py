@@ -6,9 +6,11 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .decoding import EmbeddingReranker, Hit, TransformersEngine, reranked
+from .model_store import ModelStoreError
 from .trie import IdTrie
 
 KS = (1, 5, 10)
@@ -28,14 +30,16 @@ def evaluate_generative(
     k: int = 10,
     batch_size: int = 16,
     reranker: EmbeddingReranker | None = None,
-    rerank_weights: Sequence[float] = (),
+    rerank_grid: Sequence[tuple[float, float]] = (),
     progress: bool = True,
 ) -> dict:
     """R@K of (query text, relevant image key) pairs, searching `candidates` (default: all ids).
-    With a reranker, also R@K re-ranked at its weight ("reranked") and at each of
-    `rerank_weights` ("reranked_by_weight"), all from the same beams."""
+    With a reranker, also R@K re-ranked at its weights ("reranked") and at each (weight,
+    hubness weight) of `rerank_grid` ("reranked_by_weight", keyed "w,h"), all from the same beams."""
     trie = engine.trie if candidates is None else engine.stored.trie(candidates)
-    hits, similarities = [], []
+    if reranker is not None and reranker.image_hubness is None and any(h for _, h in rerank_grid):
+        raise ModelStoreError(f"{engine.stored.path} lacks image_hubness.npy: its grid cannot try hubness weights")
+    hits, similarities, hubness = [], [], []
     started = time.perf_counter()
     for start in tqdm(range(0, len(queries), batch_size), desc="queries", disable=not progress):
         texts = [q for q, _ in queries[start : start + batch_size]]
@@ -43,6 +47,7 @@ def evaluate_generative(
         hits += batch
         if reranker is not None:
             similarities += reranker.similarities(texts, batch)
+            hubness += reranker.hubness(batch) or [[0.0] * len(row) for row in batch]
     seconds = time.perf_counter() - started
     targets = [t for _, t in queries]
 
@@ -52,10 +57,31 @@ def evaluate_generative(
     result = {"queries": len(queries), "candidates": len(trie), "beams": beams,
               "seconds_per_query": seconds / max(1, len(queries)), **recall_of(hits)}
     if reranker is not None:
-        result["reranked"] = {"weight": reranker.weight, **recall_of(reranked(hits, similarities, reranker.weight))}
-        if rerank_weights:
-            result["reranked_by_weight"] = {str(w): recall_of(reranked(hits, similarities, w)) for w in rerank_weights}
+        weights = {"weight": reranker.weight, "hubness_weight": reranker.hubness_weight}
+        result["reranked"] = {**weights, **recall_of(reranked(hits, similarities, reranker.weight, hubness,
+                                                              reranker.hubness_weight))}
+        if rerank_grid:
+            result["reranked_by_weight"] = recall_over_grid(hits, similarities, hubness, targets, rerank_grid)
     return result
+
+
+def recall_over_grid(hits: list[list[Hit]], similarities: list[list[float]], hubness: list[list[float]],
+                     targets: Sequence[str], grid: Sequence[tuple[float, float]]) -> dict[str, dict[str, float]]:
+    """R@K re-ranked at every (weight, hubness weight) of `grid`, keyed "w,h": `reranked` for many
+    weights at once (a full-size dev search tries about a hundred)."""
+    width = max((len(row) for row in hits), default=0)
+    padded = lambda rows, fill: np.array([list(r) + [fill] * (width - len(r)) for r in rows], dtype=np.float64)
+    scores = padded([[h.score for h in row] for row in hits], -np.inf)
+    sims, hubs = padded(similarities, 0.0), padded(hubness, 0.0)
+    is_target = np.array([[h.key == t for h in row] + [False] * (width - len(row)) for row, t in zip(hits, targets)])
+    out = {}
+    for weight, hubness_weight in grid:
+        fused = scores + weight * sims - hubness_weight * hubs
+        order = np.argsort(-fused, axis=1, kind="stable")
+        found = np.take_along_axis(is_target, order, axis=1)
+        out[f"{weight:g},{hubness_weight:g}"] = {f"R@{k}": float(found[:, :k].any(axis=1).mean()) if len(hits) else 0.0
+                                                for k in KS}
+    return out
 
 
 def word_f1(text: str, references: Sequence[str]) -> float:

@@ -9,6 +9,8 @@
     catalog.json           key -> image path (relative to the manifest's images_root) and captions
     alignment.safetensors  two-tower heads (query/image embeddings for re-ranking beams)
     image_embeddings.npy   aligned image embeddings, row order = identifiers order
+    image_hubness.npy      each image's mean similarity to its nearest training captions, same order
+                           (re-ranking subtracts a multiple: see genret.alignment.hubness)
 
 A model is written into a hidden staging folder and renamed into place, so a crash never
 leaves a half-written model and a re-train replaces the old one in one step.
@@ -59,6 +61,7 @@ def save_model(
     id_tokens: dict[str, list[int]],
     two_tower=None,
     image_embeddings: np.ndarray | None = None,
+    image_hubness: np.ndarray | None = None,
     manifest: dict,
 ) -> Path:
     from .alignment import save_two_tower
@@ -79,6 +82,8 @@ def save_model(
             save_two_tower(two_tower, staging / "alignment.safetensors")
         if image_embeddings is not None:
             np.save(staging / "image_embeddings.npy", image_embeddings.astype(np.float32))
+        if image_hubness is not None:
+            np.save(staging / "image_hubness.npy", image_hubness.astype(np.float32))
         full_manifest = {
             "format_version": FORMAT_VERSION,
             "name": dest.name,
@@ -225,4 +230,8 @@ class StoredModel:
 
     def image_embeddings(self) -> np.ndarray | None:
         path = self.path / "image_embeddings.npy"
+        return np.load(path) if path.exists() else None
+
+    def image_hubness(self) -> np.ndarray | None:
+        path = self.path / "image_hubness.npy"
         return np.load(path) if path.exists() else None

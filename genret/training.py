@@ -29,12 +29,13 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 
+from .alignment import hubness, load_two_tower, save_two_tower, train_two_tower, validated_epochs
 from .catalog import Catalog
 from .distillation import DenseTeacher
 from .identifiers import SCHEMES, STOP_WORDS, IdentifierAssignment, make_scheme
 from .language_model import add_tokens, keep_first_layers, load_base, prune_vocabulary
 from .model import Example, MultimodalLM, QueryPrefix, SoftPrefix
-from .model_store import save_model
+from .model_store import save_model, write_json
 from .prompts import PROMPT_TEXTS, Prompts, normalize_caption
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,12 @@ class TrainConfig(BaseModel):
         "retrieve examples of real captions blend this share of the two-tower's distribution over the "
         "catalog into their first id token's target (genret.distillation), so the LM also learns which "
         "other images, uncaptioned ones included, fit the caption"))
-    align_epochs: int = 30
+    align_epochs: int = Field(30, ge=1, description=(
+        "the two-tower's epochs; with align_validation, the most it may train"))
+    align_validation: float = Field(0.1, ge=0.0, lt=1.0, description=(
+        "this share of the captioned images has its captions held out of a first two-tower run, which "
+        "picks the epoch count at which they are best retrieved (genret.alignment.validated_epochs); the "
+        "two-tower then trains on every caption for that many. 0, or a share under 10 images: align_epochs"))
     align_dim: int = 256
     memorize_epochs: int = 4
     retrieve_epochs: int = 8
@@ -269,19 +275,27 @@ class Trainer:
 
     def align(self):
         """Two-tower on the catalog's own captions: the aligned space the semantic ids need."""
-        from .alignment import load_two_tower, save_two_tower, train_two_tower
-
         path = self.prepared / "alignment.safetensors"
         if path.exists():
             return load_two_tower(path)
         texts, rows = self.caption_pairs()
         if not texts:
             raise ValueError("the catalog has no captions: nothing to learn retrieval from")
-        tower = train_two_tower(self.image_features(), self.caption_features(texts), rows,
-                                dim=self.config.align_dim, epochs=self.config.align_epochs,
-                                seed=self.config.seed, device=str(self.device), progress=self.progress)
+        options = dict(dim=self.config.align_dim, seed=self.config.seed, device=str(self.device),
+                       progress=self.progress)
+        image_feats, text_feats = self.image_features(), self.caption_features(texts)
+        chosen = validated_epochs(image_feats, text_feats, rows, max_epochs=self.config.align_epochs,
+                                  held_out_share=self.config.align_validation, **options)
+        epochs = chosen["epochs"] if chosen else self.config.align_epochs
+        tower = train_two_tower(image_feats, text_feats, rows, epochs=epochs, **options)
+        write_json(self.prepared / "alignment.json", {"epochs": epochs, "validation": chosen})
         save_two_tower(tower, path)
         return tower
+
+    def alignment_record(self) -> dict | None:
+        """How the two-tower's epochs were chosen (None for a tower trained before this was recorded)."""
+        path = self.prepared / "alignment.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     def aligned_image_embeddings(self, tower) -> np.ndarray:
         with torch.inference_mode():
@@ -523,9 +537,8 @@ class Trainer:
         if self.config.id_embeddings == "aligned":
             self.align_id_embeddings(lm, ids, set(new_tokens), embeddings)
         prefix = SoftPrefix(self.image_features().shape[1], lm.config.hidden_size, self.config.visual_tokens)
-        captions, _ = self.caption_pairs()  # the query prefix's text mean and the teacher's texts
-        caption_embeddings = (self.aligned_text_embeddings(tower, captions)
-                              if self.config.query_tokens or self.config.distill_weight else None)
+        captions, _ = self.caption_pairs()  # the query prefix's text mean, the teacher's texts, the hubness bank
+        caption_embeddings = self.aligned_text_embeddings(tower, captions)
         query_prefix = None
         if self.config.query_tokens:
             query_prefix = QueryPrefix(embeddings.shape[1], lm.config.hidden_size, self.config.query_tokens,
@@ -610,12 +623,13 @@ class Trainer:
             "history": history,
             "uncaptioned_images": sum(1 for k in self.keys if not self.captions.get(k)),
             "pseudo_queries": {"mode": self.config.pseudo_queries, "images": len(pseudo)},
+            "alignment": self.alignment_record(),
             "versions": _versions(),
         }
         return save_model(dest, lm=model.lm, tokenizer=tokenizer, prefix=model.prefix, query_prefix=query_prefix,
                           catalog=self.catalog,
                           identifiers=identifiers, id_tokens=ids, two_tower=tower.cpu(), image_embeddings=embeddings,
-                          manifest=manifest)
+                          image_hubness=hubness(embeddings, caption_embeddings), manifest=manifest)
 
 
 class _no_autocast:

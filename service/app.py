@@ -31,7 +31,8 @@ class SearchHit(BaseModel):
     image_id: str
     url: str
     score: float = Field(description="the id's log-probability given the query (higher is better); with "
-                               "re-ranking on, plus GENRET_RERANK_WEIGHT x the query-image similarity")
+                               "re-ranking on, plus GENRET_RERANK_WEIGHT x the query-image similarity, minus "
+                               "GENRET_HUBNESS_WEIGHT x the image's hubness")
     caption: str | None = None
 
 
@@ -75,15 +76,20 @@ class Services:
         self.engine_ready = False
         self.load_error: str | None = None
         self.reranker: EmbeddingReranker | None = None
-        if settings.rerank_weight > 0 and not self.stored.can_rerank:
-            raise ModelStoreError(f"{self.stored.path}: GENRET_RERANK_WEIGHT={settings.rerank_weight:g} needs the "
-                                  "model's alignment.safetensors and image_embeddings.npy, which it lacks")
+        if settings.reranks and not self.stored.can_rerank:
+            raise ModelStoreError(f"{self.stored.path}: re-ranking (GENRET_RERANK_WEIGHT={settings.rerank_weight:g}, "
+                                  f"GENRET_HUBNESS_WEIGHT={settings.hubness_weight:g}) needs the model's "
+                                  "alignment.safetensors and image_embeddings.npy, which it lacks")
+        if settings.hubness_weight > 0 and self.stored.image_hubness() is None:
+            raise ModelStoreError(f"{self.stored.path}: GENRET_HUBNESS_WEIGHT={settings.hubness_weight:g} needs the "
+                                  "model's image_hubness.npy, which models trained before it lack: retrain it")
 
     async def load(self) -> None:
         try:
             t = time.perf_counter()
-            if self.settings.rerank_weight > 0:
-                self.reranker = await asyncio.to_thread(EmbeddingReranker, self.stored, self.settings.rerank_weight)
+            if self.settings.reranks:
+                self.reranker = await asyncio.to_thread(EmbeddingReranker, self.stored, self.settings.rerank_weight,
+                                                        hubness_weight=self.settings.hubness_weight)
             await self.engine.start()
             await self.engine.search("warm up", 1, 1)  # the slow first request (allocations) is not a user's
             self.engine_ready = True
@@ -182,7 +188,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
     async def search(body: SearchRequest) -> SearchResponse:
         """Top-k catalog images for a text query, by the model's trie-constrained beam search (with
-        GENRET_RERANK_WEIGHT > 0, a wider beam re-ranked by the two-tower)."""
+        GENRET_RERANK_WEIGHT or GENRET_HUBNESS_WEIGHT > 0, a wider beam re-ranked by the two-tower)."""
         engine = services.require_engine()
 
         async def run():

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     rerank_weight: float = Field(0.0, ge=0, description="0 = off; else a search reads a beam of rerank_beams, "
                                  "scores each hit log-probability + this x the two-tower's query-image similarity "
                                  "(GENIUS's re-ranking), and keeps the top k")
+    hubness_weight: float = Field(0.0, ge=0, description="0 = off; else re-ranking also subtracts this x each image's "
+                                  "hubness (how close the two-tower put it to the training captions), so images "
+                                  "that were never captioned are not outranked by ones that were")
     rerank_beams: int = Field(50, ge=1, description="the beam width a re-ranked search reads")
     max_query_chars: int = Field(1000, ge=1)
     max_answer_tokens: int = Field(48, ge=1, le=1024)
@@ -67,6 +70,11 @@ class Settings(BaseSettings):
             self.default_k = self.max_k
         self.public_url = self.public_url.rstrip("/")
         return self
+
+    @property
+    def reranks(self) -> bool:
+        """Whether a search reads a wider beam and re-scores it (either weight on)."""
+        return self.rerank_weight > 0 or self.hubness_weight > 0
 
     @property
     def model_path(self) -> Path:

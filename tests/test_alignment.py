@@ -10,12 +10,14 @@ from PIL import Image, ImageDraw
 
 from genret.alignment import (
     dense_rank,
+    hubness,
     image_embeddings,
     load_two_tower,
     recall_at_k,
     save_two_tower,
     text_embeddings,
     train_two_tower,
+    validated_epochs,
 )
 from genret.encoders import ImageEncoder, TextEncoder, cached_features
 
@@ -95,6 +97,30 @@ def test_two_tower_save_load_round_trip(synthetic, tmp_path):
     assert loaded.config == model.config
     np.testing.assert_array_equal(image_embeddings(loaded, images), image_embeddings(model, images))
     np.testing.assert_array_equal(text_embeddings(loaded, queries), text_embeddings(model, queries))
+
+
+def test_validated_epochs_stop_after_the_held_out_captions_stop_improving():
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(60, 32)).astype(np.float32)
+    owner = np.repeat(np.arange(60), 2)
+    texts = (images @ rng.normal(size=(32, 24)))[owner] + 3.0 * rng.normal(size=(120, 24))  # noisy: overfits
+    texts = (texts / np.linalg.norm(texts, axis=1, keepdims=True)).astype(np.float32)
+    options = dict(dim=16, hidden=64, batch_size=32, device="cpu", progress=False)
+    chosen = validated_epochs(images, texts, owner, max_epochs=40, held_out_share=0.2, patience=2, **options)
+    assert chosen["held_out_images"] == 12
+    scores = chosen["held_out_mean_recall"]
+    assert chosen["epochs"] == int(np.argmax(scores)) + 1
+    assert len(scores) == chosen["epochs"] + 2 or len(scores) == 40  # stopped two epochs past the best
+    assert validated_epochs(images, texts, owner, max_epochs=40, held_out_share=0.1, **options) is None  # 6 images
+
+
+def test_hubness_is_the_mean_similarity_to_the_nearest_queries():
+    bank = np.eye(4, dtype=np.float32)[[0, 0, 0, 1, 2]]  # three queries on axis 0, one each on 1 and 2
+    images = np.eye(4, dtype=np.float32)[[0, 1, 3]]
+    np.testing.assert_allclose(hubness(images, bank, neighbors=2), [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(hubness(images, bank, neighbors=3, batch_size=2), [1.0, 1 / 3, 0.0])
+    np.testing.assert_allclose(hubness(images, bank, neighbors=50), [3 / 5, 1 / 5, 0.0])  # clamped to the bank
+    assert hubness(images, bank[:0]).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_recall_at_k_counts_hits():

@@ -62,6 +62,9 @@ def test_search_reranks_at_the_weight_given(capsys, tiny_model_dir, tiny_catalog
     code, out, _ = run(capsys, "search", str(tiny_model_dir), "a rocket on a launch pad", "-k", "3",
                        "--rerank", "--rerank-weight", "0")
     assert code == 0 and len(out.strip().splitlines()) == 3
+    code, out, _ = run(capsys, "search", str(tiny_model_dir), "a rocket on a launch pad", "-k", "3",
+                       "--rerank", "--hubness-weight", "50")
+    assert code == 0 and len(out.strip().splitlines()) == 3
     for bad in ("-1", "heavy", "nan"):  # argparse's own usage error: exit status 2 and one line
         with pytest.raises(SystemExit) as exited:
             main(["search", str(tiny_model_dir), "a rocket", "--rerank", "--rerank-weight", bad])
@@ -76,4 +79,11 @@ def test_evaluate_reports_recall_at_each_rerank_weight(capsys, tiny_model_dir, t
                        "--rerank-weights", "0", "20", "--out", str(tmp_path / "result.json"))
     assert code == 0
     result = json.loads((tmp_path / "result.json").read_text())
-    assert set(result["reranked_by_weight"]) == {"0.0", "20.0"} and result["reranked"]["weight"] == 10.0
+    assert set(result["reranked_by_weight"]) == {"0,0", "20,0"}
+    assert result["reranked"]["weight"] == 10.0 and result["reranked"]["hubness_weight"] == 0.0
+    code, out, _ = run(capsys, "evaluate", str(tiny_model_dir), "--queries", str(queries), "--beams", "4",
+                       "--rerank-weights", "0", "20", "--hubness-weights", "0", "100", "--hubness-weight", "5",
+                       "--out", str(tmp_path / "result.json"))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert code == 0 and set(result["reranked_by_weight"]) == {"0,0", "0,100", "20,0", "20,100"}
+    assert result["reranked"]["hubness_weight"] == 5.0

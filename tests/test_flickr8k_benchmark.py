@@ -71,20 +71,25 @@ def test_the_command_refuses_a_bad_run_before_working(tmp_path, name, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_rerank_weight_is_the_one_best_on_the_dev_queries(bench):
+def test_the_rerank_weights_are_the_pair_best_on_the_dev_queries(bench):
     def recalls(r10, r5=0.5):
         return {"R@1": 0.1, "R@5": r5, "R@10": r10}
 
-    result = {"dev_wide": {"reranked_by_weight": {"0.0": recalls(0.6), "5.0": recalls(0.8), "10.0": recalls(0.8),
-                                                  "50.0": recalls(0.8, r5=0.6)}},
-              "test_wide": {"reranked_by_weight": {"0.0": recalls(0.9), "5.0": recalls(0.1), "10.0": recalls(0.2),
-                                                   "50.0": recalls(0.3)}}}
-    result["catalog_wide"] = {"reranked_by_weight": {"0.0": recalls(0.4), "5.0": recalls(0.5)}}
-    result["dev_catalog_wide"] = {"reranked_by_weight": {"0.0": recalls(0.3), "5.0": recalls(0.2)}}
+    result = {"dev_wide": {"reranked_by_weight": {"0,0": recalls(0.6), "5,0": recalls(0.8), "10,0": recalls(0.8),
+                                                  "50,0": recalls(0.8, r5=0.6), "50,100": recalls(0.8, r5=0.6)}},
+              "test_wide": {"reranked_by_weight": {"0,0": recalls(0.9), "5,0": recalls(0.1), "10,0": recalls(0.2),
+                                                   "50,0": recalls(0.3), "50,100": recalls(0.4)}}}
+    result["catalog_wide"] = {"reranked_by_weight": {"0,0": recalls(0.4), "5,0": recalls(0.5), "0,20": recalls(0.6)}}
+    result["dev_catalog_wide"] = {"reranked_by_weight": {"0,0": recalls(0.3), "5,0": recalls(0.2), "0,20": recalls(0.5)}}
     bench.at_dev_weight(result)
-    assert result["test_wide"]["reranked_dev"] == {"weight": 50.0, **recalls(0.3)}  # not the test's own best
-    assert result["catalog_wide"]["reranked_dev"] == {"weight": 0.0, **recalls(0.4)}  # chosen on its own dev search
+    # not the test's own best; of two pairs equal on dev, the smaller weights
+    assert result["test_wide"]["reranked_dev"] == {"weight": 50.0, "hubness_weight": 0.0, **recalls(0.3)}
+    # chosen on its own dev search
+    assert result["catalog_wide"]["reranked_dev"] == {"weight": 0.0, "hubness_weight": 20.0, **recalls(0.6)}
     assert bench.at_dev_weight({"test_wide": {"R@10": 0.5}}) == {"test_wide": {"R@10": 0.5}}  # no dev scope
+    row = bench.over_seeds([result, result])
+    assert row["dev_weights"] == {"test_wide": [[50.0, 0.0]] * 2, "catalog_wide": [[0.0, 20.0]] * 2}
+    assert bench._dev_weights(row, "catalog_wide") == "0, 20 / 0, 20"
 
 
 @pytest.mark.skipif(not (FLICKR8K / "captions.csv").exists(), reason="Flickr8k is not present")

@@ -110,14 +110,24 @@ def test_reranking_weighs_the_beam_score_against_the_embedding_similarity():
     assert [h.key for h in reranked(hits, similarities, 0.0)[0]] == ["a", "b", "c"]
     assert [h.key for h in reranked(hits, similarities, 1000.0)[0]] == ["c", "b", "a"]
     assert reranked(hits, similarities, 10.0)[0][0] == Hit("c", pytest.approx(-3.0 + 9.0))
+    hubness = [[0.2, 0.1, 0.9]]  # "c" sits near many training captions: a hubness weight takes that back
+    assert [h.key for h in reranked(hits, similarities, 10.0, hubness, 10.0)[0]] == ["b", "a", "c"]
+    with pytest.raises(ValueError, match="hubness"):
+        reranked(hits, similarities, 10.0, None, 1.0)
 
 
 def test_recall_is_reported_at_every_rerank_weight_from_the_same_beams(engine, tiny_catalog):
     queries = [(img.captions[0], img.key) for img in tiny_catalog]
-    reranker = EmbeddingReranker(engine.stored, weight=5.0)
-    result = evaluate_generative(engine, queries, beams=6, reranker=reranker, rerank_weights=(0.0, 5.0, 1e6),
-                                 progress=False)
+    reranker = EmbeddingReranker(engine.stored, weight=5.0, hubness_weight=2.0)
+    grid = [(w, h) for w in (0.0, 5.0, 1e6) for h in (0.0, 2.0)]
+    result = evaluate_generative(engine, queries, beams=6, reranker=reranker, rerank_grid=grid, progress=False)
     by_weight = result["reranked_by_weight"]
-    assert set(by_weight) == {"0.0", "5.0", "1000000.0"}
-    assert by_weight["0.0"] == {k: result[k] for k in ("R@1", "R@5", "R@10")}  # weight 0: the beam's own order
-    assert result["reranked"] == {"weight": 5.0, **by_weight["5.0"]}
+    assert set(by_weight) == {"0,0", "0,2", "5,0", "5,2", "1e+06,0", "1e+06,2"}
+    assert by_weight["0,0"] == {k: result[k] for k in ("R@1", "R@5", "R@10")}  # weight 0: the beam's own order
+    assert result["reranked"] == {"weight": 5.0, "hubness_weight": 2.0, **by_weight["5,2"]}
+    # the grid's numpy ranking is `reranked`'s, at every pair
+    hits = engine.search([q for q, _ in queries], k=6, beams=6)
+    sims, hubness = reranker.similarities([q for q, _ in queries], hits), reranker.hubness(hits)
+    for w, h in grid:
+        ranked = reranked(hits, sims, w, hubness, h)
+        assert by_weight[f"{w:g},{h:g}"] == recall([[x.key for x in row] for row in ranked], [k for _, k in queries])

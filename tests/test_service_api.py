@@ -4,6 +4,7 @@ embedded id store: results, errors (4xx with reasons, never a 500), readiness, m
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -149,11 +150,13 @@ def test_before_the_engine_is_loaded_it_is_alive_but_not_ready(run, tiny_model_d
     assert search.status_code == describe.status_code == 503 and "loading" in search.json()["detail"]
 
 
-def test_rerank_weight_reorders_a_wider_beam_by_the_two_tower(run, hf_engine, tiny_catalog):
+@pytest.mark.parametrize("weight, hubness_weight", [(1000.0, 0.0), (0.0, 1e6)])
+def test_rerank_weights_reorder_a_wider_beam_by_the_two_tower(run, hf_engine, tiny_catalog, weight, hubness_weight):
     from genret.decoding import EmbeddingReranker
 
-    query, weight, beams = "an animal in a field", 1000.0, 20  # a wider beam than the 8-image catalog
-    served = Served(run, create_app(Settings(**SETTINGS, rerank_weight=weight, rerank_beams=beams), engine=hf_engine))
+    query, beams = "an animal in a field", 20  # a wider beam than the 8-image catalog
+    served = Served(run, create_app(Settings(**SETTINGS, rerank_weight=weight, hubness_weight=hubness_weight,
+                                             rerank_beams=beams), engine=hf_engine))
     try:
         r = run(served.client.post("/search", json={"query": query, "k": 3}))
         assert r.status_code == 200, r.text
@@ -161,9 +164,14 @@ def test_rerank_weight_reorders_a_wider_beam_by_the_two_tower(run, hf_engine, ti
     finally:
         served.close()
     plain = run(hf_engine.search(query, beams, beams))
-    [expected] = EmbeddingReranker(hf_engine.stored, weight)([query], [plain])
+    reranker = EmbeddingReranker(hf_engine.stored, weight, hubness_weight=hubness_weight)
+    [expected] = reranker([query], [plain])
     assert [hit["image_id"] for hit in results] == [h.key for h in expected[:3]]
     assert [hit["score"] for hit in results] == pytest.approx([h.score for h in expected[:3]])
+    if hubness_weight:  # so large that the least hub-like images come first
+        [hubness] = reranker.hubness([plain])
+        least = sorted(zip(hubness, plain), key=lambda pair: pair[0])[:3]
+        assert [hit["image_id"] for hit in results] == [h.key for _, h in least]
 
 
 def test_rerank_weight_on_a_model_without_a_two_tower_fails_at_startup(tiny_model_dir, tmp_path):
@@ -178,6 +186,22 @@ def test_rerank_weight_on_a_model_without_a_two_tower_fails_at_startup(tiny_mode
         EmbeddingReranker(StoredModel.open(tmp_path))
     with pytest.raises(ValidationError, match="rerank_weight"):
         Settings(rerank_weight=-1)
+    with pytest.raises(ValidationError, match="hubness_weight"):
+        Settings(hubness_weight=-1)
+
+
+def test_hubness_weight_on_a_model_without_image_hubness_fails_at_startup(tiny_model_dir, tmp_path):
+    from genret.decoding import EmbeddingReranker
+    from genret.model_store import ModelStoreError
+
+    older = tmp_path / "older"  # a model saved before image_hubness.npy existed
+    shutil.copytree(tiny_model_dir, older)
+    (older / "image_hubness.npy").unlink()
+    with pytest.raises(ModelStoreError, match="GENRET_HUBNESS_WEIGHT=50 needs the model's image_hubness.npy"):
+        create_app(Settings(model=str(older), engine="transformers", hubness_weight=50))
+    with pytest.raises(ModelStoreError, match="lacks image_hubness.npy"):
+        EmbeddingReranker(StoredModel.open(older), hubness_weight=50)
+    assert EmbeddingReranker(StoredModel.open(older), weight=5).image_hubness is None  # re-ranking alone still works
 
 
 def test_images_that_moved_are_served_from_images_dir(run, tiny_model_dir, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from genret.alignment import hubness
 from genret.identifiers import ResidualQuantizationIds
 from genret.model_store import StoredModel
 from genret.prompts import normalize_caption
@@ -69,6 +70,21 @@ def test_frozen_id_rows_stay_where_they_start_while_word_rows_train(tiny_catalog
     assert not torch.allclose(after[words], before[words])
 
 
+def test_the_two_tower_trains_for_the_epochs_its_held_out_captions_chose(demo_catalog, tiny_catalog, tmp_path):
+    trainer = Trainer(demo_catalog, TrainConfig(**{**SHORT, "align_epochs": 6, "align_validation": 0.6}),
+                      tmp_path / "run", progress=False)
+    trainer.prepared.mkdir(parents=True)
+    trainer.align()
+    record = trainer.alignment_record()
+    assert record["validation"]["held_out_images"] == round(0.6 * len(demo_catalog)) >= 10
+    assert 1 <= record["epochs"] <= 6 and record["epochs"] == record["validation"]["epochs"]
+    # too few images to hold out ten (the tiny catalog's 8 at the default tenth): the configured epochs
+    small = Trainer(tiny_catalog, TrainConfig(**{**SHORT, "align_epochs": 3}), tmp_path / "small", progress=False)
+    small.prepared.mkdir(parents=True)
+    small.align()
+    assert small.alignment_record() == {"epochs": 3, "validation": None}
+
+
 def test_a_run_folder_refuses_a_different_config(tiny_catalog, tmp_path):
     catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
     Trainer(catalog, TrainConfig(**SHORT), tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0)
@@ -101,7 +117,14 @@ def test_images_without_captions_get_pseudo_queries(tiny_catalog, tmp_path, mode
         trained = {normalize_caption(c) for k in keys[2:] for c in catalog[k].captions}
         assert set(pseudo) == set(keys[:2])
         assert all(len(qs) == 2 and set(qs) <= trained for qs in pseudo.values())
-    assert StoredModel.open(model).manifest["pseudo_queries"] == {"mode": mode, "images": len(pseudo)}
+    stored = StoredModel.open(model)
+    assert stored.manifest["pseudo_queries"] == {"mode": mode, "images": len(pseudo)}
+    assert stored.manifest["alignment"] == {"epochs": SHORT["align_epochs"], "validation": None}
+    # hubness: each image's mean similarity to its nearest training captions (not to pseudo-queries)
+    encode = stored.load_query_encoder()
+    with torch.inference_mode():
+        bank = encode([c for k in keys[2:] for c in catalog[k].captions]).numpy()
+    np.testing.assert_allclose(stored.image_hubness(), hubness(stored.image_embeddings(), bank), atol=1e-5)
 
 
 def test_query_noise_jitters_the_prefix_input_while_training_only():
