@@ -180,7 +180,7 @@ def test_rerank_weight_on_a_model_without_a_two_tower_fails_at_startup(tiny_mode
 
     for name in ("manifest.json", "catalog.json", "identifiers.json"):  # a model folder without the two-tower
         (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
-    with pytest.raises(ModelStoreError, match="GENRET_RERANK_WEIGHT=5 needs the model's alignment"):
+    with pytest.raises(ModelStoreError, match=r"GENRET_RERANK_WEIGHT=5, GENRET_HUBNESS_WEIGHT=0\) needs the model.s alignment"):
         create_app(Settings(model=str(tmp_path), engine="transformers", rerank_weight=5))
     with pytest.raises(ModelStoreError, match="cannot re-rank"):  # the CLI's --rerank, too: an error, not a crash
         EmbeddingReranker(StoredModel.open(tmp_path))
