@@ -69,7 +69,9 @@ def recall_over_grid(hits: list[list[Hit]], similarities: list[list[float]], hub
                      targets: Sequence[str], grid: Sequence[tuple[float, float]]) -> dict[str, dict[str, float]]:
     """R@K re-ranked at every (weight, hubness weight) of `grid`, keyed "w,h": `reranked` for many
     weights at once (a full-size dev search tries about a hundred)."""
-    width = max((len(row) for row in hits), default=0)
+    if not hits:
+        return {f"{w:g},{h:g}": {f"R@{k}": 0.0 for k in KS} for w, h in grid}
+    width = max(len(row) for row in hits)
     padded = lambda rows, fill: np.array([list(r) + [fill] * (width - len(r)) for r in rows], dtype=np.float64)
     scores = padded([[h.score for h in row] for row in hits], -np.inf)
     sims, hubs = padded(similarities, 0.0), padded(hubness, 0.0)
@@ -79,8 +81,7 @@ def recall_over_grid(hits: list[list[Hit]], similarities: list[list[float]], hub
         fused = scores + weight * sims - hubness_weight * hubs
         order = np.argsort(-fused, axis=1, kind="stable")
         found = np.take_along_axis(is_target, order, axis=1)
-        out[f"{weight:g},{hubness_weight:g}"] = {f"R@{k}": float(found[:, :k].any(axis=1).mean()) if len(hits) else 0.0
-                                                for k in KS}
+        out[f"{weight:g},{hubness_weight:g}"] = {f"R@{k}": float(found[:, :k].any(axis=1).mean()) for k in KS}
     return out
 
 
