@@ -173,18 +173,14 @@ def dense_baseline(trainer, protocol: Protocol, keys) -> dict:
     import torch
 
     from genret.alignment import dense_rank, hubness
-    from genret.encoders import TextEncoder
     from genret.evaluation import recall
     from genret.identifiers import make_scheme
 
     tower = trainer.align().cpu().eval()
-    encoder = TextEncoder(device="cpu")
     with torch.inference_mode():
         image_emb = tower.embed_images(torch.from_numpy(trainer.image_features())).numpy()
-        embed = lambda texts: tower.embed_texts(torch.from_numpy(encoder.encode(texts))).numpy()
-        query_emb, dev_emb = embed([q for q, _ in protocol.queries]), embed([q for q, _ in protocol.dev_queries])
-        texts, _ = trainer.caption_pairs()
-        bank = tower.embed_texts(torch.from_numpy(trainer.caption_features(texts))).numpy()
+    query_emb, dev_emb, bank = (trainer.aligned_text_embeddings(tower, texts) for texts in (
+        [q for q, _ in protocol.queries], [q for q, _ in protocol.dev_queries], trainer.caption_pairs()[0]))
     image_hubness = hubness(image_emb, bank)
     rq = make_scheme("rq", **SCHEMES["rq"]["scheme_options"])
     rq.assign(keys, {}, image_emb)
@@ -193,11 +189,7 @@ def dense_baseline(trainer, protocol: Protocol, keys) -> dict:
     def search(images, queries, emb, subset, beta=0.0) -> dict:
         rows = np.array([keys.index(k) for k in subset])
         started = time.perf_counter()
-        if beta:  # every similarity is needed before the correction can rank them
-            scores = emb @ images[rows].T - beta * image_hubness[rows]
-            ranked = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-        else:
-            ranked, _ = dense_rank(emb, images[rows], k=10)
+        ranked, _ = dense_rank(emb, images[rows], k=10, penalty=beta * image_hubness[rows] if beta else None)
         seconds = time.perf_counter() - started
         return {**recall([[subset[i] for i in r] for r in ranked], [t for _, t in queries]),
                 "candidates": len(subset), "seconds_per_query": seconds / len(queries)}
@@ -339,8 +331,9 @@ def _weights_of(reranked_dev: dict) -> list[float]:
 def _dev_weights(row: dict, scope: str) -> str:
     """The re-ranking weights "w, h" (one pair per seed) the dev queries chose for a scope; for
     the dense baseline's hubness correction, its beta."""
-    if "hubness_beta" in row.get(scope.removesuffix("_wide"), {}):
-        return f"β {row[scope.removesuffix('_wide')]['hubness_beta']:g}"
+    dense = row.get(scope.removesuffix("_wide"), {})
+    if "hubness_beta" in dense:
+        return f"β {dense['hubness_beta']:g}"
     chosen = row.get(scope, {}).get("reranked_dev")
     pairs = row.get("dev_weights", {}).get(scope) or ([_weights_of(chosen)] if chosen else [])
     return " / ".join(f"{w:g}, {h:g}" for w, h in pairs)

@@ -256,21 +256,23 @@ def load_two_tower(path: str | os.PathLike, device: str | None = None) -> TwoTow
 
 @torch.inference_mode()
 def dense_rank(
-    query_emb: np.ndarray, image_emb: np.ndarray, k: int, batch_size: int = 1024
+    query_emb: np.ndarray, image_emb: np.ndarray, k: int, batch_size: int = 1024,
+    penalty: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k images per query by cosine (inputs are unit vectors): (Q,k) int64 indices, (Q,k) float32 scores."""
+    """Top-k images per query by cosine (inputs are unit vectors), less each image's `penalty`
+    if given (e.g. a multiple of its hubness): (Q,k) int64 indices, (Q,k) float32 scores."""
     k = min(k, len(image_emb))
     images = torch.as_tensor(np.asarray(image_emb), dtype=torch.float32)
+    offset = 0.0 if penalty is None else torch.as_tensor(np.asarray(penalty), dtype=torch.float32)
     idx, scores = [np.zeros((0, k), np.int64)], [np.zeros((0, k), np.float32)]
     for start in range(0, len(query_emb), batch_size):
         q = torch.as_tensor(np.asarray(query_emb[start : start + batch_size]), dtype=torch.float32)
-        top = (q @ images.T).topk(k, dim=1)
+        top = (q @ images.T - offset).topk(k, dim=1)
         idx.append(top.indices.numpy())
         scores.append(top.values.numpy())
     return np.concatenate(idx), np.concatenate(scores)
 
 
-@torch.inference_mode()
 def hubness(image_emb: np.ndarray, query_bank: np.ndarray, neighbors: int = HUBNESS_NEIGHBORS,
             batch_size: int = 1024) -> np.ndarray:
     """Each image's mean similarity to its `neighbors` nearest training queries (CSLS, QB-Norm).
@@ -278,15 +280,10 @@ def hubness(image_emb: np.ndarray, query_bank: np.ndarray, neighbors: int = HUBN
     The two-tower is fit to the captioned images, so they sit close to many queries and outrank
     uncaptioned images for queries that are not theirs. Subtracting a multiple of this evens
     that out."""
-    bank = torch.as_tensor(np.asarray(query_bank), dtype=torch.float32)
-    k = min(neighbors, len(bank))
-    out = np.zeros(len(image_emb), np.float32)
-    if k == 0:
-        return out
-    for start in range(0, len(image_emb), batch_size):
-        images = torch.as_tensor(np.asarray(image_emb[start : start + batch_size]), dtype=torch.float32)
-        out[start : start + len(images)] = (images @ bank.T).topk(k, dim=1).values.mean(1).numpy()
-    return out
+    if len(query_bank) == 0:
+        return np.zeros(len(image_emb), np.float32)
+    _, nearest = dense_rank(image_emb, query_bank, k=neighbors, batch_size=batch_size)  # images as the queries
+    return nearest.mean(1)
 
 
 def recall_at_k(ranked_indices: np.ndarray, targets: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:

@@ -232,6 +232,11 @@ class StoredModel:
         path = self.path / "image_embeddings.npy"
         return np.load(path) if path.exists() else None
 
+    @property
+    def has_image_hubness(self) -> bool:
+        """Whether re-ranking can subtract hubness (models saved before it existed lack it)."""
+        return (self.path / "image_hubness.npy").exists()
+
     def image_hubness(self) -> np.ndarray | None:
         path = self.path / "image_hubness.npy"
         return np.load(path) if path.exists() else None

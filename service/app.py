@@ -80,7 +80,7 @@ class Services:
             raise ModelStoreError(f"{self.stored.path}: re-ranking (GENRET_RERANK_WEIGHT={settings.rerank_weight:g}, "
                                   f"GENRET_HUBNESS_WEIGHT={settings.hubness_weight:g}) needs the model's "
                                   "alignment.safetensors and image_embeddings.npy, which it lacks")
-        if settings.hubness_weight > 0 and self.stored.image_hubness() is None:
+        if settings.hubness_weight > 0 and not self.stored.has_image_hubness:
             raise ModelStoreError(f"{self.stored.path}: GENRET_HUBNESS_WEIGHT={settings.hubness_weight:g} needs the "
                                   "model's image_hubness.npy, which models trained before it lack: retrain it")
 
