@@ -96,9 +96,11 @@ LEVERS = {
 }
 # what a run is measured on: recall over the test images and over the whole catalog (at the
 # setting's beam, then at the wide beam the re-ranker reads), and describe/ask by id alone
-RECALL_SCOPES = ("test", "catalog", "test_wide", "catalog_wide", "dev_wide", "dev_catalog_wide")
+RECALL_SCOPES = ("test", "catalog", "test_wide", "catalog_wide", "dev_wide", "dev_catalog_wide",
+                 "test_wide_prior", "catalog_wide_prior", "dev_wide_prior", "dev_catalog_wide_prior")
 # each reported wide scope takes its re-ranking weight from the same search over the dev queries
-DEV_SCOPE_OF = {"test_wide": "dev_wide", "catalog_wide": "dev_catalog_wide"}
+DEV_SCOPE_OF = {"test_wide": "dev_wide", "catalog_wide": "dev_catalog_wide",
+                "test_wide_prior": "dev_wide_prior", "catalog_wide_prior": "dev_catalog_wide_prior"}
 # the re-ranking weights tried on every wide beam, each with every hubness weight; the report uses
 # the pair best on the dev queries
 RERANK_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)
@@ -106,6 +108,13 @@ HUBNESS_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 10
 RERANK_GRID = tuple((w, h) for w in RERANK_WEIGHTS for h in HUBNESS_WEIGHTS)
 # the dense baseline's own hubness correction: similarity - beta x hubness, beta best on the dev queries
 DENSE_HUBNESS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+# the hubness prior inside the search (genret.decoding.hubness_prior), at the setting's beam: every
+# weight searched with the dev queries, each reported scope at the weight best there
+BEAM_HUBNESS_WEIGHTS = (0.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+PRIOR_SCOPES = {"test_prior": "dev_prior", "catalog_prior": "dev_catalog_prior"}  # reported scope -> dev scope
+# the wide beam searched with the prior too (at the weight its scope's dev search chose), then re-ranked
+WIDE_PRIOR_OF = {"test_wide_prior": "dev_prior", "catalog_wide_prior": "dev_catalog_prior",
+                 "dev_wide_prior": "dev_prior", "dev_catalog_wide_prior": "dev_catalog_prior"}
 DEV_QUERIES = 1000  # at most: dev queries are for choosing a weight, not for reporting
 SPOKEN_SCOPES = ("describe_captioned", "describe_uncaptioned")
 DEFAULT_RUNS = ["structured+pq", "structured", "atomic", "rq", "rq+pq", "semantic", "string", "numeric",
@@ -241,6 +250,12 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
               "dev_wide": (protocol.dev_queries, protocol.dev_keys, wide, 4),
               "dev_catalog_wide": (protocol.dev_queries, None, wide, 4)}
     scopes = {scope: (q, c, b, n * per_batch) for scope, (q, c, b, n) in scopes.items()}
+    # the hubness prior: searched with the dev queries at every weight, then with the test queries at the best
+    prior_scopes = {"dev_prior": (protocol.dev_queries, protocol.dev_keys), "dev_catalog_prior": (protocol.dev_queries, None),
+                    "test_prior": (queries, test_keys), "catalog_prior": (queries, None)}
+    # ... and the wide beam searched with it, at the weight its scope's dev search chose
+    wide_prior_scopes = {f"{scope}_prior": scopes[scope] for scope in ("test_wide", "catalog_wide", "dev_wide",
+                                                                        "dev_catalog_wide")}
     # describing and answering about images known only by id: ones whose captions were trained
     # on, and the test images, whose captions never were (their held-out ones are the references)
     spoken = {}
@@ -250,7 +265,7 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
         for caption, key in queries:
             held_out[key].append(caption)
         spoken = {"describe_captioned": {k: catalog[k].captions for k in captioned}, "describe_uncaptioned": held_out}
-    missing = [scope for scope in [*scopes, *spoken] if scope not in result]
+    missing = [scope for scope in [*scopes, *prior_scopes, *wide_prior_scopes, *spoken] if scope not in result]
     if missing:  # evaluated one scope at a time, each saved, so an interruption loses one at most
         stored = StoredModel.open(run_dir / "model")
         engine = TransformersEngine(stored)
@@ -259,15 +274,33 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
         for scope in missing:
             if scope in spoken:
                 result[scope] = evaluate_describe_and_ask(engine, spoken[scope], seed=seed)
+            elif scope in prior_scopes:
+                scope_queries, candidates = prior_scopes[scope]
+                search = lambda h: evaluate_generative(engine, scope_queries, candidates=candidates,
+                                                       beams=setting["beams"], batch_size=16 * per_batch,
+                                                       beam_hubness_weight=h)
+                if scope in PRIOR_SCOPES:  # the dev scope was searched before it
+                    result[scope] = search(best_beam_hubness_weight(result[PRIOR_SCOPES[scope]]))
+                else:
+                    result[scope] = {"by_weight": {f"{h:g}": search(h) for h in BEAM_HUBNESS_WEIGHTS}}
             else:
-                scope_queries, candidates, beams, batch_size = scopes[scope]
+                scope_queries, candidates, beams, batch_size = {**scopes, **wide_prior_scopes}[scope]
+                weight = best_beam_hubness_weight(result[WIDE_PRIOR_OF[scope]]) if scope in WIDE_PRIOR_OF else 0.0
                 result[scope] = evaluate_generative(engine, scope_queries, candidates=candidates, beams=beams,
                                                     reranker=reranker, batch_size=batch_size,
-                                                    rerank_grid=RERANK_GRID if beams == wide else ())
+                                                    rerank_grid=RERANK_GRID if beams == wide else (),
+                                                    beam_hubness_weight=weight)
             result_path.write_text(json.dumps(result, indent=1))
     result = at_dev_weight(result)
     result_path.write_text(json.dumps(result, indent=1))  # the run's own file holds its dev-chosen weights too
     return result
+
+
+def best_beam_hubness_weight(dev: dict) -> float:
+    """The hubness prior's weight best on the dev queries (R@10, then R@5, then R@1; the smaller on a tie)."""
+    by_weight = dev["by_weight"]
+    return float(max(by_weight, key=lambda h: (by_weight[h]["R@10"], by_weight[h]["R@5"], by_weight[h]["R@1"],
+                                               -float(h))))
 
 
 def at_dev_weight(result: dict) -> dict:
@@ -296,7 +329,9 @@ def over_seeds(runs: list[dict]) -> dict:
     row = {"seeds": [r.get("seed", 0) for r in runs], "spread": {}}
     row["dev_weights"] = {scope: [_weights_of(r[scope]["reranked_dev"]) for r in runs] for scope in DEV_SCOPE_OF
                           if all("reranked_dev" in r.get(scope, {}) for r in runs)}
-    for scope in [s for s in (*RECALL_SCOPES, *SPOKEN_SCOPES) if all(s in r for r in runs)]:
+    row["beam_hubness_weights"] = {scope: [r[scope]["beam_hubness_weight"] for r in runs] for scope in PRIOR_SCOPES
+                                   if all(scope in r for r in runs)}
+    for scope in [s for s in (*RECALL_SCOPES, *PRIOR_SCOPES, *SPOKEN_SCOPES) if all(s in r for r in runs)]:
         row[scope], row["spread"][scope] = {}, {}
         for part in (None, "reranked", "reranked_dev"):
             values = [r[scope] if part is None else r[scope].get(part) for r in runs]
@@ -362,9 +397,28 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
                     if "reranked_dev" in r.get(scope, {}) else "" for scope in ("test_wide", "catalog_wide")]
         seconds = f"{r['test']['seconds_per_query']:.4f}" + (f", {wide['seconds_per_query']:.3f}" if wide else "")
         cells = [_cell(r, scope, k) for scope in ("test", "catalog") for k in ("R@1", "R@5", "R@10")]
-        weights = [_dev_weights(r, scope) for scope in DEV_SCOPE_OF]
+        weights = [_dev_weights(r, scope) for scope in ("test_wide", "catalog_wide")]
         weights = "; ".join(weights) if any(weights) else ""
         lines.append(f"| {_label(name, r)} | {' | '.join(cells + reranked)} | {weights} | {seconds} |")
+    prior = {name: r for name, r in results.items() if all(scope in r for scope in PRIOR_SCOPES)}
+    if prior:
+        lines += ["", f"Searched with the hubness prior in the beam (beam {meta['beams']}): each id's score is its "
+                  "log-probability minus h × its image's hubness, inside the search, h (of "
+                  f"{', '.join(f'{h:g}' for h in BEAM_HUBNESS_WEIGHTS)}) the weight best on the dev queries, "
+                  "searched over the dev images for the test scope and the whole catalog for the catalog scope. "
+                  f"Re-ranked: a beam of {meta['wide_beams']} searched with the same prior, then re-ranked as "
+                  "above, (w, h) chosen on the dev queries searched the same way.", "",
+                  "| approach | test R@1 | test R@5 | test R@10 | catalog R@1 | catalog R@5 | catalog R@10 | "
+                  "test R@1/5/10, re-ranked | catalog R@1/5/10, re-ranked | prior h (dev): test; catalog | "
+                  "re-ranking w, h (dev): test; catalog |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in prior.items():
+            cells = [_cell(r, scope, k) for scope in PRIOR_SCOPES for k in ("R@1", "R@5", "R@10")]
+            cells += [" / ".join(_cell(r, scope, k, "reranked_dev") for k in ("R@1", "R@5", "R@10"))
+                      if "reranked_dev" in r.get(scope, {}) else "" for scope in ("test_wide_prior", "catalog_wide_prior")]
+            weights = "; ".join(" / ".join(f"{h:g}" for h in r.get("beam_hubness_weights", {}).get(
+                scope, [r[scope]["beam_hubness_weight"]])) for scope in PRIOR_SCOPES)
+            rerank_weights = "; ".join(_dev_weights(r, scope) for scope in ("test_wide_prior", "catalog_wide_prior"))
+            lines.append(f"| {_label(name, r)} | {' | '.join(cells)} | {weights} | {rerank_weights.strip('; ')} |")
     spoken = {name: r for name, r in results.items() if "describe_captioned" in r}
     if spoken:
         lines += ["", "Describe and ask by id alone: content-word F1 of the description against the image's captions, "

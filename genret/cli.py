@@ -38,14 +38,14 @@ class UsageError(Exception):
     pass
 
 
-def rerank_weight(text: str) -> float:
-    """An argparse type: a re-ranking weight, a number >= 0."""
+def weight_arg(text: str) -> float:
+    """An argparse type: a re-ranking or hubness weight, a number >= 0."""
     try:
         weight = float(text)
     except ValueError:
         weight = -1.0
     if not weight >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a re-ranking weight (a number >= 0)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a weight (a number >= 0)")
     return weight
 
 
@@ -135,7 +135,7 @@ def cmd_evaluate(args) -> None:
     reranker = (EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device,
                                   hubness_weight=args.hubness_weight) if args.rerank or grid else None)
     result = evaluate_generative(engine, queries, candidates=candidates, beams=args.beams, reranker=reranker,
-                                 rerank_grid=grid)
+                                 rerank_grid=grid, beam_hubness_weight=args.beam_hubness_weight)
     result["model"] = stored.manifest["name"]
     print(json.dumps(result, indent=1))
     if args.out:
@@ -143,11 +143,12 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from .decoding import EmbeddingReranker, TransformersEngine
+    from .decoding import EmbeddingReranker, TransformersEngine, hubness_prior
 
     stored = open_model(args.model)
     engine = TransformersEngine(stored, device=args.device)
-    hits = engine.search([args.query], k=args.k, beams=args.beams)
+    hits = engine.search([args.query], k=args.k, beams=args.beams,
+                         prior=hubness_prior(stored, args.beam_hubness_weight))
     if args.rerank:
         hits = EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device,
                                  hubness_weight=args.hubness_weight)([args.query], hits)
@@ -232,15 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", help="file of keys to search among (default: the whole catalog)")
     p.add_argument("--beams", type=int, default=10)
     p.add_argument("--rerank", action="store_true", help="also report re-ranking with the two-tower")
-    p.add_argument("--rerank-weight", type=rerank_weight, default=10.0, metavar="W",
+    p.add_argument("--rerank-weight", type=weight_arg, default=10.0, metavar="W",
                    help="re-ranked score: log-probability + W x query-image similarity (default 10)")
-    p.add_argument("--hubness-weight", type=rerank_weight, default=0.0, metavar="H",
+    p.add_argument("--hubness-weight", type=weight_arg, default=0.0, metavar="H",
                    help="re-ranked score also minus H x the image's hubness (default 0; see genret.alignment.hubness)")
-    p.add_argument("--rerank-weights", type=rerank_weight, nargs="+", metavar="W",
+    p.add_argument("--rerank-weights", type=weight_arg, nargs="+", metavar="W",
                    help="also report recall re-ranked at each of these weights, from the same beams "
                         "(choose the weight on held-out queries, not on the ones you report)")
-    p.add_argument("--hubness-weights", type=rerank_weight, nargs="+", metavar="H",
+    p.add_argument("--hubness-weights", type=weight_arg, nargs="+", metavar="H",
                    help="also report recall at each of these hubness weights (with --rerank-weights, every pair)")
+    p.add_argument("--beam-hubness-weight", type=weight_arg, default=0.0, metavar="H",
+                   help="search by log-probability minus H x each image's hubness, inside the beam (default 0)")
     p.add_argument("--limit", type=int)
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--device")
@@ -252,10 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--beams", type=int)
     p.add_argument("--rerank", action="store_true", help="re-rank the beam with the two-tower")
-    p.add_argument("--rerank-weight", type=rerank_weight, default=10.0, metavar="W",
+    p.add_argument("--rerank-weight", type=weight_arg, default=10.0, metavar="W",
                    help="re-ranked score: log-probability + W x query-image similarity (default 10)")
-    p.add_argument("--hubness-weight", type=rerank_weight, default=0.0, metavar="H",
+    p.add_argument("--hubness-weight", type=weight_arg, default=0.0, metavar="H",
                    help="re-ranked score also minus H x the image's hubness (default 0)")
+    p.add_argument("--beam-hubness-weight", type=weight_arg, default=0.0, metavar="H",
+                   help="search by log-probability minus H x each image's hubness, inside the beam (default 0)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_search)
 

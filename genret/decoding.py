@@ -15,7 +15,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from .model_store import ModelStoreError, StoredModel
 from .prompts import Prompts
-from .trie import IdTrie
+from .trie import IdPrior, IdTrie
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,12 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def search(self, queries: list[str], k: int = 10, beams: int | None = None,
-               trie: IdTrie | None = None) -> list[list[Hit]]:
-        """Top-k catalog images per query, best first, by constrained beam search."""
+               trie: IdTrie | None = None, prior: IdPrior | None = None) -> list[list[Hit]]:
+        """Top-k catalog images per query, best first, by constrained beam search; with a prior
+        (over the same trie), each id's score includes its offset and the beam searches by it."""
         trie = trie or self.trie
+        if prior is not None and prior.trie is not trie:
+            raise ValueError("the prior was built over another trie")
         k = min(k, len(trie))
         beams = max(beams or k, k)
         inputs, width = self.retrieval_inputs(queries)
@@ -73,7 +76,7 @@ class TransformersEngine:
         end = self.prompts.end
         out = self.lm.generate(
             **inputs, num_beams=beams, num_return_sequences=beams, max_new_tokens=trie.max_depth(),
-            logits_processor=LogitsProcessorList([TrieMask(trie, width)]), do_sample=False,
+            logits_processor=LogitsProcessorList([TrieMask(trie, width, prior)]), do_sample=False,
             length_penalty=0.0, early_stopping=True, output_scores=True, output_logits=True,
             return_dict_in_generate=True, pad_token_id=end, eos_token_id=end,
         )
@@ -84,6 +87,8 @@ class TransformersEngine:
             hits, seen = [], set()
             for seq, score in zip(sequences[q * beams : (q + 1) * beams], scores[q * beams : (q + 1) * beams]):
                 key = trie.key_for(_until_end(seq, end))
+                if key is not None and beams == 1 and prior is not None:
+                    score += prior.offset(key)  # greedy's scores are re-read from the raw logits
                 if key is not None and key not in seen and np.isfinite(score):
                     seen.add(key)
                     hits.append(Hit(key, float(score)))
@@ -125,23 +130,30 @@ class TrieMask(LogitsProcessor):
     device and writes its mask row alone; here one read serves the whole step and beams at the
     same trie node share one write (at the first step every beam is at the root, and with
     thousands of atomic ids those per-beam writes were most of a search's time). A finished
-    sequence may only repeat the end token."""
+    sequence may only repeat the end token. With a prior, an allowed token gets its step
+    offset instead of 0."""
 
-    def __init__(self, trie: IdTrie, prompt_width: int):
-        self.trie, self.width = trie, prompt_width
+    def __init__(self, trie: IdTrie, prompt_width: int, prior: IdPrior | None = None):
+        self.trie, self.width, self.prior = trie, prompt_width, prior
         self.end_only = [trie.end_token]
-        self._tensors: dict[int, torch.Tensor] = {}  # id(allowed list) -> its token ids on the device
+        # id(allowed list) -> its token ids on the device, and their offsets (0 without a prior)
+        self._tensors: dict[int, tuple[torch.Tensor, torch.Tensor | float]] = {}
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        groups: dict[int, tuple[list[int], list[int]]] = {}  # the trie caches each node's list
+        # the trie caches each node's list, so one list is one node (or the shared end-only list)
+        groups: dict[int, tuple[list[int], list[int], list[int]]] = {}  # -> (allowed, rows, a prefix)
         for row, prefix in enumerate(input_ids[:, self.width:].tolist()):
             allowed = self.trie.allowed_next(prefix) or self.end_only
-            groups.setdefault(id(allowed), (allowed, []))[1].append(row)
+            groups.setdefault(id(allowed), (allowed, [], prefix))[1].append(row)
         mask = torch.full_like(scores, float("-inf"))
-        for key, (allowed, rows) in groups.items():
+        for key, (allowed, rows, prefix) in groups.items():
             if key not in self._tensors:
-                self._tensors[key] = torch.tensor(allowed, device=scores.device)
-            mask[torch.tensor(rows, device=scores.device)[:, None], self._tensors[key]] = 0.0
+                offsets = 0.0
+                if self.prior is not None and allowed is not self.end_only:
+                    offsets = torch.tensor(self.prior.step_offsets(prefix), dtype=scores.dtype, device=scores.device)
+                self._tensors[key] = (torch.tensor(allowed, device=scores.device), offsets)
+            tokens, offsets = self._tensors[key]
+            mask[torch.tensor(rows, device=scores.device)[:, None], tokens] = offsets
         return scores + mask
 
 
@@ -156,6 +168,20 @@ def _greedy_scores(out, width: int, end: int) -> list[float]:
 
 def _until_end(sequence: list[int], end: int) -> list[int]:
     return sequence[: sequence.index(end)] if end in sequence else sequence
+
+
+def hubness_prior(stored: StoredModel, weight: float, trie: IdTrie | None = None) -> IdPrior | None:
+    """The hubness term of re-ranking moved inside the search: each id's offset is -weight x its
+    image's hubness, so a beam of 10 can reach the uncaptioned images the model under-scores
+    (re-ranking can only reorder what the beam kept). None at weight 0."""
+    if weight == 0:
+        return None
+    hubness = stored.image_hubness()
+    if hubness is None:
+        raise ModelStoreError(f"{stored.path} lacks image_hubness.npy (models trained before it existed): "
+                              "retrain it to search with a hubness prior")
+    offsets = {key: -weight * float(h) for key, h in zip(stored.catalog.keys(), hubness)}
+    return IdPrior(trie or stored.trie(), offsets)
 
 
 class EmbeddingReranker:

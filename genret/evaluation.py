@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .decoding import EmbeddingReranker, Hit, TransformersEngine, reranked
+from .decoding import EmbeddingReranker, Hit, TransformersEngine, hubness_prior, reranked
 from .model_store import ModelStoreError
 from .trie import IdTrie
 
@@ -31,19 +31,22 @@ def evaluate_generative(
     batch_size: int = 16,
     reranker: EmbeddingReranker | None = None,
     rerank_grid: Sequence[tuple[float, float]] = (),
+    beam_hubness_weight: float = 0.0,
     progress: bool = True,
 ) -> dict:
-    """R@K of (query text, relevant image key) pairs, searching `candidates` (default: all ids).
+    """R@K of (query text, relevant image key) pairs, searching `candidates` (default: all ids),
+    the search steered by the hubness prior at `beam_hubness_weight` (genret.decoding.hubness_prior).
     With a reranker, also R@K re-ranked at its weights ("reranked") and at each (weight,
     hubness weight) of `rerank_grid` ("reranked_by_weight", keyed "w,h"), all from the same beams."""
     trie = engine.trie if candidates is None else engine.stored.trie(candidates)
+    prior = hubness_prior(engine.stored, beam_hubness_weight, trie)
     if reranker is not None and reranker.image_hubness is None and any(h for _, h in rerank_grid):
         raise ModelStoreError(f"{engine.stored.path} lacks image_hubness.npy: its grid cannot try hubness weights")
     hits, similarities, hubness = [], [], []
     started = time.perf_counter()
     for start in tqdm(range(0, len(queries), batch_size), desc="queries", disable=not progress):
         texts = [q for q, _ in queries[start : start + batch_size]]
-        batch = engine.search(texts, k=max(k, beams), beams=beams, trie=trie)
+        batch = engine.search(texts, k=max(k, beams), beams=beams, trie=trie, prior=prior)
         hits += batch
         if reranker is not None:
             similarities += reranker.similarities(texts, batch)
@@ -54,7 +57,7 @@ def evaluate_generative(
     def recall_of(rows: list[list[Hit]]) -> dict[str, float]:
         return recall([[h.key for h in row] for row in rows], targets)
 
-    result = {"queries": len(queries), "candidates": len(trie), "beams": beams,
+    result = {"queries": len(queries), "candidates": len(trie), "beams": beams, "beam_hubness_weight": beam_hubness_weight,
               "seconds_per_query": seconds / max(1, len(queries)), **recall_of(hits)}
     if reranker is not None:
         weights = {"weight": reranker.weight, "hubness_weight": reranker.hubness_weight}

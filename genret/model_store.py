@@ -169,9 +169,15 @@ class StoredModel:
         return self.manifest["end_token"]
 
     def trie(self, keys=None) -> IdTrie:
-        tokens = self.id_tokens
-        chosen = tokens if keys is None else {k: tokens[k] for k in keys}
-        return IdTrie(chosen, end_token=self.end_token)
+        """The catalog's id trie, built once and shared (an engine and a prior over it must hold
+        the same one), or a new one over `keys` alone."""
+        if keys is None:
+            return self._catalog_trie
+        return IdTrie({k: self.id_tokens[k] for k in keys}, end_token=self.end_token)
+
+    @cached_property
+    def _catalog_trie(self) -> IdTrie:
+        return IdTrie(self.id_tokens, end_token=self.end_token)
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer

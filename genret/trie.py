@@ -10,9 +10,10 @@ Returned lists are shared: callers must not mutate them.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
-__all__ = ["IdTrie"]
+__all__ = ["IdPrior", "IdTrie"]
 
 
 class _Node(dict):
@@ -114,3 +115,46 @@ class IdTrie:
     def max_depth(self) -> int:
         """Tokens in the longest id INCLUDING the end token: the most decoding steps needed."""
         return self._max_len + 1
+
+
+class IdPrior:
+    """Per-id offsets added to the scores inside beam search, not after it.
+
+    Added after the search, an offset can only reorder the ids the beam kept; an id the model
+    scores low but the offset favours was pruned at its first token. Here each step adds the
+    change in the best offset reachable below the prefix, so a prefix carries its best
+    descendant's offset from the first token on (for atomic ids the whole offset lands on the
+    one id token), and an id's steps add up to exactly its own offset."""
+
+    def __init__(self, trie: IdTrie, offsets: Mapping[str, float]):
+        missing = [k for k in trie._keys if k not in offsets]
+        if missing:
+            raise ValueError(f"no prior offset for {len(missing)} ids, e.g. {sorted(missing)[:3]}")
+        self.trie = trie
+        self._offsets = {k: float(offsets[k]) for k in trie._keys}
+        self._best: dict[int, float] = {}  # id(node) -> the best offset of an id below it
+        self._steps: dict[int, list[float]] = {}  # id(node) -> the offset of each allowed_next token
+        self._fill(trie._root)
+
+    def _best_below(self, child) -> float:
+        return self._offsets[child] if isinstance(child, str) else self._best[id(child)]
+
+    def _fill(self, node: _Node) -> None:
+        for child in node.values():  # ids are a few tokens deep: recursion is fine
+            if isinstance(child, _Node):
+                self._fill(child)
+        self._best[id(node)] = max((self._best_below(c) for c in node.values()), default=-math.inf)
+
+    def step_offsets(self, prefix: Sequence[int]) -> list[float]:
+        """The offset of each token of `trie.allowed_next(prefix)`, in its order."""
+        node = self.trie._walk(prefix)
+        if not isinstance(node, _Node):
+            return [0.0] * len(self.trie.allowed_next(prefix))  # the end token, or nothing
+        steps = self._steps.get(id(node))
+        if steps is None:
+            above = 0.0 if node is self.trie._root else self._best[id(node)]
+            steps = self._steps[id(node)] = [self._best_below(node[t]) - above for t in self.trie.allowed_next(prefix)]
+        return steps
+
+    def offset(self, key: str) -> float:
+        return self._offsets[key]

@@ -16,7 +16,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from genret.decoding import EmbeddingReranker
+from genret.decoding import EmbeddingReranker, hubness_prior
+from genret.trie import IdPrior
 from genret.model_store import ModelStoreError, StoredModel
 
 from .engine import Engine, EngineError, InputTooLong, make_engine
@@ -30,9 +31,10 @@ class SearchHit(BaseModel):
     model_config = ConfigDict(extra="allow")  # further metadata from the id store passes through
     image_id: str
     url: str
-    score: float = Field(description="the id's log-probability given the query (higher is better); with "
-                               "re-ranking on, plus GENRET_RERANK_WEIGHT x the query-image similarity, minus "
-                               "GENRET_HUBNESS_WEIGHT x the image's hubness")
+    score: float = Field(description="the id's log-probability given the query (higher is better), minus "
+                               "GENRET_BEAM_HUBNESS_WEIGHT x the image's hubness; with re-ranking on, plus "
+                               "GENRET_RERANK_WEIGHT x the query-image similarity, minus GENRET_HUBNESS_WEIGHT x "
+                               "the image's hubness")
     caption: str | None = None
 
 
@@ -83,6 +85,11 @@ class Services:
         if settings.hubness_weight > 0 and not self.stored.has_image_hubness:
             raise ModelStoreError(f"{self.stored.path}: GENRET_HUBNESS_WEIGHT={settings.hubness_weight:g} needs the "
                                   "model's image_hubness.npy, which models trained before it lack: retrain it")
+        if settings.beam_hubness_weight > 0 and not self.stored.has_image_hubness:
+            raise ModelStoreError(f"{self.stored.path}: GENRET_BEAM_HUBNESS_WEIGHT={settings.beam_hubness_weight:g} "
+                                  "needs the model's image_hubness.npy, which models trained before it lack: retrain it")
+        # over the stored model's one catalog trie, which the engines search
+        self.prior: IdPrior | None = hubness_prior(self.stored, settings.beam_hubness_weight)
 
     async def load(self) -> None:
         try:
@@ -188,15 +195,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
     async def search(body: SearchRequest) -> SearchResponse:
         """Top-k catalog images for a text query, by the model's trie-constrained beam search (with
+        GENRET_BEAM_HUBNESS_WEIGHT > 0, searching by log-probability minus that x hubness; with
         GENRET_RERANK_WEIGHT or GENRET_HUBNESS_WEIGHT > 0, a wider beam re-ranked by the two-tower)."""
         engine = services.require_engine()
 
         async def run():
             if services.reranker is None:
-                hits = await engine.search(body.query, body.k, max(settings.beams, body.k))
+                hits = await engine.search(body.query, body.k, max(settings.beams, body.k), services.prior)
             else:  # a wider beam, re-scored with the two-tower (GENIUS)
                 beams = max(settings.rerank_beams, body.k)
-                hits = await engine.search(body.query, beams, beams)
+                hits = await engine.search(body.query, beams, beams, services.prior)
                 [hits] = await asyncio.to_thread(services.reranker, [body.query], [hits])
                 hits = hits[: body.k]
             return hits, await id_store.lookup([h.key for h in hits])

@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 
 from genret.decoding import Hit
 from genret.model_store import StoredModel
+from genret.trie import IdPrior
 
 from .settings import Settings
 
@@ -35,9 +36,10 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    async def search(self, query: str, k: int, beams: int) -> list[Hit]:
+    async def search(self, query: str, k: int, beams: int, prior: IdPrior | None = None) -> list[Hit]:
         """At most k distinct catalog keys, best first, by trie-constrained beam search of width
-        max(beams, k); a score is the id's summed token log-probability given the query."""
+        max(beams, k); a score is the id's summed token log-probability given the query, plus
+        its offset under `prior` (built over the engine's trie), which the beam searches by."""
 
     async def describe(self, key: str) -> str: ...
 

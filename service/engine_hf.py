@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from genret.decoding import Hit, TransformersEngine
 from genret.model_store import StoredModel
+from genret.trie import IdPrior
 
 from .engine import EngineError
 
@@ -57,8 +58,8 @@ class HFEngine:
             raise EngineError("the transformers engine is not loaded")
         return self._engine
 
-    async def search(self, query: str, k: int, beams: int) -> list[Hit]:
-        [hits] = await self._run(self.engine.search, [query], k=k, beams=max(beams, k))
+    async def search(self, query: str, k: int, beams: int, prior: IdPrior | None = None) -> list[Hit]:
+        [hits] = await self._run(self.engine.search, [query], k=k, beams=max(beams, k), prior=prior)
         return hits
 
     async def describe(self, key: str) -> str:

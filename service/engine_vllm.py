@@ -30,6 +30,7 @@ import torch
 from genret.decoding import Hit
 from genret.model_store import StoredModel
 from genret.prompts import Prompts
+from genret.trie import IdPrior
 
 from .engine import EngineError, InputTooLong
 from .settings import Settings
@@ -181,8 +182,10 @@ class VLLMEngine:
         [position] = (await self._generate(prompt, params, soft_prefix)).logprobs
         return {t: position[t].logprob for t in tokens}
 
-    async def search(self, query: str, k: int, beams: int) -> list[Hit]:
+    async def search(self, query: str, k: int, beams: int, prior: IdPrior | None = None) -> list[Hit]:
         trie, end = self.trie, self.end
+        if prior is not None and prior.trie is not trie:
+            raise ValueError("the prior was built over another trie")
         prompt = self.prompts.retrieve(query)
         soft = await self._query_soft_prefix(query)
         self._check_fits(prompt, trie.max_depth(), 0 if soft is None else len(soft))
@@ -193,6 +196,9 @@ class VLLMEngine:
         for _ in range(trie.max_depth()):
             steps = await asyncio.gather(*(self.next_logprobs(prompt + list(seq), trie.allowed_next(seq), soft)
                                            for _, seq in running))
+            if prior is not None:  # each token's step offset (genret.trie.IdPrior), as TrieMask adds it
+                offsets = [dict(zip(trie.allowed_next(seq), prior.step_offsets(seq))) for _, seq in running]
+                steps = [{t: lp + offset[t] for t, lp in lps.items()} for lps, offset in zip(steps, offsets)]
             candidates = heapq.nlargest(2 * beams, ((score + lp, seq + (t,)) for (score, seq), lps in zip(running, steps)
                                                     for t, lp in lps.items()), key=lambda c: c[0])
             running = []

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
                                   "hubness (how close the two-tower put it to the training captions), so images "
                                   "that were never captioned are not outranked by ones that were")
     rerank_beams: int = Field(50, ge=1, description="the beam width a re-ranked search reads")
+    beam_hubness_weight: float = Field(0.0, ge=0, description="0 = off; else the beam search itself subtracts this x "
+                                       "each image's hubness from its id's score (genret.decoding.hubness_prior), "
+                                       "so never-captioned images reach even a narrow beam without re-ranking")
     max_query_chars: int = Field(1000, ge=1)
     max_answer_tokens: int = Field(48, ge=1, le=1024)
     request_timeout_s: float = Field(30.0, gt=0)

@@ -69,7 +69,27 @@ def test_search_reranks_at_the_weight_given(capsys, tiny_model_dir, tiny_catalog
         with pytest.raises(SystemExit) as exited:
             main(["search", str(tiny_model_dir), "a rocket", "--rerank", "--rerank-weight", bad])
         err = capsys.readouterr().err
-        assert exited.value.code == 2 and "is not a re-ranking weight" in err and "Traceback" not in err
+        assert exited.value.code == 2 and "is not a weight" in err and "Traceback" not in err
+
+
+def test_search_and_evaluate_with_the_hubness_prior_in_the_beam(capsys, tiny_model_dir, tiny_catalog, tmp_path):
+    from genret.decoding import TransformersEngine, hubness_prior
+    from genret.model_store import StoredModel
+
+    query = "a rocket on a launch pad"
+    code, out, _ = run(capsys, "search", str(tiny_model_dir), query, "-k", "2", "--beam-hubness-weight", "20")
+    stored = StoredModel.open(tiny_model_dir)
+    [expected] = TransformersEngine(stored, device="cpu").search([query], k=2, prior=hubness_prior(stored, 20))
+    assert code == 0 and [line.split()[1] for line in out.strip().splitlines()] == [h.key for h in expected]
+    queries = tmp_path / "queries.csv"
+    queries.write_text("image,caption\n" + "".join(f"{img.key},{img.captions[1]}\n" for img in tiny_catalog))
+    code, out, _ = run(capsys, "evaluate", str(tiny_model_dir), "--queries", str(queries), "--beams", "2",
+                       "--beam-hubness-weight", "20", "--out", str(tmp_path / "result.json"))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert code == 0 and result["beam_hubness_weight"] == 20.0 and 0 <= result["R@1"] <= 1
+    with pytest.raises(SystemExit) as exited:
+        main(["search", str(tiny_model_dir), "a rocket", "--beam-hubness-weight", "-3"])
+    assert exited.value.code == 2 and "is not a weight" in capsys.readouterr().err
 
 
 def test_evaluate_reports_recall_at_each_rerank_weight(capsys, tiny_model_dir, tiny_catalog, tmp_path):

@@ -92,6 +92,33 @@ def test_the_rerank_weights_are_the_pair_best_on_the_dev_queries(bench):
     assert bench._dev_weights(row, "catalog_wide") == "0, 20 / 0, 20"
 
 
+def test_the_beam_hubness_weight_is_the_one_best_on_the_dev_queries_and_reported(bench, tmp_path):
+    def recalls(r10, r5=0.5, h=0.0):
+        return {"R@1": 0.1, "R@5": r5, "R@10": r10, "beam_hubness_weight": h, "seconds_per_query": 0.01}
+
+    dev = {"by_weight": {"0": recalls(0.5), "5": recalls(0.7), "10": recalls(0.7), "20": recalls(0.7, r5=0.6)}}
+    assert bench.best_beam_hubness_weight(dev) == 20.0  # R@10 ties, then R@5
+    dev["by_weight"]["20"] = recalls(0.7)
+    assert bench.best_beam_hubness_weight(dev) == 5.0  # a full tie: the smaller weight
+    run = {"test": recalls(0.8), "catalog": recalls(0.4), "test_prior": recalls(0.85, h=5.0),
+           "catalog_prior": recalls(0.6, h=20.0), "dev_prior": dev, "dev_catalog_prior": dev,
+           "catalog_wide_prior": {**recalls(0.6), "reranked_by_weight": {"0,0": recalls(0.6), "1000,1000": recalls(0.8)}},
+           "dev_catalog_wide_prior": {**recalls(0.6), "reranked_by_weight": {"0,0": recalls(0.5), "1000,1000": recalls(0.7)}}}
+    bench.at_dev_weight(run)  # the wide beam searched with the prior is re-ranked at its own dev pair
+    assert run["catalog_wide_prior"]["reranked_dev"] == {"weight": 1000.0, "hubness_weight": 1000.0, **recalls(0.8)}
+    row = bench.over_seeds([run, {**run, "catalog_prior": recalls(0.5, h=40.0)}])
+    assert row["beam_hubness_weights"] == {"test_prior": [5.0, 5.0], "catalog_prior": [20.0, 40.0]}
+    assert row["catalog_prior"]["R@10"] == pytest.approx(0.55)
+    meta = {"setting": "cpu", "catalog_images": 300, "train_captions": 1000, "queries": 250, "test_images": 50,
+            "dev_queries": 250, "dev_images": 50, "beams": 10, "wide_beams": 50, "machine": "CPU", "command": "x"}
+    bench.write_report(tmp_path, {"dense": {"test": recalls(0.9), "catalog": recalls(0.5)}, "atomic": row}, meta)
+    report = (tmp_path / "results.md").read_text()
+    assert "| atomic (2 seeds) | 0.100 ± 0.000 | 0.500 ± 0.000 | 0.850 ± 0.000 | 0.100 ± 0.000 | 0.500 ± 0.000 | " \
+           "0.550 ± 0.050 |  | 0.100 ± 0.000 / 0.500 ± 0.000 / 0.800 ± 0.000 | 5 / 5; 20 / 40 | 1000, 1000 / 1000, 1000 |" \
+           in report
+    assert report.count("| dense |") == 1  # the dense rows have no prior table row
+
+
 @pytest.mark.skipif(not (FLICKR8K / "captions.csv").exists(), reason="Flickr8k is not present")
 def test_dev_and_test_images_are_memorized_but_never_trained_on_with_their_captions(bench):
     protocol = bench.build_catalog(FLICKR8K, bench.SETTINGS["cpu"])

@@ -20,7 +20,7 @@ from genret.identifiers import (
     StructuredIds,
     make_scheme,
 )
-from genret.trie import IdTrie
+from genret.trie import IdPrior, IdTrie
 
 N, DIM, N_CLUSTERS = 300, 16, 10
 TOPICS = [
@@ -409,3 +409,54 @@ def test_trie_mask_allows_exactly_each_beams_next_tokens(seqs, data):
         allowed = set(trie.allowed_next(row[prompt_width:]) or [0])
         assert {t for t in range(8) if torch.isfinite(out[t])} == allowed
         assert all(out[t] == before[t] for t in allowed)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seqs=ID_SEQUENCES, data=st.data())
+def test_prior_steps_add_up_to_each_ids_offset_and_lead_with_the_best_below(seqs, data):
+    """Walking down to an id and its end token adds exactly its offset; after each step a prefix
+    carries the best offset of any id below it, so the search meets an offset at its first token."""
+    trie = IdTrie({f"k{i}": s for i, s in enumerate(seqs)}, end_token=0)
+    offsets = {f"k{i}": data.draw(st.floats(-5, 5)) for i in range(len(seqs))}
+    prior = IdPrior(trie, offsets)
+    for i, s in enumerate(seqs):
+        walked, prefix = 0.0, []
+        for token in [*s, 0]:
+            allowed = trie.allowed_next(prefix)
+            walked += prior.step_offsets(prefix)[allowed.index(token)]
+            prefix.append(token)
+            below = [offsets[f"k{j}"] for j, other in enumerate(seqs) if other[:len(prefix)] == prefix
+                     or (token == 0 and other == prefix[:-1])]
+            assert walked == pytest.approx(max(below))
+        assert walked == pytest.approx(offsets[f"k{i}"])
+    assert prior.step_offsets([4, 4, 4, 4, 4, 4, 4]) == []  # off the trie: nothing is allowed
+
+
+def test_prior_needs_an_offset_for_every_id():
+    with pytest.raises(ValueError, match="no prior offset for 1 ids"):
+        IdPrior(IdTrie({"a": [1], "b": [2]}, end_token=0), {"a": 0.0})
+
+
+@settings(max_examples=50, deadline=None)
+@given(seqs=ID_SEQUENCES, data=st.data())
+def test_trie_mask_with_a_prior_adds_each_tokens_step_offset(seqs, data):
+    import torch
+
+    from genret.decoding import TrieMask
+
+    trie = IdTrie({f"k{i}": s for i, s in enumerate(seqs)}, end_token=0)
+    prior = IdPrior(trie, {f"k{i}": data.draw(st.floats(-5, 5)) for i in range(len(seqs))})
+    depth, rows = data.draw(st.integers(0, 6)), []
+    for _ in range(data.draw(st.integers(1, 8))):
+        prefix: list[int] = []
+        while len(prefix) < depth:
+            prefix.append(data.draw(st.sampled_from(trie.allowed_next(prefix) or [0])))
+        rows.append([7] + prefix)
+    scores = torch.randn(len(rows), 8, dtype=torch.float64).log_softmax(-1)
+    masked = TrieMask(trie, 1, prior)(torch.tensor(rows), scores)
+    for row, out, before in zip(rows, masked, scores):
+        allowed = trie.allowed_next(row[1:])
+        steps = prior.step_offsets(row[1:]) if allowed else [0.0]
+        for token, step in zip(allowed or [0], steps):
+            assert out[token].item() == pytest.approx(before[token].item() + step)
+        assert {t for t in range(8) if torch.isfinite(out[t])} == set(allowed or [0])

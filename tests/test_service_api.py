@@ -174,6 +174,27 @@ def test_rerank_weights_reorder_a_wider_beam_by_the_two_tower(run, hf_engine, ti
         assert [hit["image_id"] for hit in results] == [h.key for _, h in least]
 
 
+def test_beam_hubness_weight_searches_by_the_prior(run, hf_engine):
+    """GENRET_BEAM_HUBNESS_WEIGHT steers the search itself: the service's narrow beam (3) returns
+    what the engine returns with the model's hubness prior, scores included."""
+    from genret.decoding import hubness_prior
+
+    query = "an animal in a field"
+    served = Served(run, create_app(Settings(**SETTINGS, beam_hubness_weight=20.0), engine=hf_engine))
+    try:
+        r = run(served.client.post("/search", json={"query": query, "k": 3}))
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+    finally:
+        served.close()
+    expected = run(hf_engine.search(query, 3, SETTINGS["beams"], hubness_prior(hf_engine.stored, 20.0)))
+    assert [hit["image_id"] for hit in results] == [h.key for h in expected]
+    assert [hit["score"] for hit in results] == pytest.approx([h.score for h in expected])
+    assert expected != run(hf_engine.search(query, 3, SETTINGS["beams"]))
+    with pytest.raises(ValidationError, match="beam_hubness_weight"):
+        Settings(beam_hubness_weight=-1)
+
+
 def test_rerank_weight_on_a_model_without_a_two_tower_fails_at_startup(tiny_model_dir, tmp_path):
     from genret.decoding import EmbeddingReranker
     from genret.model_store import ModelStoreError
@@ -191,7 +212,7 @@ def test_rerank_weight_on_a_model_without_a_two_tower_fails_at_startup(tiny_mode
 
 
 def test_hubness_weight_on_a_model_without_image_hubness_fails_at_startup(tiny_model_dir, tmp_path):
-    from genret.decoding import EmbeddingReranker
+    from genret.decoding import EmbeddingReranker, hubness_prior
     from genret.model_store import ModelStoreError
 
     older = tmp_path / "older"  # a model saved before image_hubness.npy existed
@@ -199,6 +220,10 @@ def test_hubness_weight_on_a_model_without_image_hubness_fails_at_startup(tiny_m
     (older / "image_hubness.npy").unlink()
     with pytest.raises(ModelStoreError, match="GENRET_HUBNESS_WEIGHT=50 needs the model's image_hubness.npy"):
         create_app(Settings(model=str(older), engine="transformers", hubness_weight=50))
+    with pytest.raises(ModelStoreError, match="GENRET_BEAM_HUBNESS_WEIGHT=5 needs the model's image_hubness.npy"):
+        create_app(Settings(model=str(older), engine="transformers", beam_hubness_weight=5))
+    with pytest.raises(ModelStoreError, match="lacks image_hubness.npy"):
+        hubness_prior(StoredModel.open(older), 5)
     with pytest.raises(ModelStoreError, match="lacks image_hubness.npy"):
         EmbeddingReranker(StoredModel.open(older), hubness_weight=50)
     assert EmbeddingReranker(StoredModel.open(older), weight=5).image_hubness is None  # re-ranking alone still works

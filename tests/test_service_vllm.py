@@ -79,6 +79,18 @@ def test_top_k_beam_search_is_the_transformers_engines(run, vllm_engine, hf_engi
         assert [x.score for x in v] == pytest.approx([x.score for x in h], abs=1e-3)
 
 
+def test_a_hubness_prior_searches_as_in_the_transformers_engine(run, vllm_engine, hf_engine):
+    from genret.decoding import hubness_prior
+
+    prior = hubness_prior(vllm_engine.stored, 2.0)  # over the stored model's one trie, which both engines search
+    for query in QUERIES:
+        for k, beams in ((1, 1), (3, 3)):
+            v = run(vllm_engine.search(query, k=k, beams=beams, prior=prior))
+            h = run(hf_engine.search(query, k=k, beams=beams, prior=prior))
+            assert [x.key for x in v] == [x.key for x in h], query
+            assert [x.score for x in v] == pytest.approx([x.score for x in h], abs=1e-3)
+
+
 words = st.lists(st.sampled_from("a the dog red sky moon of zebra 42 ü ??? space coffee cat # \n".split(" ")),
                  min_size=1, max_size=12)
 
