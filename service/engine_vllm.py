@@ -153,7 +153,8 @@ class VLLMEngine:
                                f"the engine's max_model_len={self.settings.max_model_len}")
 
     async def next_logprobs(self, prompt: list[int], allowed: list[int], soft_prefix=None) -> dict[int, float]:
-        """The log-probability of each allowed next token after [soft prefix] + `prompt`."""
+        """The log-probability of each allowed next token after [soft prefix] + `prompt`, in the
+        order of `allowed` (a prior's step offsets are matched to them by position)."""
         n = self.max_listed_tokens
         if len(allowed) <= n:
             return await self._listed_logprobs(prompt, allowed, soft_prefix)
@@ -197,8 +198,8 @@ class VLLMEngine:
             steps = await asyncio.gather(*(self.next_logprobs(prompt + list(seq), trie.allowed_next(seq), soft)
                                            for _, seq in running))
             if prior is not None:  # each token's step offset (genret.trie.IdPrior), as TrieMask adds it
-                offsets = [dict(zip(trie.allowed_next(seq), prior.step_offsets(seq))) for _, seq in running]
-                steps = [{t: lp + offset[t] for t, lp in lps.items()} for lps, offset in zip(steps, offsets)]
+                steps = [{t: lp + offset for (t, lp), offset in zip(lps.items(), prior.step_offsets(seq))}
+                         for (_, seq), lps in zip(running, steps)]
             candidates = heapq.nlargest(2 * beams, ((score + lp, seq + (t,)) for (score, seq), lps in zip(running, steps)
                                                     for t, lp in lps.items()), key=lambda c: c[0])
             running = []
