@@ -201,10 +201,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
 
         async def run():
             if services.reranker is None:
-                hits = await engine.search(body.query, body.k, max(settings.beams, body.k), services.prior)
+                hits = await engine.search(body.query, body.k, max(settings.beams, body.k), prior=services.prior)
             else:  # a wider beam, re-scored with the two-tower (GENIUS)
                 beams = max(settings.rerank_beams, body.k)
-                hits = await engine.search(body.query, beams, beams, services.prior)
+                hits = await engine.search(body.query, beams, beams, prior=services.prior)
                 [hits] = await asyncio.to_thread(services.reranker, [body.query], [hits])
                 hits = hits[: body.k]
             return hits, await id_store.lookup([h.key for h in hits])

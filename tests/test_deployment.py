@@ -323,7 +323,7 @@ class StubEngine:
     async def close(self):
         pass
 
-    async def search(self, query, k, beams):
+    async def search(self, query, k, beams, prior=None):
         from genret.decoding import Hit
 
         return [Hit(key, -float(i)) for i, key in enumerate(self.keys[:k])]
