@@ -150,19 +150,24 @@ def test_before_the_engine_is_loaded_it_is_alive_but_not_ready(run, tiny_model_d
     assert search.status_code == describe.status_code == 503 and "loading" in search.json()["detail"]
 
 
+def search_served(run, settings: Settings, engine, query: str, k: int) -> list[dict]:
+    """The results of one POST /search to an app served with these settings on this engine."""
+    served = Served(run, create_app(settings, engine=engine))
+    try:
+        r = run(served.client.post("/search", json={"query": query, "k": k}))
+        assert r.status_code == 200, r.text
+        return r.json()["results"]
+    finally:
+        served.close()
+
+
 @pytest.mark.parametrize("weight, hubness_weight", [(1000.0, 0.0), (0.0, 1e6)])
 def test_rerank_weights_reorder_a_wider_beam_by_the_two_tower(run, hf_engine, tiny_catalog, weight, hubness_weight):
     from genret.decoding import EmbeddingReranker
 
     query, beams = "an animal in a field", 20  # a wider beam than the 8-image catalog
-    served = Served(run, create_app(Settings(**SETTINGS, rerank_weight=weight, hubness_weight=hubness_weight,
-                                             rerank_beams=beams), engine=hf_engine))
-    try:
-        r = run(served.client.post("/search", json={"query": query, "k": 3}))
-        assert r.status_code == 200, r.text
-        results = r.json()["results"]
-    finally:
-        served.close()
+    results = search_served(run, Settings(**SETTINGS, rerank_weight=weight, hubness_weight=hubness_weight,
+                                          rerank_beams=beams), hf_engine, query, k=3)
     plain = run(hf_engine.search(query, beams, beams))
     reranker = EmbeddingReranker(hf_engine.stored, weight, hubness_weight=hubness_weight)
     [expected] = reranker([query], [plain])
@@ -180,13 +185,7 @@ def test_beam_hubness_weight_searches_by_the_prior(run, hf_engine):
     from genret.decoding import hubness_prior
 
     query = "an animal in a field"
-    served = Served(run, create_app(Settings(**SETTINGS, beam_hubness_weight=20.0), engine=hf_engine))
-    try:
-        r = run(served.client.post("/search", json={"query": query, "k": 3}))
-        assert r.status_code == 200, r.text
-        results = r.json()["results"]
-    finally:
-        served.close()
+    results = search_served(run, Settings(**SETTINGS, beam_hubness_weight=20.0), hf_engine, query, k=3)
     expected = run(hf_engine.search(query, 3, SETTINGS["beams"], hubness_prior(hf_engine.stored, 20.0)))
     assert [hit["image_id"] for hit in results] == [h.key for h in expected]
     assert [hit["score"] for hit in results] == pytest.approx([h.score for h in expected])
