@@ -17,8 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from genret.decoding import EmbeddingReranker, hubness_prior
-from genret.trie import IdPrior
 from genret.model_store import ModelStoreError, StoredModel
+from genret.trie import IdPrior
 
 from .engine import Engine, EngineError, InputTooLong, make_engine
 from .id_store import EmbeddedIdStore, IdStore, IdStoreUnavailable, RedisIdStore
@@ -82,12 +82,11 @@ class Services:
             raise ModelStoreError(f"{self.stored.path}: re-ranking (GENRET_RERANK_WEIGHT={settings.rerank_weight:g}, "
                                   f"GENRET_HUBNESS_WEIGHT={settings.hubness_weight:g}) needs the model's "
                                   "alignment.safetensors and image_embeddings.npy, which it lacks")
-        if settings.hubness_weight > 0 and not self.stored.has_image_hubness:
-            raise ModelStoreError(f"{self.stored.path}: GENRET_HUBNESS_WEIGHT={settings.hubness_weight:g} needs the "
-                                  "model's image_hubness.npy, which models trained before it lack: retrain it")
-        if settings.beam_hubness_weight > 0 and not self.stored.has_image_hubness:
-            raise ModelStoreError(f"{self.stored.path}: GENRET_BEAM_HUBNESS_WEIGHT={settings.beam_hubness_weight:g} "
-                                  "needs the model's image_hubness.npy, which models trained before it lack: retrain it")
+        for name, weight in (("GENRET_HUBNESS_WEIGHT", settings.hubness_weight),
+                             ("GENRET_BEAM_HUBNESS_WEIGHT", settings.beam_hubness_weight)):
+            if weight > 0 and not self.stored.has_image_hubness:
+                raise ModelStoreError(f"{self.stored.path}: {name}={weight:g} needs the model's image_hubness.npy, "
+                                      "which models trained before it lack: retrain it")
         # over the stored model's one catalog trie, which the engines search
         self.prior: IdPrior | None = hubness_prior(self.stored, settings.beam_hubness_weight)
 
