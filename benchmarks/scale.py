@@ -1,6 +1,6 @@
 """Scale benchmark: search latency, throughput and bytes per item as the catalog grows.
 
-Generative retrieval (trie-constrained beam search over structured or RQ identifiers, with the
+Generative retrieval (trie-constrained beam search over structured, RQ or atomic identifiers, with the
 product's own reference engine `genret.decoding.TransformersEngine.search`) against dense search
 over the same number of vectors (brute force with `genret.alignment.dense_rank`, FAISS exact
 `IndexFlatIP`, FAISS `IndexHNSWFlat` and `IndexIVFPQ`), on the same machine, in one run.
@@ -15,8 +15,11 @@ What is synthetic, and why that is enough for what is measured:
     seeded stream), so every size sees the same data;
   * identifiers are assigned to those vectors by the product's own schemes (`StructuredIds`,
     branching 32; `ResidualQuantizationIds`, 3 levels x 256 codes, collisions get one more
-    code), unchanged: their k-means fits on at most 256 points per centroid and assigns every
-    point to its nearest centroid, so "build s" is what a catalog of that size costs;
+    code; `AtomicIds`, one new token per item), unchanged: their k-means fits on at most 256
+    points per centroid and assigns every point to its nearest centroid, so "build s" is what a
+    catalog of that size costs;
+  * every generative search is timed again with a hubness prior (`genret.trie.IdPrior`, random
+    offsets) inside the beam search;
   * the language model is a randomly initialised `LlamaForCausalLM` with SmolLM2-135M's shape
     cut to 2 layers (the `cpu` training setting), vocabulary = a few hundred text tokens + the
     identifier tokens. Its weights are random: latency is measured, not accuracy;
@@ -46,6 +49,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import weakref
 import zlib
 from pathlib import Path
 
@@ -80,12 +84,17 @@ WORDS = ("a an the dog dogs man woman girl boy child children people person two 
 METHODS = {  # slug -> label
     "gen-structured": "generative, structured ids (b=32)",
     "gen-rq": "generative, RQ ids (3x256)",
+    "gen-atomic": "generative, atomic ids (one token per item)",
     "brute-force": "brute force (torch matmul + top-k)",
     "faiss-flat": "FAISS IndexFlatIP (exact)",
     "faiss-hnsw": "FAISS HNSW (M=32, efSearch=64)",
     "faiss-ivfpq": "FAISS IVF-PQ (sqrt(N) lists, 32 B codes, nprobe=16)",
 }
-SCHEMES = {"gen-structured": ("structured", {"branching": 32}), "gen-rq": ("rq", {"levels": 3, "codebook_size": 256})}
+SCHEMES = {"gen-structured": ("structured", {"branching": 32}), "gen-rq": ("rq", {"levels": 3, "codebook_size": 256}),
+           "gen-atomic": ("atomic", {})}
+# the hubness prior (genret.trie.IdPrior) is timed on every generative search with offsets drawn
+# uniformly from [-PRIOR_SPREAD, 0]: its cost depends on the trie's shape, not on the values
+PRIOR_SPREAD = 20.0
 HNSW_M, HNSW_EF_SEARCH = 32, 64
 # FAISS 1.15 computes exact (flat) distances with its own SIMD kernels unless the work passes
 # `distance_compute_blas_threshold` (default 128,000), so a batch of 32 x 256-d queries still
@@ -172,6 +181,7 @@ def make_engine(lm, trie, prompts):
         def __init__(self):  # no model store: the LM, trie and prompts are given; text prompts only
             self.device, self.lm, self.trie, self.prompts = "cpu", lm, trie, prompts
             self.query_soft_prefix, self.cache_prompts = None, True
+            self._mask_tensors = weakref.WeakKeyDictionary()
 
     return SyntheticEngine()
 
@@ -280,6 +290,8 @@ def run_generative(method: str, n: int, x: np.ndarray, args, log) -> dict:
     single_probe = (probe.seconds, probe.calls)
     batch_hits = engine.search(batches[1] if len(batches) > 1 else batches[0], k=K, beams=K, trie=probe)
     hits += [h for row in batch_hits for h in row]
+    prior = time_prior(engine, trie, keys, singles, batches, args)
+    log(f"  with a prior: p50 {prior['p50_ms']:.2f} ms, {prior['qps']:.1f} q/s (built in {prior['build_s']:.2f}s)")
     catalog = set(keys)
     invalid = sum(1 for seq, key in probe.returned if key is None or key not in catalog or list(seq) != sequences[key])
     hits_outside = sum(1 for h in hits if h.key not in catalog)
@@ -309,12 +321,36 @@ def run_generative(method: str, n: int, x: np.ndarray, args, log) -> dict:
         "hits_outside_catalog": hits_outside,
         "hits_per_query_min": min(len(r) for r in batch_hits),
         "sample_hit": hits[0].key if hits else None,
+        "prior": prior,
     }
     if invalid or hits_outside:
         log(f"  WARNING: {invalid} beams and {hits_outside} hits outside the catalog")
     del engine, lm, trie, sequences
     gc.collect()
     return result
+
+
+def time_prior(engine, trie, keys: list[str], singles, batches, args) -> dict:
+    """The same searches with a hubness prior (random offsets): what building it costs, the
+    latency and throughput with it, and the bytes it holds (tracemalloc of its build)."""
+    from genret.trie import IdPrior
+
+    offsets = dict(zip(keys, (-PRIOR_SPREAD * np.random.default_rng(3).random(len(keys))).tolist()))
+    gc.collect()
+    tracemalloc.start()  # a first build, traced (which slows it): the bytes the prior holds,
+    traced = IdPrior(trie, offsets)
+    traced.step_offsets([])  # with the root's step offsets, which every search reads
+    prior_bytes = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    del traced
+    gc.collect()
+    started = time.perf_counter()
+    prior = IdPrior(trie, offsets)
+    build_s = time.perf_counter() - started
+    timing = measure(lambda q: engine.search([q], k=K, beams=K, prior=prior),
+                     lambda qs: engine.search(qs, k=K, beams=K, prior=prior),
+                     singles, batches, args.warmup, args.min_seconds)
+    return {**timing, "build_s": build_s, "bytes": prior_bytes}
 
 
 # --------------------------------------------------------------------------- dense search
@@ -484,6 +520,19 @@ def tables(results: dict, sizes: list[int]) -> list[str]:
             lines.append(f"| {label} | {fmt_n(n)} | {fmt(r['build_s'])} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | "
                          f"{fmt(r['cpu_p50_ms'])} | {fmt(r['qps'])} @{r['batch']} | {fmt(r['bytes_per_item'])} | "
                          f"{r['load_avg']:.1f} | {details} |")
+    lines += ["", "## The hubness prior's cost", "",
+              "The same searches with an `IdPrior` (random offsets) added inside the beam search.", "",
+              "| method | N | p50 ms, plain | p50 ms, with prior | CPU p50 ms, plain / with | queries/s @batch, plain | "
+              "with prior | prior build s | prior bytes/item |", "|---|---|---|---|---|---|---|---|---|"]
+    for slug, label in METHODS.items():
+        for n in sizes:
+            r = results.get(slug, {}).get(str(n))
+            if r is None or "prior" not in r:
+                continue
+            pr = r["prior"]
+            lines.append(f"| {label} | {fmt_n(n)} | {fmt(r['p50_ms'])} | {fmt(pr['p50_ms'])} | "
+                         f"{fmt(r['cpu_p50_ms'])} / {fmt(pr['cpu_p50_ms'])} | {fmt(r['qps'])} @{r['batch']} | "
+                         f"{fmt(pr['qps'])} | {fmt(pr['build_s'])} | {fmt(pr['bytes'] / n)} |")
     return lines
 
 

@@ -7,6 +7,7 @@ implements the same interface and must agree with this one on greedy top-1.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,12 @@ class TransformersEngine:
         self.prompts = Prompts(self.tokenizer)
         self.trie = stored.trie()
         self.query_soft_prefix = stored.load_query_soft_prefix(self.device)
+        self._mask_tensors = weakref.WeakKeyDictionary()
+
+    def mask_tensors(self, trie: IdTrie, prior: IdPrior | None) -> dict:
+        """TrieMask's device tensors for this trie and prior, kept across searches for as long as
+        the trie (or the prior, which belongs to one trie) is alive elsewhere."""
+        return self._mask_tensors.setdefault(prior if prior is not None else trie, {})
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, prompts))
@@ -76,8 +83,11 @@ class TransformersEngine:
         end = self.prompts.end
         out = self.lm.generate(
             **inputs, num_beams=beams, num_return_sequences=beams, max_new_tokens=trie.max_depth(),
-            logits_processor=LogitsProcessorList([TrieMask(trie, width, prior)]), do_sample=False,
-            length_penalty=0.0, early_stopping=True, output_scores=True, output_logits=True,
+            logits_processor=LogitsProcessorList([TrieMask(trie, width, prior, self.mask_tensors(trie, prior))]),
+            do_sample=False,
+            # beam search's scores come with output_scores, greedy's are re-read from the logits; each
+            # is a (batch x beams, vocabulary) tensor per step, so ask only for the one needed
+            length_penalty=0.0, early_stopping=True, output_scores=beams > 1, output_logits=beams == 1,
             return_dict_in_generate=True, pad_token_id=end, eos_token_id=end,
         )
         sequences = out.sequences[:, width:].tolist()
@@ -131,13 +141,19 @@ class TrieMask(LogitsProcessor):
     same trie node share one write (at the first step every beam is at the root, and with
     thousands of atomic ids those per-beam writes were most of a search's time). A finished
     sequence may only repeat the end token. With a prior, an allowed token gets its step
-    offset instead of 0."""
+    offset instead of 0.
 
-    def __init__(self, trie: IdTrie, prompt_width: int, prior: IdPrior | None = None):
+    `tensors` carries each node's device tensors from one search to the next (the engine keeps
+    one per trie and prior): with a million atomic ids, turning the root's list into a tensor
+    took a quarter of a second every search. Each group's mask is one dense row, broadcast to its
+    beams, which is cheaper than writing (beams x allowed) indices one by one."""
+
+    def __init__(self, trie: IdTrie, prompt_width: int, prior: IdPrior | None = None, tensors: dict | None = None):
         self.trie, self.width, self.prior = trie, prompt_width, prior
-        self.end_only = [trie.end_token]
-        # id(allowed list) -> its token ids on the device, and their offsets (0 without a prior)
-        self._tensors: dict[int, tuple[torch.Tensor, torch.Tensor | float]] = {}
+        # id(allowed list) -> its token ids on the device, and their offsets (0 without a prior);
+        # the trie's lists live as long as it does, and so does the end-only list kept here
+        self._tensors: dict = {} if tensors is None else tensors
+        self.end_only = self._tensors.setdefault("end only", [trie.end_token])
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         # the trie caches each node's list, so one list is one node (or the shared end-only list)
@@ -148,12 +164,17 @@ class TrieMask(LogitsProcessor):
         mask = torch.full_like(scores, float("-inf"))
         for key, (allowed, rows, prefix) in groups.items():
             if key not in self._tensors:
-                offsets = 0.0
+                offsets = None
                 if self.prior is not None and allowed is not self.end_only:
                     offsets = torch.tensor(self.prior.step_offsets(prefix), dtype=scores.dtype, device=scores.device)
                 self._tensors[key] = (torch.tensor(allowed, device=scores.device), offsets)
             tokens, offsets = self._tensors[key]
-            mask[torch.tensor(rows, device=scores.device)[:, None], tokens] = offsets
+            row = torch.full_like(scores[0], float("-inf"))
+            if offsets is None:
+                row.index_fill_(0, tokens, 0.0)
+            else:
+                row.index_copy_(0, tokens, offsets)
+            mask[torch.tensor(rows, device=scores.device)] = row
         return scores + mask
 
 
@@ -176,10 +197,7 @@ def hubness_prior(stored: StoredModel, weight: float, trie: IdTrie | None = None
     (re-ranking can only reorder what the beam kept). None at weight 0."""
     if weight == 0:
         return None
-    hubness = stored.image_hubness()
-    if hubness is None:
-        raise ModelStoreError(f"{stored.path} lacks image_hubness.npy (models trained before it existed): "
-                              "retrain it to search with a hubness prior")
+    hubness = stored.required_image_hubness("search with a hubness prior")
     offsets = {key: -weight * float(h) for key, h in zip(stored.catalog.keys(), hubness)}
     return IdPrior(trie or stored.trie(), offsets)
 
@@ -199,10 +217,8 @@ class EmbeddingReranker:
         self.encode = stored.load_query_encoder(device)
         self.row = {k: i for i, k in enumerate(stored.catalog.keys())}
         self.image_embeddings = stored.image_embeddings()
-        self.image_hubness = stored.image_hubness()
-        if hubness_weight > 0 and self.image_hubness is None:
-            raise ModelStoreError(f"{stored.path} lacks image_hubness.npy (models trained before it existed): "
-                                  "retrain it to re-rank with a hubness weight")
+        self.image_hubness = (stored.required_image_hubness("re-rank with a hubness weight") if hubness_weight > 0
+                              else stored.image_hubness())
         self.weight, self.hubness_weight, self.device = weight, hubness_weight, device
 
     @torch.inference_mode()

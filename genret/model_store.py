@@ -246,3 +246,11 @@ class StoredModel:
     def image_hubness(self) -> np.ndarray | None:
         path = self.path / "image_hubness.npy"
         return np.load(path) if path.exists() else None
+
+    def required_image_hubness(self, purpose: str) -> np.ndarray:
+        """The images' hubness, or a ModelStoreError saying the model must be retrained to `purpose`."""
+        hubness = self.image_hubness()
+        if hubness is None:
+            raise ModelStoreError(f"{self.path} lacks image_hubness.npy (models trained before it existed): "
+                                  f"retrain it to {purpose}")
+        return hubness

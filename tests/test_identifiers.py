@@ -404,7 +404,9 @@ def test_trie_mask_allows_exactly_each_beams_next_tokens(seqs, data):
             prefix.append(data.draw(st.sampled_from(trie.allowed_next(prefix) or [0])))
         rows.append([7, 7] + prefix)
     scores = torch.randn(len(rows), 8).log_softmax(-1)
-    masked = TrieMask(trie, prompt_width)(torch.tensor(rows), scores)
+    tensors: dict = {}  # as the engine keeps them from one search to the next
+    masked = TrieMask(trie, prompt_width, tensors=tensors)(torch.tensor(rows), scores)
+    assert torch.equal(TrieMask(trie, prompt_width, tensors=tensors)(torch.tensor(rows), scores), masked)
     for row, out, before in zip(rows, masked, scores):
         allowed = set(trie.allowed_next(row[prompt_width:]) or [0])
         assert {t for t in range(8) if torch.isfinite(out[t])} == allowed
@@ -453,7 +455,9 @@ def test_trie_mask_with_a_prior_adds_each_tokens_step_offset(seqs, data):
             prefix.append(data.draw(st.sampled_from(trie.allowed_next(prefix) or [0])))
         rows.append([7] + prefix)
     scores = torch.randn(len(rows), 8, dtype=torch.float64).log_softmax(-1)
-    masked = TrieMask(trie, 1, prior)(torch.tensor(rows), scores)
+    tensors: dict = {}
+    masked = TrieMask(trie, 1, prior, tensors)(torch.tensor(rows), scores)
+    assert torch.equal(TrieMask(trie, 1, prior, tensors)(torch.tensor(rows), scores), masked)
     for row, out, before in zip(rows, masked, scores):
         allowed = trie.allowed_next(row[1:])
         steps = prior.step_offsets(row[1:]) if allowed else [0.0]

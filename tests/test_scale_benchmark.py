@@ -68,7 +68,7 @@ def test_quick_run_writes_every_method_and_size(quick_run):
 def test_generative_search_stays_inside_the_catalog(quick_run):
     out, _ = quick_run
     data = json.loads((out / "results.json").read_text())
-    for slug in ("gen-structured", "gen-rq"):
+    for slug in ("gen-structured", "gen-rq", "gen-atomic"):
         for n, r in data["results"][slug].items():
             assert r["checked_beams"] > 0 and r["hits_checked"] > 0, (slug, n)
             assert r["beams_outside_catalog"] == 0, (slug, n)
@@ -76,6 +76,10 @@ def test_generative_search_stays_inside_the_catalog(quick_run):
             assert r["hits_per_query_min"] == min(10, int(n)), (slug, n)
             assert r["decode_steps_max"] == r["id_tokens_max"] + 1
             assert int(r["sample_hit"][3:]) < int(n)  # keys are img0000000 .. img{n-1}
+            prior = r["prior"]  # the same searches, timed with a hubness prior
+            assert prior["p50_ms"] > 0 and prior["qps"] > 0 and prior["bytes"] > 0 and prior["build_s"] >= 0
+    assert data["results"]["gen-atomic"][str(n)]["id_tokens_max"] == 1
+    assert "## The hubness prior's cost" in (out / "results.md").read_text()
 
 
 def test_exact_dense_methods_agree(quick_run):
@@ -100,7 +104,7 @@ def test_synthetic_catalogs_nest_and_ids_are_unique():
     assert np.array_equal(small, large[:500])
     assert np.allclose(np.linalg.norm(large, axis=1), 1.0, atol=1e-5)
     keys = scale.catalog_keys(300)
-    for method in ("gen-structured", "gen-rq"):
+    for method in ("gen-structured", "gen-rq", "gen-atomic"):
         assignment = scale.assign_ids(method, keys, scale.catalog_vectors(300))
         sequences = scale.tokenize_ids(assignment, 512)
         assert len({tuple(s) for s in sequences.values()}) == len(keys)
