@@ -42,19 +42,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("GENRET_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
 
+# A run's name spells out each lever it uses (below), so every setting starts from the plain
+# model, not from TrainConfig's defaults (the recipe the levers found: atomic+pq+qp+ai+fz).
+PLAIN = dict(query_tokens=0, pseudo_queries="none", id_embeddings="mean", freeze_id_rows=False)
 # name -> (train, dev and test images, training config, evaluation beams)
 SETTINGS = {
     "cpu": dict(train_images=200, dev_images=50, test_images=50, beams=10, wide_beams=50, config=dict(
         num_layers=2, memorize_epochs=3, retrieve_epochs=8, batch_size=32, lr=2e-3, prefix_lr=3e-3,
-        embedding_lr=1e-2, describe=False, ask=False, align_epochs=40, query_tokens=0)),
+        embedding_lr=1e-2, describe=False, ask=False, align_epochs=40, **PLAIN)),
     "gpu": dict(train_images=None, dev_images=None, test_images=None, beams=20, wide_beams=50, config=dict(
         num_layers=None, memorize_epochs=3, retrieve_epochs=8, batch_size=128, lr=3e-4, prefix_lr=1e-3,
-        embedding_lr=3e-3, describe=True, ask=True, align_epochs=40, query_tokens=0)),
+        embedding_lr=3e-3, describe=True, ask=True, align_epochs=40, **PLAIN)),
     # the full protocol's data and model, trained briefly and for retrieval alone, to fit one
     # 10-minute GPU call (a lease here is 15 minutes of device time, its start and uploads included)
     "gpu-short": dict(train_images=None, dev_images=None, test_images=None, beams=20, wide_beams=50, config=dict(
         num_layers=None, memorize_epochs=2, retrieve_epochs=4, batch_size=128, lr=3e-4, prefix_lr=1e-3,
-        embedding_lr=3e-3, describe=False, ask=False, align_epochs=40, query_tokens=0)),
+        embedding_lr=3e-3, describe=False, ask=False, align_epochs=40, **PLAIN)),
 }
 # A run is named by its identifier scheme and "+"-joined levers, each a set of TrainConfig
 # fields on top of the setting's config (so "rq+pq+qp+res2+layers4" needs no code):

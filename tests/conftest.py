@@ -17,9 +17,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 TINY_IMAGES = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "coins.jpg", "horse.jpg", "moon.jpg",
                "motorcycle.jpg", "rocket.jpg"]
-TINY_CONFIG = dict(scheme="structured", scheme_options={"branching": 4}, num_layers=2, memorize_epochs=4,
-                   retrieve_epochs=16, batch_size=16, lr=2e-3, prefix_lr=3e-3, align_epochs=20, warmup_steps=5,
-                   query_tokens=0)
+# the size of every test model: seconds to a minute or two of training on a CPU
+TINY_SIZE = dict(num_layers=2, memorize_epochs=4, retrieve_epochs=16, batch_size=16, lr=2e-3, prefix_lr=3e-3,
+                 align_epochs=20, warmup_steps=5)
+# structured ids and a text-only retrieve prompt, none of the defaults' levers
+TINY_CONFIG = dict(scheme="structured", scheme_options={"branching": 4}, **TINY_SIZE, query_tokens=0,
+                   id_embeddings="mean", pseudo_queries="none")
 # the same with the query's aligned embedding as a soft prefix (genret.model.QueryPrefix)
 TINY_QUERY_PREFIX_CONFIG = {**TINY_CONFIG, "scheme": "rq", "scheme_options": {"levels": 2, "codebook_size": 4},
                             "query_tokens": 2}
@@ -63,5 +66,17 @@ def tiny_query_prefix_model_dir(tiny_catalog, tmp_path_factory):
     return root / "model"
 
 
+@pytest.fixture(scope="session")
+def tiny_default_model_dir(tiny_catalog, tmp_path_factory):
+    """A tiny model of TrainConfig's defaults, what `genret train` gives with no options (atomic
+    ids with aligned, frozen rows and the query prefix)."""
+    from genret.training import TrainConfig, Trainer
+
+    root = tmp_path_factory.mktemp("tiny_default_model")
+    Trainer(tiny_catalog, TrainConfig(**TINY_SIZE), root / "run", progress=False).train(root / "model")
+    return root / "model"
+
+
 # module fixtures that take `params=MODEL_KINDS` run their module once per kind of model
-MODEL_KINDS = {"text prompt": "tiny_model_dir", "query prefix": "tiny_query_prefix_model_dir"}
+MODEL_KINDS = {"text prompt": "tiny_model_dir", "query prefix": "tiny_query_prefix_model_dir",
+               "defaults": "tiny_default_model_dir"}

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from genret import cli
 from genret.cli import main
 
 
@@ -107,3 +108,9 @@ def test_evaluate_reports_recall_at_each_rerank_weight(capsys, tiny_model_dir, t
     result = json.loads((tmp_path / "result.json").read_text())
     assert code == 0 and set(result["reranked_by_weight"]) == {"0,0", "0,100", "20,0", "20,100"}
     assert result["reranked"]["hubness_weight"] == 5.0
+
+
+def test_the_cli_offers_every_identifier_scheme():
+    from genret.identifiers import SCHEMES
+
+    assert set(cli.SCHEME_NAMES) == set(SCHEMES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -53,6 +54,17 @@ def test_a_subset_trie_only_returns_that_subset(engine, tiny_catalog):
     subset = random.Random(0).sample(tiny_catalog.keys(), 3)
     [hits] = engine.search(["a photo"], k=10, beams=10, trie=engine.stored.trie(subset))
     assert {h.key for h in hits} == set(subset)
+
+
+def test_mask_tensors_kept_across_searches_live_as_long_as_their_trie(engine, tiny_catalog):
+    subset = engine.stored.trie(tiny_catalog.keys()[:3])
+    first = engine.search(["a photo of the moon"], k=3, trie=subset)
+    assert engine.mask_tensors(subset, None)  # filled by the search, and read by the next
+    assert engine.search(["a photo of the moon"], k=3, trie=subset) == first
+    kept = len(engine._mask_tensors)
+    del subset
+    gc.collect()
+    assert len(engine._mask_tensors) == kept - 1
 
 
 def test_a_prior_over_every_id_is_the_plain_ranking_plus_each_ids_offset(engine, tiny_catalog):

@@ -31,8 +31,8 @@ QUERIES = ["a rocket at night", "an astronaut in an orange suit", "a cup of brow
 
 @pytest.fixture(scope="module", params=list(MODEL_KINDS))
 def stored(request):
-    """Both kinds of model: token prompts, and prompts that start with the query prefix
-    (sent to vLLM as prompt embeddings)."""
+    """Each kind of model: token prompts, prompts that start with the query prefix (sent to
+    vLLM as prompt embeddings), and the training defaults (atomic ids, with the prefix)."""
     return StoredModel.open(request.getfixturevalue(MODEL_KINDS[request.param]))
 
 

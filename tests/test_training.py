@@ -55,6 +55,21 @@ def test_frozen_id_rows_without_aligned_start_are_refused():
     TrainConfig(**{**SHORT, "scheme": "string", "freeze_id_rows": True})
 
 
+def test_the_defaults_are_the_measured_recipe_and_freeze_only_atomic_aligned_rows():
+    """TrainConfig's defaults are what measured best on Flickr8k (atomic+pq+qp+ai+fz); frozen rows
+    follow the scheme unless set: an atomic id's aligned row is its image's own direction, while
+    shared codes (and rows that start at the mean) must train."""
+    config = TrainConfig()
+    assert (config.scheme, config.id_embeddings, config.freeze_id_rows, config.pseudo_queries, config.query_tokens) \
+        == ("atomic", "aligned", True, "neighbors", 4)
+    assert TrainConfig(scheme="rq").freeze_id_rows is False
+    assert TrainConfig(scheme="structured").freeze_id_rows is False
+    assert TrainConfig(id_embeddings="mean").freeze_id_rows is False  # nothing to keep: rows train
+    assert TrainConfig(scheme="rq", freeze_id_rows=True).freeze_id_rows is True  # as asked
+    assert TrainConfig(freeze_id_rows=False).freeze_id_rows is False
+    assert TrainConfig(**TrainConfig(scheme="rq").model_dump()) == TrainConfig(scheme="rq")  # recorded resolved
+
+
 def test_frozen_id_rows_stay_where_they_start_while_word_rows_train(tiny_catalog, tmp_path):
     catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
     config = TrainConfig(**{**SHORT, "scheme": "atomic", "scheme_options": {}, "id_embeddings": "aligned",
@@ -97,7 +112,11 @@ def test_a_run_begun_before_an_option_existed_still_resumes():
     config = TrainConfig(**SHORT)
     recorded = config.model_dump()
     del recorded["id_embeddings"]  # as written by a version without that option
-    assert config.differences(recorded) == []
+    assert config.differences(recorded) == []  # it trained as 'mean' did, though the default is now 'aligned'
+    # a run from before freeze_id_rows trained its rows: today's frozen default would be another model
+    atomic = TrainConfig(**{**SHORT, "scheme": "atomic", "scheme_options": {}, "id_embeddings": "aligned"})
+    before = {k: v for k, v in atomic.model_dump().items() if k != "freeze_id_rows"}
+    assert atomic.differences(before) == ["freeze_id_rows"]
     assert TrainConfig(**{**SHORT, "id_embeddings": "aligned"}).differences(recorded) == ["id_embeddings"]
     assert config.differences({**recorded, "an_option_since_removed": 1}) == []
 
