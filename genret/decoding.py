@@ -161,7 +161,7 @@ class TrieMask(LogitsProcessor):
         for row, prefix in enumerate(input_ids[:, self.width:].tolist()):
             allowed = self.trie.allowed_next(prefix) or self.end_only
             groups.setdefault(id(allowed), (allowed, [], prefix))[1].append(row)
-        mask = torch.full_like(scores, float("-inf"))
+        mask = torch.empty_like(scores)  # the groups cover every row, and each writes its rows whole
         for key, (allowed, rows, prefix) in groups.items():
             if key not in self._tensors:
                 offsets = None
