@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from .identifiers import SCHEMES
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -21,7 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_STORE = Path(os.environ.get("GENRET_MODEL_STORE", REPO / "model_store"))
 RUNS = Path(os.environ.get("GENRET_RUNS", REPO / "runs"))
 
-SCHEME_NAMES = ("string", "numeric", "semantic", "structured", "atomic", "rq")  # genret.identifiers.SCHEMES
 # Named starting points; any field can still be changed with --set key=value.
 PRESETS: dict[str, dict] = {
     # seconds on a CPU: enough to memorize a few dozen images (tests, the demo)
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duplicates", default="error", choices=["error", "keep", "drop"],
                    help="what to do with repeated (image, caption) rows")
     p.add_argument("--name", required=True)
-    p.add_argument("--scheme", choices=SCHEME_NAMES,
+    p.add_argument("--scheme", choices=list(SCHEMES),
                    help="identifier scheme (default: atomic, with rows aligned and frozen; see README)")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config field")
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="train the demo model if needed, then retrieve with it")
     p.add_argument("--name", default="demo")
-    p.add_argument("--scheme", choices=SCHEME_NAMES, help="identifier scheme (default: atomic)")
+    p.add_argument("--scheme", choices=list(SCHEMES), help="identifier scheme (default: atomic)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--device")

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from genret import cli
 from genret.cli import main
 
 
@@ -110,7 +109,13 @@ def test_evaluate_reports_recall_at_each_rerank_weight(capsys, tiny_model_dir, t
     assert result["reranked"]["hubness_weight"] == 5.0
 
 
-def test_the_cli_offers_every_identifier_scheme():
+@pytest.mark.parametrize("argv", [["train", "--name", "x", "--images", "i", "--captions", "c"], ["demo"]],
+                         ids=["train", "demo"])
+def test_the_cli_offers_every_identifier_scheme(capsys, argv):
     from genret.identifiers import SCHEMES
 
-    assert set(cli.SCHEME_NAMES) == set(SCHEMES)
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--scheme", "nope"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and all(f"'{name}'" in err for name in SCHEMES)
