@@ -156,9 +156,14 @@ class TrieMask(LogitsProcessor):
         self.end_only = self._tensors.setdefault("end only", [trie.end_token])
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores + self.mask(input_ids[:, self.width:].tolist(), scores)
+
+    def mask(self, prefixes: list[list[int]], scores: torch.Tensor) -> torch.Tensor:
+        """What to add to each row of `scores`, whose id so far is that row's prefix: -inf off
+        the trie, 0 (or the prior's step offset) on it."""
         # the trie caches each node's list, so one list is one node (or the shared end-only list)
         groups: dict[int, tuple[list[int], list[int], list[int]]] = {}  # -> (allowed, rows, a prefix)
-        for row, prefix in enumerate(input_ids[:, self.width:].tolist()):
+        for row, prefix in enumerate(prefixes):
             allowed = self.trie.allowed_next(prefix) or self.end_only
             groups.setdefault(id(allowed), (allowed, [], prefix))[1].append(row)
         mask = torch.empty_like(scores)  # the groups cover every row, and each writes its rows whole
@@ -175,7 +180,7 @@ class TrieMask(LogitsProcessor):
             else:
                 row.index_copy_(0, tokens, offsets)
             mask[torch.tensor(rows, device=scores.device)] = row
-        return scores + mask
+        return mask
 
 
 def _greedy_scores(out, width: int, end: int) -> list[float]:
@@ -191,7 +196,16 @@ def _until_end(sequence: list[int], end: int) -> list[int]:
     return sequence[: sequence.index(end)] if end in sequence else sequence
 
 
-def hubness_prior(stored: StoredModel, weight: float, trie: IdTrie | None = None) -> IdPrior | None:
+class HubnessPrior(IdPrior):
+    """An IdPrior made from the stored images' hubness at one weight, which is all another
+    process (vLLM's engine core) needs to build the same one."""
+
+    def __init__(self, trie: IdTrie, offsets: dict[str, float], weight: float):
+        super().__init__(trie, offsets)
+        self.weight = weight
+
+
+def hubness_prior(stored: StoredModel, weight: float, trie: IdTrie | None = None) -> HubnessPrior | None:
     """The hubness term of re-ranking moved inside the search: each id's offset is -weight x its
     image's hubness, so a beam of 10 can reach the uncaptioned images the model under-scores
     (re-ranking can only reorder what the beam kept). None at weight 0."""
@@ -199,7 +213,7 @@ def hubness_prior(stored: StoredModel, weight: float, trie: IdTrie | None = None
         return None
     hubness = stored.required_image_hubness("search with a hubness prior")
     offsets = {key: -weight * float(h) for key, h in zip(stored.catalog.keys(), hubness)}
-    return IdPrior(trie or stored.trie(), offsets)
+    return HubnessPrior(trie or stored.trie(), offsets, weight)
 
 
 class EmbeddingReranker:

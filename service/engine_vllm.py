@@ -2,15 +2,17 @@
 
 vLLM has no trie-constrained beam search, so search runs the beam search here, one token
 position per step: every live beam of every concurrent search becomes a one-token request
-(prompt = query prompt + the beam's id tokens) for the log-probabilities of exactly the
-trie's allowed next tokens. All of them are in flight together, so vLLM batches them, and
-prefix caching keeps the shared prompt from being recomputed. Candidates only ever come
-from `IdTrie.allowed_next`, so an id outside the catalog cannot be produced.
+(prompt = query prompt + the beam's id tokens) for its best 2 x beams next tokens. The trie
+itself runs inside vLLM's engine process (service.vllm_trie_mask.TrieLogitsProcessor): it
+turns each such request's logits into the log-probabilities of the allowed next tokens and
+-inf elsewhere, so an id outside the catalog cannot be produced, and a trie node of any width
+(a million atomic ids at the root) is one request. All of a step's requests are in flight
+together, so vLLM batches them, and prefix caching keeps the shared prompt from being recomputed.
 
-Scores are raw log-probabilities (log-softmax over the whole vocabulary, before the trie
-mask), summed over the id's tokens and its end token, and the beam bookkeeping follows
-transformers' beam search (2*beams candidates per step, finished ids only from the top
-`beams`, stop when `beams` ids are finished), so both engines rank alike.
+Scores are log-probabilities over the whole vocabulary (the trie only masks), summed over the
+id's tokens and its end token, plus the hubness prior's offsets when one is given, and the
+beam bookkeeping follows transformers' beam search (2*beams candidates per step, finished ids
+only from the top `beams`, stop when `beams` ids are finished), so both engines rank alike.
 
 Prompts are token ids from genret.prompts (vLLM token prompts), exactly as in training.
 A model trained with a query prefix (genret.model.QueryPrefix) starts its retrieve prompt
@@ -27,18 +29,13 @@ import heapq
 import uuid
 
 import torch
-from genret.decoding import Hit
+from genret.decoding import HubnessPrior, Hit
 from genret.model_store import StoredModel
 from genret.prompts import Prompts
 from genret.trie import IdPrior
 
 from .engine import EngineError, InputTooLong
 from .settings import Settings
-
-# vLLM returns the log-probs of at most this many named tokens (`logprob_token_ids`) per request
-# (vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS); it is also far below the 1024 allowed_token_ids
-# that vLLM's GPU model runner accepts.
-MAX_LISTED_TOKENS = 128
 
 
 class VLLMEngine:
@@ -52,7 +49,6 @@ class VLLMEngine:
         self.end = stored.end_token
         if self.end != self.prompts.end:
             raise EngineError(f"{stored.path}: manifest end token {self.end} is not the tokenizer's eos {self.prompts.end}")
-        self.max_listed_tokens = MAX_LISTED_TOKENS
         # with a query prefix (loaded by start(), beside the engine): query texts -> soft tokens,
         # and the LM's token-embedding rows to spell the rest of the prompt
         self.query_soft_prefix = self.token_embeddings = None
@@ -67,6 +63,8 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
 
+        from .vllm_trie_mask import TrieLogitsProcessor
+
         s, cpu = self.settings, current_platform.is_cpu()
         return AsyncEngineArgs(
             model=str(self.stored.lm_path),
@@ -77,8 +75,11 @@ class VLLMEngine:
             max_num_seqs=s.max_num_seqs,
             enable_prefix_caching=True,  # every beam step repeats the query prompt
             enable_prompt_embeds=self.stored.uses_query_prefix,
-            max_logprobs=MAX_LISTED_TOKENS,
-            logprobs_mode="raw_logprobs",  # before the allowed-token mask: transformers' scale
+            logits_processors=[TrieLogitsProcessor],
+            # a step's top-N log-probs after the trie processor, which has put each allowed
+            # token's log-probability (over the whole vocabulary) in its logit
+            logprobs_mode="processed_logits",
+            max_logprobs=2 * max(s.beams, s.max_k, s.rerank_beams),
             disable_log_stats=True,
             seed=0,
         )
@@ -152,17 +153,18 @@ class VLLMEngine:
             raise InputTooLong(f"the prompt is {length} tokens; with {new_tokens} to generate it exceeds "
                                f"the engine's max_model_len={self.settings.max_model_len}")
 
-    async def next_logprobs(self, prompt: list[int], allowed: list[int], soft_prefix=None) -> dict[int, float]:
-        """The log-probability of each allowed next token after [soft prefix] + `prompt`, in the
-        order of `allowed` (a prior's step offsets are matched to them by position)."""
-        n = self.max_listed_tokens
-        if len(allowed) <= n:
-            return await self._listed_logprobs(prompt, allowed, soft_prefix)
-        # A wide node (atomic ids: one token per image) takes several requests on the same
-        # prompt; prefix caching computes the prompt once and vLLM batches them.
-        parts = await asyncio.gather(*(self._listed_logprobs(prompt, allowed[i:i + n], soft_prefix)
-                                       for i in range(0, len(allowed), n)))
-        return {t: lp for part in parts for t, lp in part.items()}
+    async def best_next(self, prompt: list[int], prefix: tuple[int, ...], n: int, hubness_weight: float,
+                        soft_prefix=None) -> dict[int, float]:
+        """The n best allowed next tokens after [soft prefix] + prompt + the id `prefix`, each with its
+        log-probability (plus the prior's step offset)."""
+        from vllm import SamplingParams
+
+        from .vllm_trie_mask import step_args
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=n, detokenize=False,
+                                extra_args=step_args(prefix, hubness_weight))
+        [position] = (await self._generate(prompt + list(prefix), params, soft_prefix)).logprobs
+        return {t: p.logprob for t, p in position.items() if p.logprob != float("-inf")}
 
     async def _query_soft_prefix(self, query: str):
         """The query prefix's soft tokens for this query, or None for a text-only model."""
@@ -171,22 +173,14 @@ class VLLMEngine:
         # MiniLM on the CPU takes milliseconds per query: off the event loop all the same
         return await asyncio.to_thread(lambda: self.query_soft_prefix([query])[0])
 
-    async def _listed_logprobs(self, prompt: list[int], tokens: list[int], soft_prefix=None) -> dict[int, float]:
-        # Only `logprob_token_ids`, never `logprobs=N`: vLLM 0.32 gives a logprobs=N request that
-        # shares a batch with a logprob_token_ids one only its sampled token's log-prob.
-        # allowed_token_ids does not change the scores; it keeps even the token that vLLM
-        # samples (and that is ignored) inside the trie.
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=tokens, logprob_token_ids=tokens,
-                                detokenize=False)
-        [position] = (await self._generate(prompt, params, soft_prefix)).logprobs
-        return {t: position[t].logprob for t in tokens}
-
     async def search(self, query: str, k: int, beams: int, prior: IdPrior | None = None) -> list[Hit]:
         trie, end = self.trie, self.end
         if prior is not None and prior.trie is not trie:
             raise ValueError("the prior was built over another trie")
+        if prior is not None and not isinstance(prior, HubnessPrior):
+            raise ValueError("the vLLM engine searches with a hubness prior (genret.decoding.hubness_prior) only: "
+                             "its engine process rebuilds the prior from its weight")
+        hubness_weight = 0.0 if prior is None else prior.weight
         prompt = self.prompts.retrieve(query)
         soft = await self._query_soft_prefix(query)
         self._check_fits(prompt, trie.max_depth(), 0 if soft is None else len(soft))
@@ -195,11 +189,9 @@ class VLLMEngine:
         running: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
         finished: list[tuple[float, tuple[int, ...]]] = []
         for _ in range(trie.max_depth()):
-            steps = await asyncio.gather(*(self.next_logprobs(prompt + list(seq), trie.allowed_next(seq), soft)
-                                           for _, seq in running))
-            if prior is not None:  # each token's step offset (genret.trie.IdPrior), as TrieMask adds it
-                steps = [{t: lp + offset for (t, lp), offset in zip(lps.items(), prior.step_offsets(seq))}
-                         for (_, seq), lps in zip(running, steps)]
+            steps = await asyncio.gather(*(
+                self.best_next(prompt, seq, min(2 * beams, len(trie.allowed_next(seq))), hubness_weight, soft)
+                for _, seq in running))
             candidates = heapq.nlargest(2 * beams, ((score + lp, seq + (t,)) for (score, seq), lps in zip(running, steps)
                                                     for t, lp in lps.items()), key=lambda c: c[0])
             running = []

@@ -131,17 +131,42 @@ def test_concurrent_requests_batch_and_agree_with_sequential_ones(run, client, v
     assert most_in_flight > len(QUERIES), "the engine never had the concurrent searches' steps in flight together"
 
 
-def test_wide_trie_nodes_split_into_several_requests_agree(run, vllm_engine):
-    """Atomic ids make nodes wider than the 128 tokens vLLM scores per request; such a node is
-    scored by several requests at once. Here every node is "wide" (1 token per request)."""
-    listed = run(vllm_engine.search("a horse in a field", k=8, beams=8))
-    vllm_engine.max_listed_tokens = 1
+def test_each_beam_step_is_one_request_whatever_the_nodes_width(run, vllm_engine):
+    """The trie runs inside vLLM (service.vllm_trie_mask): a beam's step is one request for its
+    best next tokens, never one per slice of a wide node. (benchmarks/vllm_search.py, and its
+    test, grow a catalog to hundreds of atomic ids at the root.)"""
+    requests, generate = [], vllm_engine._generate
+
+    async def counted(*args, **kwargs):
+        requests.append(args[1])
+        return await generate(*args, **kwargs)
+
+    vllm_engine._generate = counted
     try:
-        whole = run(vllm_engine.search("a horse in a field", k=8, beams=8))
+        hits = run(vllm_engine.search("a horse in a field", k=3, beams=3))
     finally:
-        vllm_engine.max_listed_tokens = 128
-    assert [h.key for h in whole] == [h.key for h in listed]
-    assert [h.score for h in whole] == pytest.approx([h.score for h in listed], abs=1e-4)
+        vllm_engine._generate = generate
+    depth, width = vllm_engine.trie.max_depth(), len(vllm_engine.trie.first_tokens)
+    assert len(hits) == 3 and 1 < len(requests) <= 1 + 3 * (depth - 1)
+    assert requests[0].logprobs == min(6, width) and requests[0].extra_args["genret_trie_step"]["prefix"] == []
+
+
+def test_a_prior_the_engine_process_cannot_rebuild_is_refused(run, vllm_engine):
+    from genret.trie import IdPrior
+
+    prior = IdPrior(vllm_engine.trie, {key: 0.0 for key in vllm_engine.stored.catalog.keys()})
+    with pytest.raises(ValueError, match="hubness prior"):
+        run(vllm_engine.search("a horse in a field", k=3, beams=3, prior=prior))
+
+
+def test_a_malformed_trie_step_is_refused_by_vllm(run, vllm_engine):
+    from vllm import SamplingParams
+
+    from service.vllm_trie_mask import STEP
+
+    params = SamplingParams(max_tokens=1, logprobs=2, extra_args={STEP: {"prefix": "nope", "hubness_weight": 0}})
+    with pytest.raises(Exception, match="prefix"):
+        run(vllm_engine._generate(vllm_engine.prompts.retrieve("a horse"), params))
 
 
 def test_describe_and_ask_match_the_transformers_engine(run, client, hf_engine):
