@@ -125,14 +125,15 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "queries": len(ms)}
 
 
-async def measure_vllm(stored, queries: list[str], warmup: int, in_flight: int, log) -> dict:
+async def measure_vllm(stored, queries: list[str], args, log) -> dict:
     from genret.decoding import hubness_prior
     from service.engine_vllm import VLLMEngine
     from service.settings import Settings
 
-    engine = VLLMEngine(stored, Settings(gpu_memory_utilization=0.2, max_model_len=512, max_k=K, beams=BEAMS,
-                                         rerank_beams=BEAMS))
-    started = time.perf_counter()
+    warmup, in_flight = args.warmup, args.in_flight
+    started = time.perf_counter()  # the engine's start: its tokenizer and trie, then vLLM's
+    engine = VLLMEngine(stored, Settings(gpu_memory_utilization=args.memory_fraction, max_num_seqs=args.max_num_seqs,
+                                         max_model_len=512, max_k=K, beams=BEAMS, rerank_beams=BEAMS))
     await engine.start()
     result = {"engine_start_s": time.perf_counter() - started}
     requests = [0]
@@ -213,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=20, help="sequential searches timed per size (default 20)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--in-flight", type=int, default=16, help="searches at once for throughput (default 16)")
+    parser.add_argument("--memory-fraction", type=float, default=0.2,
+                        help="GENRET_GPU_MEMORY_UTILIZATION: on a CPU the share of RAM vLLM takes (default 0.2; "
+                             "a million ids need about 0.5)")
+    parser.add_argument("--max-num-seqs", type=int, default=256,
+                        help="GENRET_MAX_NUM_SEQS (default 256; vLLM's warm-up holds that many rows of logits, "
+                             "4 MB each at a million ids)")
     args = parser.parse_args(argv)
     if min(args.sizes) < 1 or args.queries < 1:
         parser.error("sizes and --queries must be positive")
@@ -229,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     base = args.base or train_base(args.out / "base")
     queries = demo_queries(args.warmup + args.queries)
     meta = {"sizes": args.sizes, "queries": args.queries, "warmup": args.warmup, "in_flight": args.in_flight,
+            "memory_fraction": args.memory_fraction, "max_num_seqs": args.max_num_seqs,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
                        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"),
             "commit": git_commit(), "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
@@ -241,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             stored = StoredModel.open(grow(base, n, args.out / "models" / str(n)))
             grow_s = time.perf_counter() - started
-            r, hits = asyncio.run(measure_vllm(stored, queries, args.warmup, args.in_flight, log))
+            r, hits = asyncio.run(measure_vllm(stored, queries, args, log))
             timed = queries[args.warmup:]
             r["agreement"] = {"plain": agreement(hits["plain"], reference_hits(stored, timed, 0.0)),
                               "prior": agreement(hits["prior"], reference_hits(stored, timed, PRIOR_WEIGHT))}

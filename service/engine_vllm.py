@@ -74,6 +74,7 @@ class VLLMEngine:
             max_model_len=s.max_model_len,
             max_num_seqs=s.max_num_seqs,
             enable_prefix_caching=True,  # every beam step repeats the query prompt
+            skip_tokenizer_init=True,
             enable_prompt_embeds=self.stored.uses_query_prefix,
             logits_processors=[TrieLogitsProcessor],
             # a step's top-N log-probs after the trie processor, which has put each allowed
