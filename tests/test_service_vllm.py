@@ -151,6 +151,12 @@ def test_each_beam_step_is_one_request_whatever_the_nodes_width(run, vllm_engine
     assert requests[0].logprobs == min(6, width) and requests[0].extra_args["genret_trie_step"]["prefix"] == []
 
 
+def test_vllm_runs_its_v1_model_runner_which_takes_the_trie_processor(vllm_engine):
+    import os
+
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+
+
 def test_a_prior_the_engine_process_cannot_rebuild_is_refused(run, vllm_engine):
     from genret.trie import IdPrior
 
