@@ -198,7 +198,7 @@ def _until_end(sequence: list[int], end: int) -> list[int]:
 
 class HubnessPrior(IdPrior):
     """An IdPrior made from the stored images' hubness at one weight, which is all another
-    process (vLLM's engine core) needs to build the same one."""
+    process (vLLM's, where service.vllm_trie_mask runs) needs to build the same one."""
 
     def __init__(self, trie: IdTrie, offsets: dict[str, float], weight: float):
         super().__init__(trie, offsets)

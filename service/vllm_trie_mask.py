@@ -1,4 +1,4 @@
-"""The id trie inside vLLM's engine process: a logits processor that turns a search step's logits
+"""The id trie inside vLLM's engine: a logits processor that turns a search step's logits
 into the log-probabilities of the trie's allowed next tokens (plus the hubness prior's step
 offsets), and -inf everywhere else.
 
@@ -9,8 +9,8 @@ most 128, so the root of a catalog of atomic ids, one token per image, took a re
 images.) A search request names its beam's id tokens so far, and the prior's weight, in
 `SamplingParams.extra_args[STEP]`; requests without it (describe, ask) pass untouched.
 
-vLLM builds this class in its engine-core process from the served checkpoint's path; the
-trained model's folder around it (genret.model_store) gives the trie and the hubness.
+vLLM builds this class in its model-runner (worker) process, from the served checkpoint's
+path: the trained model's folder around it (genret.model_store) gives the trie and the hubness.
 """
 
 from __future__ import annotations
