@@ -167,13 +167,16 @@ async def measure_vllm(stored, queries: list[str], args, log) -> dict:
     return result, hits
 
 
-def reference_hits(stored, queries: list[str], prior_weight: float):
+def reference_hits(stored, queries: list[str]) -> dict[str, list]:
+    """The transformers engine's hits for the queries, without ("plain") and with ("prior") the
+    hubness prior: one engine (one copy of the LM) for both."""
     from genret.decoding import TransformersEngine, hubness_prior
 
     engine = TransformersEngine(stored, device="cpu")
-    prior = hubness_prior(stored, prior_weight, engine.trie) if prior_weight else None
-    return [hits for i in range(0, len(queries), 8)
-            for hits in engine.search(queries[i:i + 8], k=K, beams=BEAMS, prior=prior)]
+    priors = {"plain": None, "prior": hubness_prior(stored, PRIOR_WEIGHT, engine.trie)}
+    return {name: [hits for i in range(0, len(queries), 8)
+                   for hits in engine.search(queries[i:i + 8], k=K, beams=BEAMS, prior=prior)]
+            for name, prior in priors.items()}
 
 
 def agreement(vllm_hits, reference) -> dict:
@@ -251,9 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             stored = StoredModel.open(grow(base, n, args.out / "models" / str(n)))
             grow_s = time.perf_counter() - started
             r, hits = asyncio.run(measure_vllm(stored, queries, args, log))
-            timed = queries[args.warmup:]
-            r["agreement"] = {"plain": agreement(hits["plain"], reference_hits(stored, timed, 0.0)),
-                              "prior": agreement(hits["prior"], reference_hits(stored, timed, PRIOR_WEIGHT))}
+            reference = reference_hits(stored, queries[args.warmup:])
+            r["agreement"] = {name: agreement(hits[name], reference[name]) for name in ("plain", "prior")}
             r["grow_s"] = grow_s
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(r, indent=1))
