@@ -126,7 +126,6 @@ def percentiles(seconds: list[float]) -> dict:
 
 
 async def measure_vllm(stored, queries: list[str], args, log) -> dict:
-    from genret.decoding import hubness_prior
     from service.engine_vllm import VLLMEngine
     from service.settings import Settings
 
@@ -145,15 +144,14 @@ async def measure_vllm(stored, queries: list[str], args, log) -> dict:
 
     engine._generate = counted
     try:
-        prior = hubness_prior(stored, PRIOR_WEIGHT)
         hits = {}
-        for name, p in (("plain", None), ("prior", prior)):
+        for name, weight in (("plain", 0.0), ("prior", PRIOR_WEIGHT)):
             for q in queries[:warmup]:
-                await engine.search(q, K, BEAMS, prior=p)
+                await engine.search(q, K, BEAMS, hubness_weight=weight)
             seconds, requests[0], hits[name] = [], 0, []
             for q in queries[warmup:]:
                 t = time.perf_counter()
-                hits[name].append(await engine.search(q, K, BEAMS, prior=p))
+                hits[name].append(await engine.search(q, K, BEAMS, hubness_weight=weight))
                 seconds.append(time.perf_counter() - t)
             result[name] = {**percentiles(seconds), "requests_per_search": requests[0] / len(seconds)}
             log(f"  {name}: p50 {result[name]['p50_ms']:.0f} ms, {result[name]['requests_per_search']:.0f} requests a search")

@@ -196,24 +196,17 @@ def _until_end(sequence: list[int], end: int) -> list[int]:
     return sequence[: sequence.index(end)] if end in sequence else sequence
 
 
-class HubnessPrior(IdPrior):
-    """An IdPrior made from the stored images' hubness at one weight, which is all another
-    process (vLLM's, where service.vllm_trie_mask runs) needs to build the same one."""
-
-    def __init__(self, trie: IdTrie, offsets: dict[str, float], weight: float):
-        super().__init__(trie, offsets)
-        self.weight = weight
-
-
-def hubness_prior(stored: StoredModel, weight: float, trie: IdTrie | None = None) -> HubnessPrior | None:
+def hubness_prior(stored: StoredModel, weight: float, trie: IdTrie | None = None) -> IdPrior | None:
     """The hubness term of re-ranking moved inside the search: each id's offset is -weight x its
     image's hubness, so a beam of 10 can reach the uncaptioned images the model under-scores
-    (re-ranking can only reorder what the beam kept). None at weight 0."""
+    (re-ranking can only reorder what the beam kept). None at weight 0. The stored model and the
+    weight decide it, so the service's engines take the weight and build the prior where they
+    search (vLLM's in its worker process)."""
     if weight == 0:
         return None
     hubness = stored.required_image_hubness("search with a hubness prior")
     offsets = {key: -weight * float(h) for key, h in zip(stored.catalog.keys(), hubness)}
-    return HubnessPrior(trie or stored.trie(), offsets, weight)
+    return IdPrior(trie or stored.trie(), offsets)
 
 
 class EmbeddingReranker:

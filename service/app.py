@@ -16,9 +16,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from genret.decoding import EmbeddingReranker, hubness_prior
+from genret.decoding import EmbeddingReranker
 from genret.model_store import ModelStoreError, StoredModel
-from genret.trie import IdPrior
 
 from .engine import Engine, EngineError, InputTooLong, make_engine
 from .id_store import EmbeddedIdStore, IdStore, IdStoreUnavailable, RedisIdStore
@@ -87,8 +86,6 @@ class Services:
             if weight > 0 and not self.stored.has_image_hubness:
                 raise ModelStoreError(f"{self.stored.path}: {name}={weight:g} needs the model's image_hubness.npy, "
                                       "which models trained before it lack: retrain it")
-        # over the stored model's one catalog trie, which the engines search
-        self.prior: IdPrior | None = hubness_prior(self.stored, settings.beam_hubness_weight)
 
     async def load(self) -> None:
         try:
@@ -200,10 +197,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
 
         async def run():
             if services.reranker is None:
-                hits = await engine.search(body.query, body.k, max(settings.beams, body.k), prior=services.prior)
+                hits = await engine.search(body.query, body.k, max(settings.beams, body.k),
+                                           hubness_weight=settings.beam_hubness_weight)
             else:  # a wider beam, re-scored with the two-tower (GENIUS)
                 beams = max(settings.rerank_beams, body.k)
-                hits = await engine.search(body.query, beams, beams, prior=services.prior)
+                hits = await engine.search(body.query, beams, beams, hubness_weight=settings.beam_hubness_weight)
                 [hits] = await asyncio.to_thread(services.reranker, [body.query], [hits])
                 hits = hits[: body.k]
             return hits, await id_store.lookup([h.key for h in hits])

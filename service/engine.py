@@ -11,7 +11,6 @@ from typing import Protocol, runtime_checkable
 
 from genret.decoding import Hit
 from genret.model_store import StoredModel
-from genret.trie import IdPrior
 
 from .settings import Settings
 
@@ -36,10 +35,11 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    async def search(self, query: str, k: int, beams: int, prior: IdPrior | None = None) -> list[Hit]:
+    async def search(self, query: str, k: int, beams: int, hubness_weight: float = 0.0) -> list[Hit]:
         """At most k distinct catalog keys, best first, by trie-constrained beam search of width
-        max(beams, k); a score is the id's summed token log-probability given the query, plus
-        its offset under `prior` (built over the engine's trie), which the beam searches by."""
+        max(beams, k); a score is the id's summed token log-probability given the query, minus
+        hubness_weight x its image's hubness, which the beam searches by (the hubness prior,
+        genret.decoding.hubness_prior, which the engine builds once per weight where it searches)."""
 
     async def describe(self, key: str) -> str: ...
 

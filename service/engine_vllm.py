@@ -30,10 +30,9 @@ import os
 import uuid
 
 import torch
-from genret.decoding import HubnessPrior, Hit
-from genret.model_store import StoredModel
+from genret.decoding import Hit
+from genret.model_store import ModelStoreError, StoredModel
 from genret.prompts import Prompts
-from genret.trie import IdPrior
 
 from .engine import EngineError, InputTooLong
 from .settings import Settings
@@ -176,14 +175,13 @@ class VLLMEngine:
         # MiniLM on the CPU takes milliseconds per query: off the event loop all the same
         return await asyncio.to_thread(lambda: self.query_soft_prefix([query])[0])
 
-    async def search(self, query: str, k: int, beams: int, prior: IdPrior | None = None) -> list[Hit]:
+    async def search(self, query: str, k: int, beams: int, hubness_weight: float = 0.0) -> list[Hit]:
         trie, end = self.trie, self.end
-        if prior is not None and prior.trie is not trie:
-            raise ValueError("the prior was built over another trie")
-        if prior is not None and not isinstance(prior, HubnessPrior):
-            raise ValueError("the vLLM engine searches with a hubness prior (genret.decoding.hubness_prior) only: "
-                             "its engine process rebuilds the prior from its weight")
-        hubness_weight = 0.0 if prior is None else prior.weight
+        if not hubness_weight >= 0:
+            raise ValueError(f"hubness_weight must be >= 0, not {hubness_weight}")
+        if hubness_weight > 0 and not self.stored.has_image_hubness:  # fail here, not in vLLM's worker
+            raise ModelStoreError(f"{self.stored.path} lacks image_hubness.npy (models trained before it "
+                                  "existed): retrain it to search with a hubness prior")
         prompt = self.prompts.retrieve(query)
         soft = await self._query_soft_prefix(query)
         self._check_fits(prompt, trie.max_depth(), 0 if soft is None else len(soft))

@@ -324,7 +324,7 @@ class StubEngine:
     async def close(self):
         pass
 
-    async def search(self, query, k, beams, prior=None):
+    async def search(self, query, k, beams, hubness_weight=0.0):
         from genret.decoding import Hit
 
         return [Hit(key, -float(i)) for i, key in enumerate(self.keys[:k])]

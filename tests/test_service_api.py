@@ -181,12 +181,12 @@ def test_rerank_weights_reorder_a_wider_beam_by_the_two_tower(run, hf_engine, ti
 
 def test_beam_hubness_weight_searches_by_the_prior(run, hf_engine):
     """GENRET_BEAM_HUBNESS_WEIGHT steers the search itself: the service's narrow beam (3) returns
-    what the engine returns with the model's hubness prior, scores included."""
+    what the reference decoder returns with the model's hubness prior, scores included."""
     from genret.decoding import hubness_prior
 
     query = "an animal in a field"
     results = search_served(run, Settings(**SETTINGS, beam_hubness_weight=20.0), hf_engine, query, k=3)
-    expected = run(hf_engine.search(query, 3, SETTINGS["beams"], hubness_prior(hf_engine.stored, 20.0)))
+    [expected] = hf_engine.engine.search([query], k=3, beams=SETTINGS["beams"], prior=hubness_prior(hf_engine.stored, 20.0))
     assert [hit["image_id"] for hit in results] == [h.key for h in expected]
     assert [hit["score"] for hit in results] == pytest.approx([h.score for h in expected])
     assert expected != run(hf_engine.search(query, 3, SETTINGS["beams"]))

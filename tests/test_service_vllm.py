@@ -80,13 +80,10 @@ def test_top_k_beam_search_is_the_transformers_engines(run, vllm_engine, hf_engi
 
 
 def test_a_hubness_prior_searches_as_in_the_transformers_engine(run, vllm_engine, hf_engine):
-    from genret.decoding import hubness_prior
-
-    prior = hubness_prior(vllm_engine.stored, 2.0)  # over the stored model's one trie, which both engines search
     for query in QUERIES:
         for k, beams in ((1, 1), (3, 3)):
-            v = run(vllm_engine.search(query, k=k, beams=beams, prior=prior))
-            h = run(hf_engine.search(query, k=k, beams=beams, prior=prior))
+            v = run(vllm_engine.search(query, k=k, beams=beams, hubness_weight=2.0))
+            h = run(hf_engine.search(query, k=k, beams=beams, hubness_weight=2.0))
             assert [x.key for x in v] == [x.key for x in h], query
             assert [x.score for x in v] == pytest.approx([x.score for x in h], abs=1e-3)
 
@@ -157,12 +154,17 @@ def test_vllm_runs_its_v1_model_runner_which_takes_the_trie_processor(vllm_engin
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
 
 
-def test_a_prior_the_engine_process_cannot_rebuild_is_refused(run, vllm_engine):
-    from genret.trie import IdPrior
+def test_a_hubness_weight_vllms_worker_could_not_use_is_refused_before_it_is_sent(run, vllm_engine, tmp_path):
+    import shutil
 
-    prior = IdPrior(vllm_engine.trie, {key: 0.0 for key in vllm_engine.stored.catalog.keys()})
-    with pytest.raises(ValueError, match="hubness prior"):
-        run(vllm_engine.search("a horse in a field", k=3, beams=3, prior=prior))
+    from genret.model_store import ModelStoreError
+
+    with pytest.raises(ValueError, match="hubness_weight"):
+        run(vllm_engine.search("a horse in a field", k=3, beams=3, hubness_weight=-1.0))
+    older = shutil.copytree(vllm_engine.stored.path, tmp_path / "model")  # a model from before image_hubness.npy
+    (older / "image_hubness.npy").unlink(missing_ok=True)
+    with pytest.raises(ModelStoreError, match="image_hubness"):
+        run(VLLMEngine(StoredModel.open(older), SETTINGS).search("a horse in a field", k=3, beams=3, hubness_weight=2.0))
 
 
 def test_a_malformed_trie_step_is_refused_by_vllm(run, vllm_engine):
