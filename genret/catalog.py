@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,8 +31,11 @@ class CatalogImage:
 
     def __post_init__(self) -> None:
         # Accept lists / str paths from callers but keep the object hashable and immutable.
-        object.__setattr__(self, "path", Path(self.path))
-        object.__setattr__(self, "captions", tuple(self.captions))
+        # (Only where needed: a Path costs microseconds, and a stored catalog can hold a million.)
+        if not isinstance(self.path, Path):
+            object.__setattr__(self, "path", Path(self.path))
+        if not isinstance(self.captions, tuple):
+            object.__setattr__(self, "captions", tuple(self.captions))
 
 
 @dataclass(frozen=True)
@@ -99,20 +103,20 @@ class Catalog:
 
     @classmethod
     def from_records(cls, records: Iterable[dict], root: str | Path | None = None) -> Catalog:
-        base = Path(root).resolve() if root is not None else None
+        base = str(Path(root).resolve()) if root is not None else None
         images = []
         for i, rec in enumerate(records):
             try:
-                key, path, captions = rec["key"], Path(rec["path"]), rec.get("captions", [])
+                key, path, captions = rec["key"], os.fspath(rec["path"]), rec.get("captions", [])
             except (KeyError, TypeError) as e:
                 raise CatalogError(f"records[{i}]: expected an object with 'key' and 'path' ({e!r})") from None
             if not isinstance(key, str) or not key:
                 raise CatalogError(f"records[{i}]: 'key' must be a non-empty string")
             if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
                 raise CatalogError(f"records[{i}]: 'captions' must be a list of strings")
-            if not path.is_absolute():
-                path = (base / path) if base is not None else path.resolve()
-            images.append(CatalogImage(key, path, tuple(captions)))
+            if not os.path.isabs(path):  # joined as strings: one Path per image, not three
+                path = os.path.join(base, path) if base is not None else Path(path).resolve()
+            images.append(CatalogImage(key, Path(path), tuple(captions)))
         return cls(tuple(images))
 
 

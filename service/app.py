@@ -94,7 +94,9 @@ class Services:
                 self.reranker = await asyncio.to_thread(EmbeddingReranker, self.stored, self.settings.rerank_weight,
                                                         hubness_weight=self.settings.hubness_weight)
             await self.engine.start()
-            await self.engine.search("warm up", 1, 1)  # the slow first request (allocations) is not a user's
+            # the slow first request (allocations, and the engine's hubness prior: seconds at a
+            # million ids) is not a user's
+            await self.engine.search("warm up", 1, 1, hubness_weight=self.settings.beam_hubness_weight)
             self.engine_ready = True
             log.info("%s engine ready on model %s in %.1f s", self.engine.name, self.model_name, time.perf_counter() - t)
         except Exception as e:
