@@ -254,6 +254,13 @@ def load_two_tower(path: str | os.PathLike, device: str | None = None) -> TwoTow
     return model.to(device or "cpu").eval()
 
 
+def _float_tensor(array) -> torch.Tensor:
+    """Shares memory where it can; a read-only array (a stored model's memory-mapped embeddings)
+    is copied, since torch tensors cannot be read-only."""
+    array = np.asarray(array, dtype=np.float32)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 @torch.inference_mode()
 def dense_rank(
     query_emb: np.ndarray, image_emb: np.ndarray, k: int, batch_size: int = 1024,
@@ -262,11 +269,11 @@ def dense_rank(
     """Top-k images per query by cosine (inputs are unit vectors), less each image's `penalty`
     if given (e.g. a multiple of its hubness): (Q,k) int64 indices, (Q,k) float32 scores."""
     k = min(k, len(image_emb))
-    images = torch.as_tensor(np.asarray(image_emb), dtype=torch.float32)
-    offset = 0.0 if penalty is None else torch.as_tensor(np.asarray(penalty), dtype=torch.float32)
+    images = _float_tensor(image_emb)
+    offset = 0.0 if penalty is None else _float_tensor(penalty)
     idx, scores = [np.zeros((0, k), np.int64)], [np.zeros((0, k), np.float32)]
     for start in range(0, len(query_emb), batch_size):
-        q = torch.as_tensor(np.asarray(query_emb[start : start + batch_size]), dtype=torch.float32)
+        q = _float_tensor(query_emb[start : start + batch_size])
         top = (q @ images.T - offset).topk(k, dim=1)
         idx.append(top.indices.numpy())
         scores.append(top.values.numpy())
