@@ -187,7 +187,7 @@ class StoredModel:
 
     def load_tokenizer(self):
         """The checkpoint's tokenizer, built straight from its tokenizer.json. AutoTokenizer copies
-        every added token through Python several times: 47 s at a million atomic ids, against 9 s
+        every added token through Python several times: 40 s at a million atomic ids, against 10 s
         this way (benchmarks/SCALE.md). Both tokenize and decode alike (tests/test_memorization.py)."""
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

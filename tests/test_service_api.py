@@ -192,6 +192,8 @@ def test_beam_hubness_weight_searches_by_the_prior(run, hf_engine):
     assert expected != run(hf_engine.search(query, 3, SETTINGS["beams"]))
     with pytest.raises(ValidationError, match="beam_hubness_weight"):
         Settings(beam_hubness_weight=-1)
+    with pytest.raises(ValueError, match="hubness_weight"):
+        run(hf_engine.search(query, 3, SETTINGS["beams"], hubness_weight=-1.0))
 
 
 def test_rerank_weight_on_a_model_without_a_two_tower_fails_at_startup(tiny_model_dir, tmp_path):
