@@ -205,7 +205,7 @@ def hubness_prior(stored: StoredModel, weight: float, trie: IdTrie | None = None
     if weight == 0:
         return None
     hubness = stored.required_image_hubness("search with a hubness prior")
-    offsets = {key: -weight * float(h) for key, h in zip(stored.catalog.keys(), hubness)}
+    offsets = {key: -weight * float(h) for key, h in zip(stored.keys, hubness)}
     return IdPrior(trie or stored.trie(), offsets)
 
 
@@ -222,7 +222,7 @@ class EmbeddingReranker:
             raise ModelStoreError(f"{stored.path} cannot re-rank: it lacks alignment.safetensors or "
                                   "image_embeddings.npy (the two-tower and the images' embeddings)")
         self.encode = stored.load_query_encoder(device)
-        self.row = {k: i for i, k in enumerate(stored.catalog.keys())}
+        self.row = {k: i for i, k in enumerate(stored.keys)}
         self.image_embeddings = stored.image_embeddings()
         self.image_hubness = (stored.required_image_hubness("re-rank with a hubness weight") if hubness_weight > 0
                               else stored.image_hubness())

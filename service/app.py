@@ -259,9 +259,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     @app.get("/images/{image_id:path}")
     async def image(image_id: str):
         """The catalog's image file, for the demo (URLs of the embedded id store point here)."""
-        if image_id not in services.stored.catalog or not services.stored.catalog[image_id].path.is_file():
+        # read once, off the event loop: a million images' catalog.json takes seconds
+        catalog = await asyncio.to_thread(lambda: services.stored.catalog)
+        if image_id not in catalog or not catalog[image_id].path.is_file():
             raise HTTPException(404, f"no image {image_id!r} in model {services.model_name!r}")
-        return FileResponse(services.stored.catalog[image_id].path)
+        return FileResponse(catalog[image_id].path)
 
     @app.get("/", include_in_schema=False)
     async def root():

@@ -130,6 +130,12 @@ def test_the_stored_tokenizer_is_the_one_autotokenizer_loads(engine, tiny_catalo
             assert ours.decode(token_ids, skip_special_tokens=skip) == reference.decode(token_ids, skip_special_tokens=skip)
 
 
+def test_stored_keys_are_the_catalogs_in_its_order(engine):
+    """StoredModel.keys (from identifiers.json) orders the image embeddings and hubness, as the
+    catalog's keys did."""
+    assert engine.stored.keys == engine.stored.catalog.keys()
+
+
 def test_the_prompt_cache_changes_no_hit_or_score(engine):
     """Beam search over prompts computed once per query (then copied per beam) finds what it
     finds when every beam recomputes its prompt: prompts of different lengths (left padding)
