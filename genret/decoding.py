@@ -196,16 +196,25 @@ def _until_end(sequence: list[int], end: int) -> list[int]:
     return sequence[: sequence.index(end)] if end in sequence else sequence
 
 
+def check_hubness_weight(stored: StoredModel, weight: float) -> None:
+    """What hubness_prior refuses, for an engine whose prior is built in another process (vLLM's
+    worker): a negative weight (ValueError), or a positive one on a model without hubness."""
+    if not weight >= 0:
+        raise ValueError(f"hubness_weight must be >= 0, not {weight}")
+    if weight > 0:
+        stored.check_image_hubness("search with a hubness prior")
+
+
 def hubness_prior(stored: StoredModel, weight: float, trie: IdTrie | None = None) -> IdPrior | None:
     """The hubness term of re-ranking moved inside the search: each id's offset is -weight x its
     image's hubness, so a beam of 10 can reach the uncaptioned images the model under-scores
     (re-ranking can only reorder what the beam kept). None at weight 0. The stored model and the
     weight decide it, so the service's engines take the weight and build the prior where they
     search (vLLM's in its worker process)."""
+    check_hubness_weight(stored, weight)
     if weight == 0:
         return None
-    hubness = stored.required_image_hubness("search with a hubness prior")
-    offsets = {key: -weight * float(h) for key, h in zip(stored.keys, hubness)}
+    offsets = {key: -weight * float(h) for key, h in zip(stored.keys, stored.image_hubness())}
     return IdPrior(trie or stored.trie(), offsets)
 
 

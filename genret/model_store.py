@@ -278,10 +278,13 @@ class StoredModel:
         path = self.path / "image_hubness.npy"
         return np.load(path) if path.exists() else None
 
-    def required_image_hubness(self, purpose: str) -> np.ndarray:
-        """The images' hubness, or a ModelStoreError saying the model must be retrained to `purpose`."""
-        hubness = self.image_hubness()
-        if hubness is None:
+    def check_image_hubness(self, purpose: str) -> None:
+        """A ModelStoreError saying the model must be retrained to `purpose`, if it lacks image_hubness.npy."""
+        if not self.has_image_hubness:
             raise ModelStoreError(f"{self.path} lacks image_hubness.npy (models trained before it existed): "
                                   f"retrain it to {purpose}")
-        return hubness
+
+    def required_image_hubness(self, purpose: str) -> np.ndarray:
+        """The images' hubness (see check_image_hubness)."""
+        self.check_image_hubness(purpose)
+        return self.image_hubness()

@@ -60,8 +60,6 @@ class HFEngine:
         return self._engine
 
     def prior(self, hubness_weight: float) -> IdPrior | None:
-        if not hubness_weight >= 0:
-            raise ValueError(f"hubness_weight must be >= 0, not {hubness_weight}")
         if self._prior[0] != hubness_weight:
             self._prior = (hubness_weight, hubness_prior(self.stored, hubness_weight))
         return self._prior[1]

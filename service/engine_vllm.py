@@ -30,8 +30,8 @@ import os
 import uuid
 
 import torch
-from genret.decoding import Hit
-from genret.model_store import ModelStoreError, StoredModel
+from genret.decoding import Hit, check_hubness_weight
+from genret.model_store import StoredModel
 from genret.prompts import Prompts
 
 from .engine import EngineError, InputTooLong
@@ -177,11 +177,7 @@ class VLLMEngine:
 
     async def search(self, query: str, k: int, beams: int, hubness_weight: float = 0.0) -> list[Hit]:
         trie, end = self.trie, self.end
-        if not hubness_weight >= 0:
-            raise ValueError(f"hubness_weight must be >= 0, not {hubness_weight}")
-        if hubness_weight > 0 and not self.stored.has_image_hubness:  # fail here, not in vLLM's worker
-            raise ModelStoreError(f"{self.stored.path} lacks image_hubness.npy (models trained before it "
-                                  "existed): retrain it to search with a hubness prior")
+        check_hubness_weight(self.stored, hubness_weight)  # here, not in vLLM's worker
         prompt = self.prompts.retrieve(query)
         soft = await self._query_soft_prefix(query)
         self._check_fits(prompt, trie.max_depth(), 0 if soft is None else len(soft))
