@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -164,15 +164,33 @@ def load_catalog(
         images.append(CatalogImage(key, path, tuple(caps)))
 
     if include_uncaptioned:
-        for path in sorted(images_dir.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.name not in entries:
-                if verify_images:
-                    _verify(path, f"{path}")
-                images.append(CatalogImage(path.name, path, ()))
+        images += _folder_images(images_dir, entries, verify_images)
 
     if not images:
         raise CatalogError(f"{captions_file}: catalog has no images (images directory {images_dir})")
     return Catalog(tuple(images))
+
+
+def load_image_folder(images_dir: str | Path, *, verify_images: bool = True) -> Catalog:
+    """Every image in a folder, without captions (images to add to a trained model, say)."""
+    images_dir = Path(images_dir).resolve()
+    if not images_dir.is_dir():
+        raise CatalogError(f"{images_dir}: images directory not found")
+    images = _folder_images(images_dir, {}, verify_images)
+    if not images:
+        raise CatalogError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return Catalog(tuple(images))
+
+
+def _folder_images(images_dir: Path, named: Container[str], verify_images: bool) -> list[CatalogImage]:
+    """The folder's images whose names are not in `named`, uncaptioned."""
+    images = []
+    for path in sorted(images_dir.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.name not in named:
+            if verify_images:
+                _verify(path, f"{path}")
+            images.append(CatalogImage(path.name, path, ()))
+    return images
 
 
 def _verify(path: Path, what: str) -> None:

@@ -1,4 +1,4 @@
-"""`genret`: train on a catalog, evaluate, search, describe, ask, and the demo.
+"""`genret`: train on a catalog, add images to it, evaluate, search, describe, ask, and the demo.
 
 Errors a user can cause (bad catalog, unknown model or image, bad option) end in one clear
 line on stderr and exit status 2, never a traceback.
@@ -118,6 +118,25 @@ def cmd_train(args) -> None:
     print(f"model saved to {dest}" if dest else f"stopped at the time budget; rerun to resume from {run_dir}")
 
 
+def cmd_add(args) -> None:
+    from .adding import add_images
+    from .catalog import load_catalog, load_image_folder
+
+    stored = open_model(args.model)
+    if args.captions:
+        images = load_catalog(args.images, args.captions, fmt=args.format, duplicates=args.duplicates)
+    else:
+        images = load_image_folder(args.images)
+    added = add_images(stored.path, images, device=args.device)
+    name = stored.manifest["name"]
+    if not added.keys:
+        print(f"nothing to add: all {len(added.already_there)} images are already in {name}")
+        return
+    skipped = f" ({len(added.already_there)} already there)" if added.already_there else ""
+    print(f"added {len(added.keys)} images to {name}{skipped} in {added.seconds:.1f} s; restart its server "
+          "(and rerun `python -m service.publish` where ids are served from Redis) to serve them")
+
+
 def cmd_evaluate(args) -> None:
     from .catalog import read_split
     from .decoding import EmbeddingReranker, TransformersEngine
@@ -229,6 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="stop at the first epoch boundary after this long (resume by rerunning)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("add", help="add new images to a trained model, without training (atomic ids)")
+    p.add_argument("model")
+    p.add_argument("--images", required=True, help="folder of images; those the model lacks are added")
+    p.add_argument("--captions", help="image,caption CSV or COCO captions JSON (stored for display, not trained on)")
+    p.add_argument("--format", default="auto", choices=["auto", "csv", "coco"])
+    p.add_argument("--duplicates", default="error", choices=["error", "keep", "drop"],
+                   help="what to do with repeated (image, caption) rows")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_add)
 
     p = sub.add_parser("evaluate", help="Recall@1/5/10 of held-out queries")
     p.add_argument("model")

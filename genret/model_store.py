@@ -81,8 +81,8 @@ def save_model(
         _save_module(prefix, staging / "visual_prefix.safetensors")
         if query_prefix is not None:
             _save_module(query_prefix, staging / "query_prefix.safetensors")
-        images_root = _images_root(catalog)
-        write_json(staging / "catalog.json", catalog.to_records(images_root))
+        root = images_root(catalog)
+        write_json(staging / "catalog.json", catalog.to_records(root))
         write_json(staging / "identifiers.json", {**identifiers.to_json(), "tokens": id_tokens})
         if two_tower is not None:
             save_two_tower(two_tower, staging / "alignment.safetensors")
@@ -96,26 +96,32 @@ def save_model(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "scheme": identifiers.scheme,
             "catalog_size": len(catalog),
-            "images_root": str(images_root),
+            "images_root": str(root),
             "prefix": prefix.shape,
             "query_prefix": query_prefix.shape if query_prefix is not None else None,
             **manifest,
         }
         write_json(staging / MANIFEST, full_manifest)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}-old-{int(time.time())}")
-            dest.rename(old)
-            staging.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(dest)
+        move_into_place(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dest
 
 
-def _images_root(catalog: Catalog) -> Path:
+def move_into_place(staging: Path, dest: Path) -> None:
+    """A finished model folder replaces `dest` (if any) by renames: readers see the old model
+    or the new one, never a mix."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}-old-{int(time.time())}")
+        dest.rename(old)
+        staging.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(dest)
+
+
+def images_root(catalog: Catalog) -> Path:
     """The folder holding every catalog image: paths are stored relative to it, so a server that
     finds the images elsewhere (a container's mount) only needs to be told the new folder."""
     return Path(os.path.commonpath([str(image.path.resolve().parent) for image in catalog]))

@@ -179,6 +179,13 @@ def id_token_vectors(ids: list[list[int]], tokens: set[int], embeddings: np.ndar
     return {t: np.mean(v, axis=0) for t, v in vectors.items()}
 
 
+def id_row_projection(dim: int, width: int, seed: int) -> torch.Tensor:
+    """The fixed random map from the aligned space to the LM's width that aligned id rows go
+    through; the seed alone makes it again (genret.adding places new images' rows with it)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, width, generator=generator, dtype=torch.double) / width**0.5  # keeps lengths
+
+
 def presence_question(word: str) -> str:
     """The yes/no question training asks about a word a caption does (or does not) mention."""
     return f"Is there a {word} in this image?"
@@ -414,9 +421,7 @@ class Trainer:
         if not vectors:
             return
         weight = lm.get_input_embeddings().weight
-        generator = torch.Generator().manual_seed(self.config.seed)
-        projection = torch.randn(embeddings.shape[1], weight.shape[1], generator=generator, dtype=torch.double)
-        projection /= weight.shape[1] ** 0.5  # keeps lengths
+        projection = id_row_projection(embeddings.shape[1], weight.shape[1], self.config.seed)
         tokens = sorted(vectors)
         projected = torch.from_numpy(np.stack([vectors[t] for t in tokens])) @ projection
         old = [t for t in range(weight.shape[0]) if t not in new_tokens]

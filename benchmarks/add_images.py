@@ -1,0 +1,161 @@
+"""Images added to a trained model without training (`genret add`) against the same images trained in.
+
+On Flickr8k's protocol (`benchmarks/flickr8k.py`): the base model is trained on the train and
+dev images alone, then the test images are added to it by `genret.adding.add_images`, with no
+gradient step and without their captions. The reference is the same recipe trained with the
+test images in its catalog from the start (memorized, with neighbour pseudo-queries: what
+`genret train` does for uncaptioned images). Both are searched with the test captions, over the
+test images and over the whole catalog, and asked to describe the test images by id alone.
+
+    python benchmarks/add_images.py --setting cpu              # reduced: ~20 minutes a seed on 2 CPU cores
+    python benchmarks/add_images.py --setting cpu --seeds 3    # mean ± standard deviation over 3 seeds
+
+Resumable: every model and every result is written as soon as it exists (<out>/seedN/). Results:
+<out>/results.json and <out>/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flickr8k import DEFAULT_DATA, REPO, SETTINGS, build_catalog, run_config  # noqa: E402
+
+RUN = "atomic+pq+qp+ai+fz+da"  # genret train's defaults, describe and ask included
+BEAM_HUBNESS_WEIGHTS = (0.0, 20.0, 40.0, 80.0)  # each reported: there are no added dev images to choose on
+
+
+def train(catalog, setting: dict, run_dir: Path, seed: int) -> Path:
+    from genret.training import TrainConfig, Trainer
+
+    model = run_dir / "model"
+    if not (model / "manifest.json").exists():
+        config = TrainConfig(**{**setting["config"], **run_config(RUN), "seed": seed})
+        Trainer(catalog, config, run_dir).train(model)
+    return model
+
+
+def grow(base: Path, added, dest: Path) -> tuple[Path, float]:
+    """The base model copied to `dest`, with the `added` catalog's images added to it."""
+    from genret.adding import add_images
+
+    timing = dest.parent / "add_seconds.json"
+    if not (dest / "manifest.json").exists():
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(base, dest)
+        started = time.perf_counter()
+        add_images(dest, added, progress=False)
+        timing.write_text(json.dumps(time.perf_counter() - started))
+    return dest, json.loads(timing.read_text())
+
+
+def measure(model: Path, protocol, setting: dict, seed: int, result_path: Path) -> dict:
+    from genret.decoding import TransformersEngine
+    from genret.evaluation import evaluate_describe_and_ask, evaluate_generative
+    from genret.model_store import StoredModel
+
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    held_out = {k: [] for k in protocol.test_keys}
+    for caption, key in protocol.queries:
+        held_out[key].append(caption)
+    scopes = {f"{scope}@{h:g}": (candidates, h) for scope, candidates in (("test", protocol.test_keys), ("catalog", None))
+              for h in BEAM_HUBNESS_WEIGHTS}
+    engine = None
+    for scope in [*scopes, "describe_test_images"]:
+        if scope in result:
+            continue
+        engine = engine or TransformersEngine(StoredModel.open(model))
+        if scope == "describe_test_images":
+            result[scope] = evaluate_describe_and_ask(engine, held_out, seed=seed, progress=False)
+        else:
+            candidates, h = scopes[scope]
+            result[scope] = evaluate_generative(engine, protocol.queries, candidates=candidates,
+                                                beams=setting["beams"], beam_hubness_weight=h, progress=False)
+        result_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+MODELS = {"trained-in": "test images trained in (pseudo-queries)", "added": "test images added, no training"}
+METRICS = {"test@0": ("R@1", "R@5", "R@10"), "catalog@0": ("R@1", "R@5", "R@10"),
+           **{f"catalog@{h:g}": ("R@10",) for h in BEAM_HUBNESS_WEIGHTS[1:]},
+           "describe_test_images": ("describe_word_f1", "yes_no_accuracy")}
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """scope -> metric -> (mean, standard deviation) over the seeds' results."""
+    return {scope: {m: (float(np.mean([r[scope][m] for r in runs])), float(np.std([r[scope][m] for r in runs])))
+                    for m in metrics} for scope, metrics in METRICS.items()}
+
+
+def report(results: dict, meta: dict) -> str:
+    def cell(scope: str, metric: str) -> str:
+        mean, sd = row[scope][metric]
+        return f"{mean:.3f}" + (f" ± {sd:.3f}" if meta["seeds"] > 1 else "")
+
+    lines = [f"# Images added without training, against the same images trained in ({meta['setting']} setting)", "",
+             f"Catalog: {meta['catalog']} images, {meta['added']} of them (the test images) added to a model trained "
+             f"on the rest; {meta['queries']} test captions as queries; beam {meta['beams']}; {meta['seeds']} seed(s). "
+             f"Adding took {meta['add_seconds']:.1f} s on average. Command: `{meta['command']}` at {meta['commit']}.", "",
+             "| model | test R@1 / R@5 / R@10 | catalog R@1 / R@5 / R@10 | catalog R@10, prior h = "
+             + " / ".join(f"{h:g}" for h in BEAM_HUBNESS_WEIGHTS[1:]) + " | test images: describe F1 | yes/no |",
+             "|---|---|---|---|---|---|"]
+    for key, name in MODELS.items():
+        row = results[key]
+        lines.append(" | ".join([
+            f"| {name}", " / ".join(cell("test@0", m) for m in METRICS["test@0"]),
+            " / ".join(cell("catalog@0", m) for m in METRICS["catalog@0"]),
+            " / ".join(cell(f"catalog@{h:g}", "R@10") for h in BEAM_HUBNESS_WEIGHTS[1:]),
+            cell("describe_test_images", "describe_word_f1"), cell("describe_test_images", "yes_no_accuracy")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--seeds", type=int, default=1, help="train and measure seeds 0 to N-1")
+    args = parser.parse_args(argv)
+    if not (args.data / "captions.csv").exists():
+        print(f"no Flickr8k at {args.data} (set --data or GENRET_FLICKR8K)", file=sys.stderr)
+        return 2
+    out = args.out or REPO / "benchmarks" / "results" / f"add-images-{args.setting}"
+    setting = SETTINGS[args.setting]
+    protocol = build_catalog(args.data, setting)
+    test = set(protocol.test_keys)
+    runs, add_seconds = {key: [] for key in MODELS}, []
+    for seed in range(args.seeds):
+        where = out / f"seed{seed}"
+        where.mkdir(parents=True, exist_ok=True)
+        base = train(protocol.catalog.subset(k for k in protocol.catalog.keys() if k not in test), setting,
+                     where / "base", seed)
+        models = {"trained-in": train(protocol.catalog, setting, where / "trained-in", seed)}
+        models["added"], seconds = grow(base, protocol.catalog.subset(test), where / "added" / "model")
+        add_seconds.append(seconds)
+        for key, model in models.items():
+            runs[key].append(measure(model, protocol, setting, seed, where / f"{key}.json"))
+    results = {key: over_seeds(seeds) for key, seeds in runs.items()}
+    commit = os.popen(f"git -C {REPO} rev-parse --short HEAD").read().strip()
+    meta = {"setting": args.setting, "run": RUN, "seeds": args.seeds, "catalog": len(protocol.catalog),
+            "added": len(test), "queries": len(protocol.queries), "beams": setting["beams"],
+            "add_seconds": float(np.mean(add_seconds)), "commit": commit,
+            "command": f"python benchmarks/add_images.py --setting {args.setting} --seeds {args.seeds}"}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results, "runs": runs}, indent=1))
+    (out / "results.md").write_text(report(results, meta))
+    print(report(results, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Add images to a trained model without training it again (`genret add`).
+
+With atomic ids whose rows were placed from the aligned space and then frozen (`genret train`'s
+defaults), an id's row is a fixed function of its image's aligned embedding: a + s x (e @ P),
+P the training seed's random projection (`genret.training.id_row_projection`), the output head
+tied to the rows. Training taught the LM only to bring a query's state near the right row, so a
+new image whose row is placed by the same function is searchable at once, with no gradient
+step. a and s are read back from the trained rows themselves (a least-squares fit that frozen
+rows satisfy to float rounding), which also proves the rows are still where they were placed.
+
+What an added image lacks is what training gives: pseudo-queries (it is ranked by its place in
+the aligned space alone) and words for describe and ask. Retraining with the new images
+(`genret train`) remains the way to make them first-class; `benchmarks/add_images.py` measures
+the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .catalog import Catalog
+from .model_store import MANIFEST, ModelStoreError, StoredModel, images_root, move_into_place, write_json
+from .prompts import Prompts
+from .training import id_row_projection
+
+ATOMIC_TOKEN = re.compile(r"<img_(\d+)>")
+FIT_SAMPLE = 4096  # trained rows the placement is fit on (two would do; more guard against a moved row)
+FIT_TOLERANCE = 1e-4  # relative misfit above which the rows are taken to have moved since they were placed
+# what add_images rewrites; every other file of the model is copied unchanged
+REWRITTEN = ("lm", "catalog.json", "identifiers.json", "image_embeddings.npy", "image_hubness.npy", MANIFEST)
+
+
+@dataclass(frozen=True)
+class Added:
+    keys: list[str]  # the images added, in key order
+    already_there: list[str]  # the catalog's images the model held before, left as they were
+    seconds: float
+
+
+def check_can_add(stored: StoredModel) -> None:
+    """A ModelStoreError saying why images cannot be added to this model without retraining."""
+    config = stored.manifest.get("train_config", {})
+    retrain = "retrain it with the new images in its catalog (`genret train`)"
+    if stored.manifest["scheme"] != "atomic":
+        raise ModelStoreError(f"{stored.path}: images can be added without training only to atomic ids, and this "
+                              f"model has {stored.manifest['scheme']} ids: {retrain}")
+    if config.get("id_embeddings") != "aligned" or not config.get("freeze_id_rows"):
+        raise ModelStoreError(f"{stored.path}: its id rows were trained, not placed from the aligned space and "
+                              f"frozen (id_embeddings='aligned' with freeze_id_rows, the defaults): {retrain}")
+    if not stored.can_rerank:
+        raise ModelStoreError(f"{stored.path}: it lacks alignment.safetensors or image_embeddings.npy, which "
+                              f"place a new image's id: {retrain}")
+
+
+def row_placement(stored: StoredModel, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(a, s) with every trained id's row = a + s x (its image's embedding @ P), from `rows` (the
+    LM's embedding table); a ModelStoreError where the rows do not follow that (they moved)."""
+    keys = stored.keys
+    trained = [k for k in keys if not is_added(stored, k)]
+    picks = np.linspace(0, len(trained) - 1, min(FIT_SAMPLE, len(trained))).round().astype(int)
+    sample = sorted({trained[i] for i in picks})
+    if len(sample) < 2:
+        raise ModelStoreError(f"{stored.path}: a model of one trained image cannot place new ids; retrain it")
+    position = {k: i for i, k in enumerate(keys)}
+    embeddings = stored.image_embeddings()
+    x = torch.from_numpy(np.asarray(embeddings[[position[k] for k in sample]], dtype=np.float64))
+    x = x @ id_row_projection(x.shape[1], rows.shape[1], stored.manifest["train_config"]["seed"])
+    y = rows[[stored.id_tokens[k][0] for k in sample]].double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    scale = ((x - x_mean) * (y - y_mean)).sum() / ((x - x_mean) ** 2).sum()
+    base = y_mean - scale * x_mean
+    misfit = ((y - base - scale * x).norm() / (y - y_mean).norm()).item()
+    if not misfit <= FIT_TOLERANCE:
+        raise ModelStoreError(f"{stored.path}: its id rows no longer follow their images' aligned embeddings "
+                              f"(relative misfit {misfit:.2g}); retrain it with the new images in its catalog")
+    return base, scale.item()
+
+
+def is_added(stored: StoredModel, key: str) -> bool:
+    """Whether `key` was added after training (its atomic id is numbered past the trained ones)."""
+    match = ATOMIC_TOKEN.fullmatch(stored.identifiers.ids[key])
+    return bool(match) and int(match.group(1)) >= stored.manifest.get("trained_images", stored.manifest["catalog_size"])
+
+
+def trained_captions(stored: StoredModel) -> list[str]:
+    """The captions training read: the hubness bank (genret.alignment.hubness). Added images'
+    captions are stored for display, never trained on, so they stay out of it."""
+    return [c for image in stored.catalog if not is_added(stored, image.key) for c in image.captions]
+
+
+def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = None, progress: bool = True) -> Added:
+    """Add the catalog's images the model does not hold yet, in place: the model folder is
+    rebuilt beside it and swapped in whole, so an interruption leaves the old model intact."""
+    from .alignment import hubness, image_embeddings, text_embeddings
+    from .encoders import ImageEncoder, TextEncoder
+
+    started = time.perf_counter()
+    stored = StoredModel.open(model_dir)
+    check_can_add(stored)
+    already = [im.key for im in images if im.key in stored.id_tokens]
+    new = [im for im in images if im.key not in stored.id_tokens]
+    if not new:
+        return Added([], already, time.perf_counter() - started)
+
+    tower = stored.load_two_tower()
+    features = ImageEncoder(device=device).encode_paths([im.path for im in new], progress=progress)
+    new_embeddings = image_embeddings(tower, features)
+
+    lm, tokenizer = stored.load_lm(), stored.load_tokenizer()
+    base, scale = row_placement(stored, lm.get_input_embeddings().weight.detach())
+    first = 1 + max(int(m.group(1)) for m in map(ATOMIC_TOKEN.fullmatch, stored.identifiers.ids.values()) if m)
+    tokens = [f"<img_{first + i}>" for i in range(len(new))]
+    if any(t in tokenizer.get_vocab() for t in tokens):
+        raise ModelStoreError(f"{stored.path}: its tokenizer already holds tokens from {tokens[0]} on")
+    tokenizer.add_tokens(tokens)
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    lm.config.vocab_size = len(tokenizer)
+    prompts = Prompts(tokenizer)
+    token_ids = [prompts.encode(t) for t in tokens]
+    projection = id_row_projection(new_embeddings.shape[1], lm.config.hidden_size, stored.manifest["train_config"]["seed"])
+    rows = base + scale * (torch.from_numpy(new_embeddings.astype(np.float64)) @ projection)
+    weight = lm.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[[ids[0] for ids in token_ids]] = rows.to(weight.dtype)
+
+    keys = stored.keys + [im.key for im in new]
+    order = np.argsort(np.array(keys, dtype=object), kind="stable")
+    tables = {"image_embeddings.npy": np.concatenate([stored.image_embeddings(), new_embeddings])}
+    if stored.has_image_hubness:
+        bank = trained_captions(stored)
+        bank_embeddings = text_embeddings(tower, TextEncoder(device=device).encode(bank, progress=progress))
+        tables["image_hubness.npy"] = np.concatenate([stored.image_hubness(), hubness(new_embeddings, bank_embeddings)])
+    catalog = Catalog(stored.catalog.images + tuple(new))
+    root = images_root(catalog)
+    identifiers = json.loads((stored.path / "identifiers.json").read_text())
+    identifiers["ids"].update((im.key, t) for im, t in zip(new, tokens))
+    identifiers["new_tokens"] += tokens
+    identifiers["tokens"].update((im.key, ids) for im, ids in zip(new, token_ids))
+    manifest = {**stored.manifest, "catalog_size": len(catalog), "images_root": str(root),
+                "trained_images": stored.manifest.get("trained_images", stored.manifest["catalog_size"])}
+    manifest["additions"] = [*stored.manifest.get("additions", []), {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "images": len(new),
+        "first_token": tokens[0], "seconds": round(time.perf_counter() - started, 1)}]
+
+    dest = Path(model_dir)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        for path in dest.iterdir():
+            if path.name not in REWRITTEN:
+                (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
+        lm.save_pretrained(staging / "lm")
+        tokenizer.save_pretrained(staging / "lm")
+        for name, table in tables.items():
+            np.save(staging / name, table[order].astype(np.float32))
+        write_json(staging / "catalog.json", catalog.to_records(root))
+        write_json(staging / "identifiers.json", identifiers)
+        write_json(staging / MANIFEST, manifest)
+        move_into_place(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Added([im.key for im in sorted(new, key=lambda im: im.key)], already, time.perf_counter() - started)

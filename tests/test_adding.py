@@ -1,0 +1,197 @@
+"""Adding images to a trained model without training (`genret add`): each new id's row is placed
+where training places ids, the trained ids are left exactly as they were, the model stays one
+that transformers and vLLM load, and every refusal says why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from genret.adding import add_images, is_added, row_placement
+from genret.catalog import load_image_folder
+from genret.cli import main
+from genret.model_store import ModelStoreError, StoredModel
+from genret.training import id_row_projection
+from tests.conftest import TINY_IMAGES
+
+
+@pytest.fixture(scope="module")
+def grown(tiny_default_model_dir, demo_catalog, tmp_path_factory):
+    """The tiny default model (8 images) with the demo catalog's other 10 added, captions and all."""
+    dest = tmp_path_factory.mktemp("grown") / "model"
+    shutil.copytree(tiny_default_model_dir, dest)
+    added = add_images(dest, demo_catalog, progress=False)
+    return dest, added
+
+
+def rows_of(stored: StoredModel, keys) -> torch.Tensor:
+    weight = stored.load_lm().get_input_embeddings().weight.detach()
+    return weight[[stored.id_tokens[k][0] for k in keys]]
+
+
+def test_only_the_images_the_model_lacks_are_added(grown, demo_catalog, tiny_default_model_dir):
+    dest, added = grown
+    new = sorted(set(demo_catalog.keys()) - set(TINY_IMAGES))
+    assert added.keys == new and sorted(added.already_there) == sorted(TINY_IMAGES)
+    stored, before = StoredModel.open(dest), StoredModel.open(tiny_default_model_dir)
+    assert stored.keys == sorted(demo_catalog.keys()) and stored.manifest["catalog_size"] == len(demo_catalog)
+    assert stored.manifest["trained_images"] == len(TINY_IMAGES)
+    assert [a["images"] for a in stored.manifest["additions"]] == [len(new)]
+    assert [k for k in stored.keys if is_added(stored, k)] == new
+    assert all(stored.id_tokens[k] == before.id_tokens[k] for k in TINY_IMAGES)
+    assert stored.catalog[new[0]].captions == demo_catalog[new[0]].captions  # kept for display
+
+
+def test_trained_rows_are_unchanged_and_new_rows_sit_where_training_places_ids(grown, tiny_default_model_dir, demo_catalog):
+    from genret.alignment import image_embeddings
+    from genret.encoders import ImageEncoder
+
+    dest, added = grown
+    stored, before = StoredModel.open(dest), StoredModel.open(tiny_default_model_dir)
+    assert torch.equal(rows_of(stored, TINY_IMAGES), rows_of(before, TINY_IMAGES))
+    base, scale = row_placement(stored, stored.load_lm().get_input_embeddings().weight.detach())
+    projection = id_row_projection(256, stored.load_lm().config.hidden_size, stored.manifest["train_config"]["seed"])
+    # the placement read back from the trained rows gives each trained image its own row again ...
+    trained_embeddings = np.asarray(before.image_embeddings(), dtype=np.float64)
+    placed = base + scale * (torch.from_numpy(trained_embeddings) @ projection)
+    assert torch.allclose(placed.float(), rows_of(before, before.keys), atol=1e-5)
+    # ... and puts each added image's row where its own pixels embed
+    features = ImageEncoder().encode_paths([demo_catalog[k].path for k in added.keys], progress=False)
+    embeddings = image_embeddings(stored.load_two_tower(), features)
+    position = {k: i for i, k in enumerate(stored.keys)}
+    assert np.allclose(stored.image_embeddings()[[position[k] for k in added.keys]], embeddings, atol=1e-5)
+    placed = base + scale * (torch.from_numpy(embeddings.astype(np.float64)) @ projection)
+    assert torch.allclose(placed.float(), rows_of(stored, added.keys), atol=1e-5)
+    hubness = stored.image_hubness()
+    assert np.array_equal(hubness[[position[k] for k in TINY_IMAGES]], before.image_hubness())
+    assert np.isfinite(hubness).all()
+
+
+def test_the_trained_images_rank_as_before_and_added_ones_are_searchable(grown, tiny_default_model_dir, demo_catalog):
+    from genret.decoding import TransformersEngine
+
+    dest, added = grown
+    stored, before = StoredModel.open(dest), StoredModel.open(tiny_default_model_dir)
+    engine, engine_before = TransformersEngine(stored), TransformersEngine(before)
+    queries = [c for k in TINY_IMAGES for c in demo_catalog[k].captions[:1]]
+    hits = engine.search(queries, k=5, beams=5, trie=stored.trie(TINY_IMAGES))
+    assert [[h.key for h in row] for row in hits] == [[h.key for h in row] for row in engine_before.search(queries, k=5, beams=5)]
+    queries = [c for k in added.keys for c in demo_catalog[k].captions[:1]]
+    for row in engine.search(queries, k=5, beams=5, trie=stored.trie(added.keys)):
+        assert len(row) == 5 and {h.key for h in row} <= set(added.keys)
+    assert all(h.key in stored.id_tokens for row in engine.search(queries, k=10, beams=10) for h in row)
+    assert engine.describe(added.keys[0])  # it has no words of its own for it, but says something
+
+
+def test_the_grown_tokenizer_is_the_one_autotokenizer_loads(grown):
+    from transformers import AutoTokenizer
+
+    dest, added = grown
+    stored = StoredModel.open(dest)
+    tokenizer, auto = stored.load_tokenizer(), AutoTokenizer.from_pretrained(stored.lm_path)
+    for key in added.keys:
+        text = stored.identifiers.ids[key]
+        assert tokenizer.encode(text, add_special_tokens=False) == auto.encode(text, add_special_tokens=False) \
+            == stored.id_tokens[key] and len(stored.id_tokens[key]) == 1
+    assert stored.load_lm().config.vocab_size == len(tokenizer)
+
+
+def test_adding_them_again_adds_nothing_and_writes_nothing(grown, demo_catalog):
+    dest, _ = grown
+    before = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
+    again = add_images(dest, demo_catalog, progress=False)
+    assert again.keys == [] and len(again.already_there) == len(demo_catalog)
+    assert {p.name: p.stat().st_mtime_ns for p in dest.iterdir()} == before
+
+
+def test_a_model_whose_ids_were_trained_is_refused(tiny_model_dir, demo_catalog):
+    before = sorted(p.name for p in tiny_model_dir.parent.iterdir())
+    with pytest.raises(ModelStoreError, match="only to atomic ids.*structured.*genret train"):
+        add_images(tiny_model_dir, demo_catalog, progress=False)
+    assert sorted(p.name for p in tiny_model_dir.parent.iterdir()) == before
+
+
+def test_moved_rows_are_refused(tiny_default_model_dir, demo_catalog, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_default_model_dir, dest)
+    stored = StoredModel.open(dest)
+    [weights] = (dest / "lm").glob("*.safetensors")
+    tensors = load_file(weights)
+    name = next(n for n in tensors if "embed_tokens" in n)
+    tensors[name][stored.id_tokens[TINY_IMAGES[0]][0]] += 0.5
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelStoreError, match="no longer follow"):
+        add_images(dest, demo_catalog, progress=False)
+
+
+def test_an_unreadable_new_image_leaves_the_model_as_it_was(tiny_default_model_dir, tmp_path):
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_default_model_dir, dest)
+    images = tmp_path / "new"
+    images.mkdir()
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(Exception):
+        add_images(dest, load_image_folder(images, verify_images=False), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]
+    assert StoredModel.open(dest).keys == sorted(TINY_IMAGES)
+
+
+def test_the_cli_adds_a_folder_and_names_what_it_cannot_read(capsys, tiny_default_model_dir, demo_catalog, tmp_path):
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_default_model_dir, dest)
+    images = tmp_path / "new"
+    images.mkdir()
+    shutil.copy(demo_catalog["moon.jpg"].path, images / "moon.jpg")  # already in the model
+    shutil.copy(demo_catalog["clock.jpg"].path, images / "clock.jpg")
+    assert main(["add", str(dest), "--images", str(images)]) == 0
+    out = capsys.readouterr().out
+    assert "added 1 images" in out and "1 already there" in out
+    assert StoredModel.open(dest).catalog["clock.jpg"].captions == ()
+    assert main(["add", str(dest), "--images", str(images)]) == 0
+    assert "nothing to add" in capsys.readouterr().out
+
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["add", str(dest), "--images", str(images)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "not a readable image" in err and "Traceback" not in err
+    assert main(["add", str(dest), "--images", str(tmp_path / "nowhere")]) == 2
+    assert "images directory not found" in capsys.readouterr().err
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["catalog_size"] == len(TINY_IMAGES) + 1
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_serves_the_added_ids_as_transformers_does(grown, demo_catalog):
+    pytest.importorskip("vllm")
+    import asyncio
+
+    from service.engine_hf import HFEngine
+    from service.engine_vllm import VLLMEngine
+    from service.settings import Settings
+
+    dest, added = grown
+    stored = StoredModel.open(dest)
+    queries = [demo_catalog[k].captions[0] for k in added.keys[:4]] + ["an astronaut in an orange suit"]
+
+    async def compare():
+        vllm = VLLMEngine(stored, Settings(gpu_memory_utilization=0.15, max_model_len=512, max_k=8, beams=5))
+        hf = HFEngine(stored, device="cpu")
+        await vllm.start()
+        await hf.start()
+        try:
+            for query in queries:
+                v, h = await vllm.search(query, k=5, beams=5), await hf.search(query, k=5, beams=5)
+                assert [x.key for x in v] == [x.key for x in h], query
+                assert [x.score for x in v] == pytest.approx([x.score for x in h], abs=1e-3)
+        finally:
+            await vllm.close()
+            await hf.close()
+
+    asyncio.run(compare())
