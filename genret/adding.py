@@ -34,6 +34,7 @@ from .training import id_row_projection
 
 ATOMIC_TOKEN = re.compile(r"<img_(\d+)>")
 FIT_SAMPLE = 4096  # trained rows the placement is fit on (two would do; more guard against a moved row)
+HUBNESS_BANK = "hubness_bank.npy"  # kept by the first addition (see hubness_bank)
 FIT_TOLERANCE = 1e-4  # relative misfit above which the rows are taken to have moved since they were placed
 # what add_images rewrites; every other file of the model is copied unchanged
 REWRITTEN = ("lm", "catalog.json", "identifiers.json", "image_embeddings.npy", "image_hubness.npy", MANIFEST)
@@ -97,11 +98,25 @@ def trained_captions(stored: StoredModel) -> list[str]:
     return [c for image in stored.catalog if not is_added(stored, image.key) for c in image.captions]
 
 
+def hubness_bank(stored: StoredModel, tower, device: str | None, progress: bool) -> np.ndarray:
+    """The trained captions' aligned embeddings, which a new image's hubness is measured against.
+    Encoding them is most of an addition's cost (MiniLM: about 330 captions/s on 2 CPU cores, so
+    90 s for Flickr8k's 30,000), so the first addition keeps them in the model (HUBNESS_BANK,
+    1 KB a caption) and later ones read them back; a retrain writes a new folder without it."""
+    from .alignment import text_embeddings
+    from .encoders import TextEncoder
+
+    path = stored.path / HUBNESS_BANK
+    if path.exists():
+        return np.load(path)
+    return text_embeddings(tower, TextEncoder(device=device).encode(trained_captions(stored), progress=progress))
+
+
 def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = None, progress: bool = True) -> Added:
     """Add the catalog's images the model does not hold yet, in place: the model folder is
     rebuilt beside it and swapped in whole, so an interruption leaves the old model intact."""
-    from .alignment import hubness, image_embeddings, text_embeddings
-    from .encoders import ImageEncoder, TextEncoder
+    from .alignment import hubness, image_embeddings
+    from .encoders import ImageEncoder
 
     started = time.perf_counter()
     stored = StoredModel.open(model_dir)
@@ -136,9 +151,8 @@ def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = N
     order = np.argsort(np.array(keys, dtype=object), kind="stable")
     tables = {"image_embeddings.npy": np.concatenate([stored.image_embeddings(), new_embeddings])}
     if stored.has_image_hubness:
-        bank = trained_captions(stored)
-        bank_embeddings = text_embeddings(tower, TextEncoder(device=device).encode(bank, progress=progress))
-        tables["image_hubness.npy"] = np.concatenate([stored.image_hubness(), hubness(new_embeddings, bank_embeddings)])
+        bank = hubness_bank(stored, tower, device, progress)
+        tables["image_hubness.npy"] = np.concatenate([stored.image_hubness(), hubness(new_embeddings, bank)])
     catalog = Catalog(stored.catalog.images + tuple(new))
     root = images_root(catalog)
     identifiers = json.loads((stored.path / "identifiers.json").read_text())
@@ -161,6 +175,8 @@ def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = N
         tokenizer.save_pretrained(staging / "lm")
         for name, table in tables.items():
             np.save(staging / name, table[order].astype(np.float32))
+        if stored.has_image_hubness and not (staging / HUBNESS_BANK).exists():
+            np.save(staging / HUBNESS_BANK, bank.astype(np.float32))
         write_json(staging / "catalog.json", catalog.to_records(root))
         write_json(staging / "identifiers.json", identifiers)
         write_json(staging / MANIFEST, manifest)

@@ -100,6 +100,28 @@ def test_the_grown_tokenizer_is_the_one_autotokenizer_loads(grown):
     assert stored.load_lm().config.vocab_size == len(tokenizer)
 
 
+def test_adding_in_two_steps_gives_what_adding_at_once_does(grown, tiny_default_model_dir, demo_catalog, tmp_path):
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_default_model_dir, dest)
+    first, second = ["brick.jpg", "clock.jpg"], ["grass.jpg"]
+    add_images(dest, demo_catalog.subset(first), progress=False)
+    bank = np.load(dest / "hubness_bank.npy")  # the trained captions, kept by the first addition
+    assert len(bank) == sum(len(demo_catalog[k].captions) for k in TINY_IMAGES)
+    add_images(dest, demo_catalog.subset(second), progress=False)
+    assert np.array_equal(np.load(dest / "hubness_bank.npy"), bank)
+    stepwise, at_once = StoredModel.open(dest), StoredModel.open(grown[0])
+    keys = first + second
+    assert [stepwise.identifiers.ids[k] for k in keys] == ["<img_8>", "<img_9>", "<img_10>"]
+    assert [a["images"] for a in stepwise.manifest["additions"]] == [2, 1]
+    assert stepwise.manifest["trained_images"] == len(TINY_IMAGES)
+    # the same rows (their tokens are numbered differently) and the same hubness
+    assert torch.allclose(rows_of(stepwise, keys), rows_of(at_once, keys), atol=1e-6)
+    position = {k: i for i, k in enumerate(stepwise.keys)}
+    position_at_once = {k: i for i, k in enumerate(at_once.keys)}
+    assert np.allclose(stepwise.image_hubness()[[position[k] for k in keys]],
+                       at_once.image_hubness()[[position_at_once[k] for k in keys]], atol=1e-6)
+
+
 def test_adding_them_again_adds_nothing_and_writes_nothing(grown, demo_catalog):
     dest, _ = grown
     before = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
