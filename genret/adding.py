@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .catalog import Catalog
-from .model_store import MANIFEST, ModelStoreError, StoredModel, images_root, move_into_place, write_json
+from .model_store import MANIFEST, ModelStoreError, StoredModel, images_root, staged_model_dir, write_json
 from .prompts import Prompts
 from .training import id_row_projection
 
@@ -62,9 +62,10 @@ def check_can_add(stored: StoredModel) -> None:
                               f"place a new image's id: {retrain}")
 
 
-def row_placement(stored: StoredModel, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(a, s) with every trained id's row = a + s x (its image's embedding @ P), from `rows` (the
-    LM's embedding table); a ModelStoreError where the rows do not follow that (they moved)."""
+def row_placement(stored: StoredModel, rows: torch.Tensor) -> Callable[[np.ndarray], torch.Tensor]:
+    """Aligned image embeddings -> their id rows, a + s x (embedding @ P), with a and s fit so
+    that every trained id's row in `rows` (the LM's embedding table) follows it; a
+    ModelStoreError where the trained rows do not (they moved)."""
     keys = stored.keys
     trained = [k for k in keys if not is_added(stored, k)]
     picks = np.linspace(0, len(trained) - 1, min(FIT_SAMPLE, len(trained))).round().astype(int)
@@ -73,8 +74,8 @@ def row_placement(stored: StoredModel, rows: torch.Tensor) -> tuple[torch.Tensor
         raise ModelStoreError(f"{stored.path}: a model of one trained image cannot place new ids; retrain it")
     position = {k: i for i, k in enumerate(keys)}
     embeddings = stored.image_embeddings()
-    x = torch.from_numpy(np.asarray(embeddings[[position[k] for k in sample]], dtype=np.float64))
-    x = x @ id_row_projection(x.shape[1], rows.shape[1], stored.manifest["train_config"]["seed"])
+    projection = id_row_projection(embeddings.shape[1], rows.shape[1], stored.manifest["train_config"]["seed"])
+    x = torch.from_numpy(np.asarray(embeddings[[position[k] for k in sample]], dtype=np.float64)) @ projection
     y = rows[[stored.id_tokens[k][0] for k in sample]].double()
     x_mean, y_mean = x.mean(0), y.mean(0)
     scale = ((x - x_mean) * (y - y_mean)).sum() / ((x - x_mean) ** 2).sum()
@@ -83,7 +84,7 @@ def row_placement(stored: StoredModel, rows: torch.Tensor) -> tuple[torch.Tensor
     if not misfit <= FIT_TOLERANCE:
         raise ModelStoreError(f"{stored.path}: its id rows no longer follow their images' aligned embeddings "
                               f"(relative misfit {misfit:.2g}); retrain it with the new images in its catalog")
-    return base, scale.item()
+    return lambda new: base + scale * (torch.from_numpy(np.asarray(new, dtype=np.float64)) @ projection)
 
 
 def is_added(stored: StoredModel, key: str) -> bool:
@@ -131,7 +132,7 @@ def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = N
     new_embeddings = image_embeddings(tower, features)
 
     lm, tokenizer = stored.load_lm(), stored.load_tokenizer()
-    base, scale = row_placement(stored, lm.get_input_embeddings().weight.detach())
+    place = row_placement(stored, lm.get_input_embeddings().weight.detach())
     first = 1 + max(int(m.group(1)) for m in map(ATOMIC_TOKEN.fullmatch, stored.identifiers.ids.values()) if m)
     tokens = [f"<img_{first + i}>" for i in range(len(new))]
     if any(t in tokenizer.get_vocab() for t in tokens):
@@ -141,11 +142,9 @@ def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = N
     lm.config.vocab_size = len(tokenizer)
     prompts = Prompts(tokenizer)
     token_ids = [prompts.encode(t) for t in tokens]
-    projection = id_row_projection(new_embeddings.shape[1], lm.config.hidden_size, stored.manifest["train_config"]["seed"])
-    rows = base + scale * (torch.from_numpy(new_embeddings.astype(np.float64)) @ projection)
     weight = lm.get_input_embeddings().weight
     with torch.no_grad():
-        weight[[ids[0] for ids in token_ids]] = rows.to(weight.dtype)
+        weight[[ids[0] for ids in token_ids]] = place(new_embeddings).to(weight.dtype)
 
     keys = stored.keys + [im.key for im in new]
     order = np.argsort(np.array(keys, dtype=object), kind="stable")
@@ -166,8 +165,7 @@ def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = N
         "first_token": tokens[0], "seconds": round(time.perf_counter() - started, 1)}]
 
     dest = Path(model_dir)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
-    try:
+    with staged_model_dir(dest) as staging:
         for path in dest.iterdir():
             if path.name not in REWRITTEN:
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
@@ -175,13 +173,9 @@ def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = N
         tokenizer.save_pretrained(staging / "lm")
         for name, table in tables.items():
             np.save(staging / name, table[order].astype(np.float32))
-        if stored.has_image_hubness and not (staging / HUBNESS_BANK).exists():
+        if "image_hubness.npy" in tables and not (staging / HUBNESS_BANK).exists():
             np.save(staging / HUBNESS_BANK, bank.astype(np.float32))
         write_json(staging / "catalog.json", catalog.to_records(root))
         write_json(staging / "identifiers.json", identifiers)
         write_json(staging / MANIFEST, manifest)
-        move_into_place(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return Added([im.key for im in sorted(new, key=lambda im: im.key)], already, time.perf_counter() - started)
+    return Added([im.key for im in new], already, time.perf_counter() - started)  # a Catalog iterates in key order

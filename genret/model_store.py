@@ -23,7 +23,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -73,9 +74,7 @@ def save_model(
     from .alignment import save_two_tower
 
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
-    try:
+    with staged_model_dir(dest) as staging:
         lm.save_pretrained(staging / "lm")
         tokenizer.save_pretrained(staging / "lm")
         _save_module(prefix, staging / "visual_prefix.safetensors")
@@ -102,23 +101,28 @@ def save_model(
             **manifest,
         }
         write_json(staging / MANIFEST, full_manifest)
-        move_into_place(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return dest
 
 
-def move_into_place(staging: Path, dest: Path) -> None:
-    """A finished model folder replaces `dest` (if any) by renames: readers see the old model
-    or the new one, never a mix."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}-old-{int(time.time())}")
-        dest.rename(old)
-        staging.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(dest)
+@contextmanager
+def staged_model_dir(dest: Path) -> Iterator[Path]:
+    """A hidden folder beside `dest` to write a model into. When the block ends it replaces
+    `dest` (if any) by renames, so readers see the old model or the new one, never a mix; if the
+    block raises, it is removed and `dest` is left as it was."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        yield staging
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}-old-{int(time.time())}")
+            dest.rename(old)
+            staging.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def images_root(catalog: Catalog) -> Path:
