@@ -84,6 +84,9 @@ LEVERS = {
     "qt": ("N query-prefix tokens instead of 4", "query_tokens", int),
     "layers": ("keep N decoder layers of the LM", "num_layers", int),
     "ep": ("N retrieve epochs", "retrieve_epochs", int),
+    "mep": ("N memorize epochs", "memorize_epochs", int),
+    "bs": ("batch size N (on an H200 a step at 512 costs little more than at 128)", "batch_size", int),
+    "lr": ("learning rate N for the LM (the prefix and embeddings keep theirs)", "lr", float),
     "ppi": ("N pseudo-queries per uncaptioned image", "pseudo_per_image", int),
     "elr": ("learning rate N for the token embeddings and the head tied to them", "embedding_lr", float),
     "ai": ("id tokens start from where their images sit in the aligned space", "id_embeddings", "aligned"),
@@ -247,7 +250,7 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
     # scope -> (queries, candidates, beams, queries per batch); the "_wide" scopes are GENIUS's wide
     # beam, which gives the re-ranker more candidates (their beam 50: R@5 24 -> 68)
     wide = setting["wide_beams"]
-    per_batch = 4 if torch.cuda.is_available() else 1  # the same searches, more per call on a GPU
+    per_batch = 16 if torch.cuda.is_available() else 1  # the same searches, more per call on a GPU
     scopes = {"test": (queries, test_keys, setting["beams"], 16), "catalog": (queries, None, setting["beams"], 16),
               "test_wide": (queries, test_keys, wide, 4), "catalog_wide": (queries, None, wide, 4),
               "dev_wide": (protocol.dev_queries, protocol.dev_keys, wide, 4),
@@ -268,7 +271,11 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
         for caption, key in queries:
             held_out[key].append(caption)
         spoken = {"describe_captioned": {k: catalog[k].captions for k in captioned}, "describe_uncaptioned": held_out}
-    missing = [scope for scope in [*scopes, *prior_scopes, *wide_prior_scopes, *spoken] if scope not in result]
+    # the setting's beam first, then the prior (dev weights before the scopes that read them), then the
+    # wide beams: a call cut at its time limit has the headline numbers
+    order = ["test", "catalog", *prior_scopes, *[s for s in scopes if s not in ("test", "catalog")],
+             *wide_prior_scopes, *spoken]
+    missing = [scope for scope in order if scope not in result]
     if missing:  # evaluated one scope at a time, each saved, so an interruption loses one at most
         stored = StoredModel.open(run_dir / "model")
         engine = TransformersEngine(stored)
