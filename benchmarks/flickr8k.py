@@ -121,6 +121,20 @@ PRIOR_SCOPES = {"test_prior": "dev_prior", "catalog_prior": "dev_catalog_prior"}
 # the wide beam searched with the prior too (at the weight its scope's dev search chose), then re-ranked
 WIDE_PRIOR_OF = {"test_wide_prior": "dev_prior", "catalog_wide_prior": "dev_catalog_prior",
                  "dev_wide_prior": "dev_prior", "dev_catalog_wide_prior": "dev_catalog_prior"}
+# --captioned-queries: queries for images whose other captions were trained on, searched over the
+# whole catalog beside the test queries; each weight is chosen twice, on the (uncaptioned) dev
+# queries as above and on both kinds of dev queries equally ("fair")
+CAPTIONED_SCOPES = ("catalog_captioned", "catalog_captioned_wide", "dev_catalog_captioned_wide",
+                    "catalog_captioned_prior", "catalog_prior_fair", "catalog_captioned_prior_fair")
+# reported prior scope -> the dev scopes whose mean recall chooses its weight
+CAPTIONED_PRIOR_FROM = {"catalog_captioned_prior": ("dev_catalog_prior",),
+                        "catalog_prior_fair": ("dev_catalog_prior", "dev_catalog_captioned_prior"),
+                        "catalog_captioned_prior_fair": ("dev_catalog_prior", "dev_catalog_captioned_prior")}
+# re-ranked part -> reported wide scope -> the dev scopes whose mean recall chooses its (w, h)
+CAPTIONED_RERANK_FROM = {
+    "reranked_dev": {"catalog_captioned_wide": ("dev_catalog_wide",)},
+    "reranked_fair": {scope: ("dev_catalog_wide", "dev_catalog_captioned_wide")
+                      for scope in ("catalog_wide", "catalog_captioned_wide")}}
 DEV_QUERIES = 1000  # at most: dev queries are for choosing a weight, not for reporting
 SPOKEN_SCOPES = ("describe_captioned", "describe_uncaptioned")
 DEFAULT_RUNS = ["structured+pq", "structured", "atomic", "rq", "rq+pq", "semantic", "string", "numeric",
@@ -155,10 +169,20 @@ class Protocol(NamedTuple):
     test_keys: list[str]
     dev_queries: list[tuple[str, str]]  # (dev caption, its image): what the re-ranking weight is chosen on
     dev_keys: list[str]
+    # with --captioned-queries: one held-out caption of each of some train images, whose other
+    # captions are trained on (reported, and a second set for the weights); empty without it
+    captioned_queries: list[tuple[str, str]] = []
+    dev_captioned_queries: list[tuple[str, str]] = []
 
 
-def build_catalog(data: Path, setting: dict, seed: int = 0) -> Protocol:
-    from genret.catalog import load_catalog, read_split
+def build_catalog(data: Path, setting: dict, seed: int = 0, captioned_queries: bool = False) -> Protocol:
+    """The catalog as the trainer sees it, and the queries. With `captioned_queries`, as many train
+    images as there are test images, and as many again as there are dev images, each lose one
+    caption to the queries: every other query seeks an image without trained captions, so a
+    score offset that favours such images would raise catalog recall unchecked."""
+    from dataclasses import replace
+
+    from genret.catalog import Catalog, load_catalog, read_split
 
     full = load_catalog(data / "images", data / "captions.csv", duplicates="keep", verify_images=False)
     train, dev, test = (read_split(data / "splits" / f"{s}.txt") for s in ("train", "dev", "test"))
@@ -175,7 +199,17 @@ def build_catalog(data: Path, setting: dict, seed: int = 0) -> Protocol:
     dev_queries = [(c, k) for k in dev for c in full[k].captions]
     if len(dev_queries) > DEV_QUERIES:
         dev_queries = sorted(rng.sample(dev_queries, DEV_QUERIES), key=lambda q: q[1])
-    return Protocol(catalog.without_captions_for(held_out), queries, test, dev_queries, dev)
+    catalog = catalog.without_captions_for(held_out)
+    captioned, dev_captioned = [], []
+    if captioned_queries:  # drawn last, so the draws above are the same with or without them
+        pool = rng.sample(train, min(len(train) - 1, len(test) + min(len(dev), DEV_QUERIES)))
+        held = {k: rng.randrange(len(catalog[k].captions)) for k in pool}
+        captioned = sorted((catalog[k].captions[held[k]], k) for k in pool[: len(test)])
+        dev_captioned = sorted((catalog[k].captions[held[k]], k) for k in pool[len(test):])
+        catalog = Catalog(tuple(
+            replace(im, captions=im.captions[: held[im.key]] + im.captions[held[im.key] + 1:]) if im.key in held
+            else im for im in catalog))
+    return Protocol(catalog, queries, test, dev_queries, dev, captioned, dev_captioned)
 
 
 def dense_baseline(trainer, protocol: Protocol, keys) -> dict:
@@ -209,9 +243,11 @@ def dense_baseline(trainer, protocol: Protocol, keys) -> dict:
         return {**recall([[subset[i] for i in r] for r in ranked], [t for _, t in queries]),
                 "candidates": len(subset), "seconds_per_query": seconds / len(queries)}
 
-    def best_beta(subset) -> float:
-        dev = {b: search(image_emb, protocol.dev_queries, dev_emb, subset, b) for b in DENSE_HUBNESS}
-        return max(DENSE_HUBNESS, key=lambda b: (dev[b]["R@10"], dev[b]["R@5"], dev[b]["R@1"], -b))
+    def best_beta(subset, *dev_sets) -> float:
+        """On the dev queries, or on the mean of each (queries, embeddings) set given."""
+        dev_sets = dev_sets or ((protocol.dev_queries, dev_emb),)
+        devs = [{b: search(image_emb, q, e, subset, b) for b in DENSE_HUBNESS} for q, e in dev_sets]
+        return max(DENSE_HUBNESS, key=lambda b: (*(np.mean([d[b][k] for d in devs]) for k in ("R@10", "R@5", "R@1")), -b))
 
     out = {"dense two-tower": {}, "dense two-tower, hubness-corrected": {}, "dense on rq codes (quantized)": {}}
     for scope, subset, dev_subset in (("test", protocol.test_keys, protocol.dev_keys), ("catalog", keys, keys)):
@@ -220,6 +256,18 @@ def dense_baseline(trainer, protocol: Protocol, keys) -> dict:
         out["dense two-tower, hubness-corrected"][scope] = {
             **search(image_emb, protocol.queries, query_emb, subset, beta), "hubness_beta": beta}
         out["dense on rq codes (quantized)"][scope] = search(quantized, protocol.queries, query_emb, subset)
+    if protocol.captioned_queries:
+        captioned = protocol.captioned_queries
+        captioned_emb, dev_captioned_emb = (trainer.aligned_text_embeddings(tower, [q for q, _ in qs])
+                                            for qs in (captioned, protocol.dev_captioned_queries))
+        corrected = out["dense two-tower, hubness-corrected"]
+        out["dense two-tower"]["catalog_captioned"] = search(image_emb, captioned, captioned_emb, keys)
+        beta = corrected["catalog"]["hubness_beta"]
+        corrected["catalog_captioned"] = {**search(image_emb, captioned, captioned_emb, keys, beta), "hubness_beta": beta}
+        fair = best_beta(keys, (protocol.dev_queries, dev_emb), (protocol.dev_captioned_queries, dev_captioned_emb))
+        corrected["catalog_fair"] = {**search(image_emb, protocol.queries, query_emb, keys, fair), "hubness_beta": fair}
+        corrected["catalog_captioned_fair"] = {**search(image_emb, captioned, captioned_emb, keys, fair),
+                                               "hubness_beta": fair}
     return out
 
 
@@ -255,10 +303,22 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
               "test_wide": (queries, test_keys, wide, 4), "catalog_wide": (queries, None, wide, 4),
               "dev_wide": (protocol.dev_queries, protocol.dev_keys, wide, 4),
               "dev_catalog_wide": (protocol.dev_queries, None, wide, 4)}
+    captioned_queries, dev_captioned_queries = protocol.captioned_queries, protocol.dev_captioned_queries
+    if captioned_queries:
+        scopes.update({"catalog_captioned": (captioned_queries, None, setting["beams"], 16),
+                       "catalog_captioned_wide": (captioned_queries, None, wide, 4),
+                       "dev_catalog_captioned_wide": (dev_captioned_queries, None, wide, 4)})
     scopes = {scope: (q, c, b, n * per_batch) for scope, (q, c, b, n) in scopes.items()}
     # the hubness prior: searched with the dev queries at every weight, then with the test queries at the best
     prior_scopes = {"dev_prior": (protocol.dev_queries, protocol.dev_keys), "dev_catalog_prior": (protocol.dev_queries, None),
                     "test_prior": (queries, test_keys), "catalog_prior": (queries, None)}
+    prior_from = {scope: (dev,) for scope, dev in PRIOR_SCOPES.items()}  # reported scope -> dev scopes for its weight
+    if captioned_queries:
+        prior_scopes.update({"dev_catalog_captioned_prior": (dev_captioned_queries, None),
+                             "catalog_captioned_prior": (captioned_queries, None),
+                             "catalog_prior_fair": (queries, None),
+                             "catalog_captioned_prior_fair": (captioned_queries, None)})
+        prior_from.update(CAPTIONED_PRIOR_FROM)
     # ... and the wide beam searched with it, at the weight its scope's dev search chose
     wide_prior_scopes = {f"{scope}_prior": scopes[scope] for scope in ("test_wide", "catalog_wide", "dev_wide",
                                                                         "dev_catalog_wide")}
@@ -273,8 +333,8 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
         spoken = {"describe_captioned": {k: catalog[k].captions for k in captioned}, "describe_uncaptioned": held_out}
     # the setting's beam first, then the prior (dev weights before the scopes that read them), then the
     # wide beams: a call cut at its time limit has the headline numbers
-    order = ["test", "catalog", *prior_scopes, *[s for s in scopes if s not in ("test", "catalog")],
-             *wide_prior_scopes, *spoken]
+    headline = [scope for scope in ("test", "catalog", "catalog_captioned") if scope in scopes]
+    order = [*headline, *prior_scopes, *[s for s in scopes if s not in headline], *wide_prior_scopes, *spoken]
     missing = [scope for scope in order if scope not in result]
     if missing:  # evaluated one scope at a time, each saved, so an interruption loses one at most
         stored = StoredModel.open(run_dir / "model")
@@ -289,8 +349,8 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
                 search = lambda h: evaluate_generative(engine, scope_queries, candidates=candidates,
                                                        beams=setting["beams"], batch_size=16 * per_batch,
                                                        beam_hubness_weight=h)
-                if scope in PRIOR_SCOPES:  # the dev scope was searched before it
-                    result[scope] = search(best_beam_hubness_weight(result[PRIOR_SCOPES[scope]]))
+                if scope in prior_from:  # the dev scopes were searched before it
+                    result[scope] = search(best_beam_hubness_weight(*(result[dev] for dev in prior_from[scope])))
                 else:
                     result[scope] = {"by_weight": {f"{h:g}": search(h) for h in BEAM_HUBNESS_WEIGHTS}}
             else:
@@ -306,28 +366,35 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
     return result
 
 
-def best_beam_hubness_weight(dev: dict) -> float:
-    """The hubness prior's weight best on the dev queries (R@10, then R@5, then R@1; the smaller on a tie)."""
-    by_weight = dev["by_weight"]
-    return float(max(by_weight, key=lambda h: (by_weight[h]["R@10"], by_weight[h]["R@5"], by_weight[h]["R@1"],
-                                               -float(h))))
+def best_beam_hubness_weight(*devs: dict) -> float:
+    """The hubness prior's weight best on the dev queries (R@10, then R@5, then R@1; the smaller on a tie);
+    given several dev searches, best on their mean."""
+    return float(_best_key([dev["by_weight"] for dev in devs], lambda h: (-float(h),)))
+
+
+def _best_key(by_weights: list[dict], smaller_first) -> str:
+    """The key of the by-weight dicts with the best mean R@10, then R@5, then R@1; on a tie, the
+    largest smaller_first(key) (the negated weights: the smaller wins)."""
+    mean = lambda key, k: float(np.mean([by_weight[key][k] for by_weight in by_weights]))
+    return max(by_weights[0], key=lambda key: (mean(key, "R@10"), mean(key, "R@5"), mean(key, "R@1"),
+                                               *smaller_first(key)))
 
 
 def at_dev_weight(result: dict) -> dict:
     """Each wide scope re-ranked at the (weight, hubness weight) whose recall on the dev queries,
     searched the same way, is best (R@10, then R@5, then R@1; the smaller weights on a tie), as
     "reranked_dev"."""
-    for scope, dev_scope in DEV_SCOPE_OF.items():
-        by_weight = result.get(dev_scope, {}).get("reranked_by_weight")
-        if not by_weight or "reranked_by_weight" not in result.get(scope, {}):
+    pair = lambda key: tuple(float(w) for w in key.split(","))
+    choices = [("reranked_dev", scope, (dev,)) for scope, dev in DEV_SCOPE_OF.items()]
+    choices += [(part, scope, devs) for part, chosen in CAPTIONED_RERANK_FROM.items() for scope, devs in chosen.items()]
+    for part, scope, devs in choices:
+        by_weights = [result.get(dev, {}).get("reranked_by_weight") for dev in devs]
+        if not all(by_weights) or "reranked_by_weight" not in result.get(scope, {}):
             continue
-        pair = lambda key: tuple(float(w) for w in key.split(","))
-        best = max(by_weight, key=lambda k: (by_weight[k]["R@10"], by_weight[k]["R@5"], by_weight[k]["R@1"],
-                                             tuple(-w for w in pair(k))))
+        best = _best_key(by_weights, lambda key: tuple(-w for w in pair(key)))
         weight, hubness_weight = pair(best)
-        for s in (scope, dev_scope):
-            result[s]["reranked_dev"] = {"weight": weight, "hubness_weight": hubness_weight,
-                                         **result[s]["reranked_by_weight"][best]}
+        for s in (scope, *devs) if len(devs) == 1 else (scope,):  # a single dev scope records its own best
+            result[s][part] = {"weight": weight, "hubness_weight": hubness_weight, **result[s]["reranked_by_weight"][best]}
     return result
 
 
@@ -339,11 +406,15 @@ def over_seeds(runs: list[dict]) -> dict:
     row = {"seeds": [r.get("seed", 0) for r in runs], "spread": {}}
     row["dev_weights"] = {scope: [_weights_of(r[scope]["reranked_dev"]) for r in runs] for scope in DEV_SCOPE_OF
                           if all("reranked_dev" in r.get(scope, {}) for r in runs)}
-    row["beam_hubness_weights"] = {scope: [r[scope]["beam_hubness_weight"] for r in runs] for scope in PRIOR_SCOPES
-                                   if all(scope in r for r in runs)}
-    for scope in [s for s in (*RECALL_SCOPES, *PRIOR_SCOPES, *SPOKEN_SCOPES) if all(s in r for r in runs)]:
+    row["fair_weights"] = {scope: [_weights_of(r[scope]["reranked_fair"]) for r in runs]
+                           for scope in CAPTIONED_RERANK_FROM["reranked_fair"]
+                           if all("reranked_fair" in r.get(scope, {}) for r in runs)}
+    row["beam_hubness_weights"] = {scope: [r[scope]["beam_hubness_weight"] for r in runs]
+                                   for scope in (*PRIOR_SCOPES, *CAPTIONED_PRIOR_FROM) if all(scope in r for r in runs)}
+    for scope in [s for s in (*RECALL_SCOPES, *PRIOR_SCOPES, *CAPTIONED_SCOPES, *SPOKEN_SCOPES)
+                  if all(s in r for r in runs)]:
         row[scope], row["spread"][scope] = {}, {}
-        for part in (None, "reranked", "reranked_dev"):
+        for part in (None, "reranked", "reranked_dev", "reranked_fair"):
             values = [r[scope] if part is None else r[scope].get(part) for r in runs]
             if any(v is None for v in values):
                 continue
@@ -382,6 +453,45 @@ def _dev_weights(row: dict, scope: str) -> str:
     chosen = row.get(scope, {}).get("reranked_dev")
     pairs = row.get("dev_weights", {}).get(scope) or ([_weights_of(chosen)] if chosen else [])
     return " / ".join(f"{w:g}, {h:g}" for w, h in pairs)
+
+
+def _captioned_rows(r: dict, meta: dict) -> list[list[str]]:
+    """The captioned-queries table's rows for one result: [ranking, chosen on, weight, 7 cells]."""
+    def cells(uncaptioned: str, captioned: str, part: str | None = None) -> list[str]:
+        values = [_cell(r, scope, k, part) for scope in (uncaptioned, captioned) for k in ("R@1", "R@5", "R@10")]
+        tens = [r.get(scope, {}) if part is None else r.get(scope, {}).get(part, {}) for scope in (uncaptioned, captioned)]
+        mean = f"{np.mean([t['R@10'] for t in tens]):.3f}" if all("R@10" in t for t in tens) else ""
+        return values + [mean]
+
+    def prior(scope: str) -> str:
+        return " / ".join(f"{h:g}" for h in r.get("beam_hubness_weights", {}).get(
+            scope, [r.get(scope, {}).get("beam_hubness_weight", 0.0)]))
+
+    def rerank(scope: str, part: str) -> str:
+        # over seeds, each seed's pair: as chosen for the catalog scope (the same dev searches chose both)
+        pairs = r.get("dev_weights" if part == "reranked_dev" else "fair_weights", {}).get("catalog_wide") or \
+            [_weights_of(r[scope][part])]
+        return " / ".join(f"{w:g}, {h:g}" for w, h in pairs)
+
+    if "catalog_captioned" not in r:
+        return []
+    if "hubness_beta" in r.get("catalog_captioned", {}):  # the dense baseline's hubness correction
+        return [["similarity - β × hubness", "dev", f"{r['catalog_captioned']['hubness_beta']:g}",
+                 *cells("catalog", "catalog_captioned")],
+                ["similarity - β × hubness", "dev, fair", f"{r['catalog_fair']['hubness_beta']:g}",
+                 *cells("catalog_fair", "catalog_captioned_fair")]]
+    searched = "beams" in r["catalog_captioned"]
+    rows = [[f"beam {meta['beams']}" if searched else "similarity", "", "", *cells("catalog", "catalog_captioned")]]
+    if "catalog_captioned_prior" in r:
+        rows += [[f"beam {meta['beams']}, prior h", "dev", prior("catalog_captioned_prior"), *cells("catalog_prior", "catalog_captioned_prior")],
+                 [f"beam {meta['beams']}, prior h", "dev, fair", prior("catalog_prior_fair"),
+                  *cells("catalog_prior_fair", "catalog_captioned_prior_fair")]]
+    for part, chosen_on in (("reranked_dev", "dev"), ("reranked_fair", "dev, fair")):
+        if part in r.get("catalog_captioned_wide", {}):
+            rows.append([f"re-ranked w, h (beam {meta['wide_beams']})", chosen_on,
+                         rerank("catalog_captioned_wide", part),
+                         *cells("catalog_wide", "catalog_captioned_wide", part)])
+    return rows
 
 
 def write_report(out: Path, results: dict, meta: dict) -> None:
@@ -440,6 +550,17 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
             cells = [_cell(r, scope, metric) for scope in SPOKEN_SCOPES
                      for metric in ("describe_word_f1", "yes_no_accuracy")]
             lines.append(f"| {_label(name, r)} | {' | '.join(cells)} |")
+    if any("catalog_captioned" in r for r in results.values()):
+        lines += ["", f"Queries for captioned images (`--captioned-queries`): one held-out caption of each of "
+                  f"{meta.get('captioned_queries')} train images, whose other captions were trained on, searched over "
+                  "the whole catalog beside the test queries (whose images have no trained captions). Each weight is "
+                  "chosen twice: on the dev queries as above, which all seek uncaptioned images, and on the mean of "
+                  f"those and {meta.get('dev_captioned_queries')} held-out captions of other train images (fair). "
+                  "Mean: of the two R@10.", "",
+                  "| approach | ranking | weight chosen on | weight | uncaptioned R@1 | R@5 | R@10 | captioned R@1 | R@5 | "
+                  "R@10 | mean R@10 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            lines += [f"| {_label(name, r)} | {' | '.join(cells)} |" for cells in _captioned_rows(r, meta)]
     if any("seeds" in r for r in results.values()):
         lines += ["", "Rows over several seeds: mean ± standard deviation across the training seeds."]
     lines += ["", f"Reproduce: `{meta['command']}`"]
@@ -464,6 +585,15 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
     fig.savefig(out / "recall.png", dpi=120)
 
 
+def protocol_of(out: Path) -> dict | None:
+    """The protocol the runs and caption features cached in `out` were made with; None where nothing
+    there depends on one yet (image features do not). A folder from before protocol.json: the plain one."""
+    if (out / "protocol.json").exists():
+        return json.loads((out / "protocol.json").read_text())
+    made = [p for p in (out / "shared" / "prepared").glob("*") if p.name != "image_features.npy"]
+    return {"captioned_queries": False} if made or (out / "runs").exists() or (out / "dense.json").exists() else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
@@ -476,6 +606,11 @@ def main() -> int:
     parser.add_argument("--image-features-only", action="store_true",
                         help="compute the catalog's image features into <out>/shared/prepared and stop: what a GPU "
                              "machine without the images needs carried to it (the runs never read pixels again)")
+    parser.add_argument("--captioned-queries", action="store_true",
+                        help="also hold out one caption of some train images as queries for images whose other "
+                             "captions are trained on, report them over the catalog, and choose each catalog weight "
+                             "on both kinds of dev queries too (every test and dev query seeks an uncaptioned image, "
+                             "so weights chosen on them alone favour those); use its own --out")
     parser.add_argument("--baseline-only", action="store_true",
                         help="train the two-tower, report the dense baseline and stop (no LM is trained; at full "
                              "size this runs on a CPU in minutes)")
@@ -499,7 +634,11 @@ def main() -> int:
             parser.error(str(error))
     out = args.out or REPO / "benchmarks" / "results" / f"flickr8k-{args.setting}"
     out.mkdir(parents=True, exist_ok=True)
-    protocol = build_catalog(args.data, setting)
+    chosen = {"captioned_queries": args.captioned_queries}
+    if protocol_of(out) not in (None, chosen):
+        parser.error(f"{out} holds runs and caption features made {'with' if not args.captioned_queries else 'without'}"
+                     " --captioned-queries: give this protocol its own --out (image_features.npy may be copied over)")
+    protocol = build_catalog(args.data, setting, captioned_queries=args.captioned_queries)
     catalog, queries, test_keys = protocol.catalog, protocol.queries, protocol.test_keys
     keys = catalog.keys()
 
@@ -510,6 +649,7 @@ def main() -> int:
     if args.image_features_only:
         print(f"image features: {base.prepared / 'image_features.npy'}")
         return 0
+    (out / "protocol.json").write_text(json.dumps(chosen))
     base.caption_features(base.caption_pairs()[0])
     base.align()
 
@@ -521,6 +661,8 @@ def main() -> int:
     meta = {"setting": args.setting, "catalog_images": len(catalog), "test_images": len(test_keys),
             "dev_images": len(protocol.dev_keys), "dev_queries": len(protocol.dev_queries),
             "train_captions": len(base.caption_pairs()[0]), "queries": len(queries), "beams": setting["beams"],
+            "captioned_queries": len(protocol.captioned_queries),
+            "dev_captioned_queries": len(protocol.dev_captioned_queries),
             "wide_beams": setting["wide_beams"],
             "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores",
             "command": "python benchmarks/flickr8k.py " + " ".join(sys.argv[1:])}

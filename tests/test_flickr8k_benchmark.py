@@ -134,6 +134,85 @@ def test_dev_and_test_images_are_memorized_but_never_trained_on_with_their_capti
 
 
 @pytest.mark.skipif(not (FLICKR8K / "captions.csv").exists(), reason="Flickr8k is not present")
+def test_captioned_queries_are_held_out_captions_of_train_images_and_change_nothing_else(bench):
+    plain = bench.build_catalog(FLICKR8K, bench.SETTINGS["cpu"])
+    protocol = bench.build_catalog(FLICKR8K, bench.SETTINGS["cpu"], captioned_queries=True)
+    assert (protocol.queries, protocol.test_keys, protocol.dev_queries, protocol.dev_keys) == \
+        (plain.queries, plain.test_keys, plain.dev_queries, plain.dev_keys)
+    assert not plain.captioned_queries and not plain.dev_captioned_queries
+    reported, dev = ({k for _, k in qs} for qs in (protocol.captioned_queries, protocol.dev_captioned_queries))
+    assert len(reported) == len(protocol.captioned_queries) == 50 and len(dev) == len(protocol.dev_captioned_queries) == 50
+    assert not reported & dev and not (reported | dev) & (set(plain.test_keys) | set(plain.dev_keys))
+    for caption, key in protocol.captioned_queries + protocol.dev_captioned_queries:
+        before, after = plain.catalog[key].captions, protocol.catalog[key].captions
+        assert caption in before and caption not in after and len(after) == len(before) - 1
+    untouched = [k for k in plain.catalog.keys() if k not in reported | dev]
+    assert all(protocol.catalog[k] == plain.catalog[k] for k in untouched)
+
+
+def test_fair_weights_are_best_on_the_mean_of_both_kinds_of_dev_queries(bench):
+    def recalls(r10):
+        return {"R@1": 0.1, "R@5": 0.5, "R@10": r10}
+
+    uncaptioned = {"by_weight": {"0": recalls(0.4), "10": recalls(0.5), "40": recalls(0.6)}}
+    captioned = {"by_weight": {"0": recalls(0.9), "10": recalls(0.88), "40": recalls(0.6)}}
+    assert bench.best_beam_hubness_weight(uncaptioned) == 40.0
+    assert bench.best_beam_hubness_weight(uncaptioned, captioned) == 10.0  # mean 0.69, against 0.65 and 0.6
+    result = {"dev_catalog_wide": {"reranked_by_weight": {"0,0": recalls(0.3), "0,20": recalls(0.5)}},
+              "dev_catalog_captioned_wide": {"reranked_by_weight": {"0,0": recalls(0.9), "0,20": recalls(0.5)}},
+              "catalog_wide": {"reranked_by_weight": {"0,0": recalls(0.35), "0,20": recalls(0.55)}},
+              "catalog_captioned_wide": {"reranked_by_weight": {"0,0": recalls(0.8), "0,20": recalls(0.4)}}}
+    bench.at_dev_weight(result)
+    # as before: the uncaptioned dev queries alone choose, for both kinds of reported queries ...
+    assert result["catalog_wide"]["reranked_dev"]["hubness_weight"] == 20.0
+    assert result["catalog_captioned_wide"]["reranked_dev"] == {"weight": 0.0, "hubness_weight": 20.0, **recalls(0.4)}
+    # ... and fairly: the mean of both kinds of dev queries (0.6 at 0,0 against 0.5)
+    assert result["catalog_wide"]["reranked_fair"] == {"weight": 0.0, "hubness_weight": 0.0, **recalls(0.35)}
+    assert result["catalog_captioned_wide"]["reranked_fair"] == {"weight": 0.0, "hubness_weight": 0.0, **recalls(0.8)}
+    assert "reranked_fair" not in result["dev_catalog_wide"]  # a choice on two dev scopes is recorded where it is used
+
+
+def test_the_captioned_table_reports_both_kinds_of_queries_at_each_choice(bench, tmp_path):
+    def recalls(r10, **extra):
+        return {"R@1": 0.1, "R@5": 0.5, "R@10": r10, "seconds_per_query": 0.01, **extra}
+
+    def searched(r10, h=0.0):
+        return recalls(r10, beams=10, beam_hubness_weight=h)
+
+    run = {"test": searched(0.8), "catalog": searched(0.4), "catalog_captioned": searched(0.9),
+           "catalog_prior": searched(0.6, h=40.0), "catalog_captioned_prior": searched(0.7, h=40.0),
+           "catalog_prior_fair": searched(0.5, h=10.0), "catalog_captioned_prior_fair": searched(0.86, h=10.0),
+           "test_prior": searched(0.8)}
+    dense = {"test": recalls(0.9), "catalog": recalls(0.5), "catalog_captioned": recalls(0.95)}
+    corrected = {"test": recalls(0.9, hubness_beta=0.5), "catalog": recalls(0.6, hubness_beta=1.0),
+                 "catalog_captioned": recalls(0.8, hubness_beta=1.0), "catalog_fair": recalls(0.55, hubness_beta=0.25),
+                 "catalog_captioned_fair": recalls(0.93, hubness_beta=0.25)}
+    meta = {"setting": "cpu", "catalog_images": 300, "train_captions": 1000, "queries": 250, "test_images": 50,
+            "dev_queries": 250, "dev_images": 50, "beams": 10, "wide_beams": 50, "machine": "CPU", "command": "x",
+            "captioned_queries": 50, "dev_captioned_queries": 50}
+    bench.write_report(tmp_path, {"dense": dense, "dense, corrected": corrected, "atomic": run}, meta)
+    report = (tmp_path / "results.md").read_text()
+    assert "one held-out caption of each of 50 train images" in report
+    assert "| dense | similarity |  |  | 0.100 | 0.500 | 0.500 | 0.100 | 0.500 | 0.950 | 0.725 |" in report
+    assert "| dense, corrected | similarity - β × hubness | dev, fair | 0.25 | 0.100 | 0.500 | 0.550 | 0.100 | 0.500 | " \
+           "0.930 | 0.740 |" in report
+    assert "| atomic | beam 10 |  |  | 0.100 | 0.500 | 0.400 | 0.100 | 0.500 | 0.900 | 0.650 |" in report
+    assert "| atomic | beam 10, prior h | dev | 40 | 0.100 | 0.500 | 0.600 | 0.100 | 0.500 | 0.700 | 0.650 |" in report
+    assert "| atomic | beam 10, prior h | dev, fair | 10 | 0.100 | 0.500 | 0.500 | 0.100 | 0.500 | 0.860 | 0.680 |" in report
+
+
+def test_a_folder_made_without_captioned_queries_is_not_resumed_with_them(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GENRET_FLICKR8K": str(tmp_path)}
+    (tmp_path / "captions.csv").write_text("image,caption\n")  # past the data check; nothing is read
+    (tmp_path / "out" / "runs").mkdir(parents=True)  # runs from before protocol.json: the plain protocol
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--captioned-queries",
+                           "--schemes", "atomic"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "made without --captioned-queries: give this protocol its own --out" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(not (FLICKR8K / "captions.csv").exists(), reason="Flickr8k is not present")
 def test_image_features_only_writes_the_features_a_gpu_machine_needs_and_stops(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GENRET_FLICKR8K": str(FLICKR8K)}
     done = subprocess.run([sys.executable, str(SCRIPT), "--setting", "cpu", "--out", str(tmp_path), "--image-features-only"],
