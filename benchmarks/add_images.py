@@ -66,12 +66,11 @@ def with_bonus(engine, queries, beams: int, hubness_weight: float, bonus: float)
     """Whole-catalog recall with every added id favoured by `bonus` nats inside the search (an
     IdPrior), besides the hubness prior. Every query here seeks an added image, so this shows how
     far an offset that favours them flatters the catalog scope; it is not a setting to serve."""
-    from genret.adding import is_added
     from genret.evaluation import recall
     from genret.trie import IdPrior
 
     stored = engine.stored
-    offsets = {k: -hubness_weight * float(h) + (bonus if is_added(stored, k) else 0.0)
+    offsets = {k: -hubness_weight * float(h) + (bonus if stored.is_added(k) else 0.0)
                for k, h in zip(stored.keys, stored.image_hubness())}
     prior, hits = IdPrior(stored.trie(), offsets), []
     for start in range(0, len(queries), 16):

@@ -17,7 +17,6 @@ the difference.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -28,11 +27,10 @@ import numpy as np
 import torch
 
 from .catalog import Catalog
-from .model_store import MANIFEST, ModelStoreError, StoredModel, images_root, staged_model_dir, write_json
+from .model_store import ATOMIC_TOKEN, MANIFEST, ModelStoreError, StoredModel, images_root, staged_model_dir, write_json
 from .prompts import Prompts
 from .training import id_row_projection
 
-ATOMIC_TOKEN = re.compile(r"<img_(\d+)>")
 FIT_SAMPLE = 4096  # trained rows the placement is fit on (two would do; more guard against a moved row)
 HUBNESS_BANK = "hubness_bank.npy"  # kept by the first addition (see hubness_bank)
 FIT_TOLERANCE = 1e-4  # relative misfit above which the rows are taken to have moved since they were placed
@@ -67,7 +65,7 @@ def row_placement(stored: StoredModel, rows: torch.Tensor) -> Callable[[np.ndarr
     that every trained id's row in `rows` (the LM's embedding table) follows it; a
     ModelStoreError where the trained rows do not (they moved)."""
     keys = stored.keys
-    trained = [k for k in keys if not is_added(stored, k)]
+    trained = [k for k in keys if not stored.is_added(k)]
     picks = np.linspace(0, len(trained) - 1, min(FIT_SAMPLE, len(trained))).round().astype(int)
     sample = sorted({trained[i] for i in picks})
     if len(sample) < 2:
@@ -87,16 +85,10 @@ def row_placement(stored: StoredModel, rows: torch.Tensor) -> Callable[[np.ndarr
     return lambda new: base + scale * (torch.from_numpy(np.asarray(new, dtype=np.float64)) @ projection)
 
 
-def is_added(stored: StoredModel, key: str) -> bool:
-    """Whether `key` was added after training (its atomic id is numbered past the trained ones)."""
-    match = ATOMIC_TOKEN.fullmatch(stored.identifiers.ids[key])
-    return bool(match) and int(match.group(1)) >= stored.manifest.get("trained_images", stored.manifest["catalog_size"])
-
-
 def trained_captions(stored: StoredModel) -> list[str]:
     """The captions training read: the hubness bank (genret.alignment.hubness). Added images'
     captions are stored for display, never trained on, so they stay out of it."""
-    return [c for image in stored.catalog if not is_added(stored, image.key) for c in image.captions]
+    return [c for image in stored.catalog if not stored.is_added(image.key) for c in image.captions]
 
 
 def hubness_bank(stored: StoredModel, tower, device: str | None, progress: bool) -> np.ndarray:

@@ -159,6 +159,12 @@ def cmd_evaluate(args) -> None:
                                  rerank_grid=grid, beam_hubness_weight=args.beam_hubness_weight)
     result["model"] = stored.manifest["name"]
     print(json.dumps(result, indent=1))
+    one_kind = [kind for kind, n in result["query_kinds"].items() if n == len(queries)]
+    if one_kind and (args.beam_hubness_weight or args.hubness_weight or args.hubness_weights):
+        never = "never " if one_kind == ["uncaptioned"] else ""
+        print(f"note: all {len(queries)} queries seek images whose captions were {never}trained on; hubness "
+              "weights chosen on them alone favour such images: choose them on queries of both kinds, in the "
+              "mix your users send (see the README)", file=sys.stderr)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 

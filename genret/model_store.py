@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -40,6 +41,7 @@ from .trie import IdTrie
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+ATOMIC_TOKEN = re.compile(r"<img_(\d+)>")  # the atomic scheme's id token (genret.identifiers)
 
 
 # tokenizer_config.json keys about the files or the class, not the tokenizer (tokenizer.json
@@ -190,6 +192,18 @@ class StoredModel:
             raise ModelStoreError(f"{self.path}: identifiers.json has {len(keys)} ids for a catalog of "
                                   f"{self.manifest['catalog_size']} images")
         return keys
+
+    def is_added(self, key: str) -> bool:
+        """Whether `key` was added after training (`genret add`: its atomic id is numbered past the trained ones)."""
+        match = ATOMIC_TOKEN.fullmatch(self.identifiers.ids[key])
+        return bool(match) and int(match.group(1)) >= self.manifest.get("trained_images", self.manifest["catalog_size"])
+
+    @cached_property
+    def trained_caption_keys(self) -> frozenset[str]:
+        """The images whose captions training read: those with stored captions, less the ones added
+        after training (whose captions are stored for display only). The model and its two-tower
+        pull queries towards these, so recall differs for queries that seek them and for the rest."""
+        return frozenset(image.key for image in self.catalog if image.captions and not self.is_added(image.key))
 
     @property
     def end_token(self) -> int:

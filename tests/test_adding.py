@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from genret.adding import add_images, is_added, row_placement
+from genret.adding import add_images, row_placement
 from genret.catalog import load_image_folder
 from genret.cli import main
 from genret.model_store import ModelStoreError, StoredModel
@@ -40,7 +40,7 @@ def test_only_the_images_the_model_lacks_are_added(grown, demo_catalog, tiny_def
     assert stored.keys == sorted(demo_catalog.keys()) and stored.manifest["catalog_size"] == len(demo_catalog)
     assert stored.manifest["trained_images"] == len(TINY_IMAGES)
     assert [a["images"] for a in stored.manifest["additions"]] == [len(new)]
-    assert [k for k in stored.keys if is_added(stored, k)] == new
+    assert [k for k in stored.keys if stored.is_added(k)] == new
     assert all(stored.id_tokens[k] == before.id_tokens[k] for k in TINY_IMAGES)
     assert stored.catalog[new[0]].captions == demo_catalog[new[0]].captions  # kept for display
 
@@ -212,3 +212,39 @@ def test_vllm_serves_the_added_ids_as_transformers_does(grown, demo_catalog):
             await hf.close()
 
     asyncio.run(compare())
+
+
+def test_evaluate_reports_recall_for_each_kind_of_query(grown, demo_catalog, capsys, tmp_path):
+    """Added images' captions were never trained on: a model holding both kinds reports each."""
+    from genret.decoding import EmbeddingReranker, TransformersEngine
+    from genret.evaluation import evaluate_generative, recall
+
+    dest, added = grown
+    stored = StoredModel.open(dest)
+    assert stored.trained_caption_keys == frozenset(TINY_IMAGES)  # the added images' captions are for display
+    queries = [(demo_catalog[k].captions[0], k) for k in demo_catalog.keys()]
+    engine = TransformersEngine(stored)
+    grid = [(0.0, 0.0), (5.0, 1.0)]
+    result = evaluate_generative(engine, queries, beams=5, reranker=EmbeddingReranker(stored), rerank_grid=grid,
+                                 progress=False)
+    assert result["query_kinds"] == {"captioned": len(TINY_IMAGES), "uncaptioned": len(added.keys)}
+    hits = engine.search([q for q, _ in queries], k=10, beams=5)
+    for kind, keys in (("captioned", TINY_IMAGES), ("uncaptioned", added.keys)):
+        rows = [i for i, (_, k) in enumerate(queries) if k in keys]
+        assert result["by_kind"][kind] == {"queries": len(rows), **recall([[h.key for h in hits[i]] for i in rows],
+                                                                          [queries[i][1] for i in rows])}
+    for part in (result["by_kind"], result["reranked"]["by_kind"], *result["reranked_by_weight_by_kind"].values()):
+        assert part["mean"] == {k: pytest.approx((part["captioned"][k] + part["uncaptioned"][k]) / 2)
+                                for k in ("R@1", "R@5", "R@10")}
+    assert set(result["reranked_by_weight_by_kind"]) == set(result["reranked_by_weight"]) == {"0,0", "5,1"}
+    # weight 0: each kind's share of the beam's own order
+    assert {k: v for k, v in result["reranked_by_weight_by_kind"]["0,0"]["captioned"].items()} == \
+        {k: v for k, v in result["by_kind"]["captioned"].items() if k != "queries"}
+    # one kind alone: no split, and the CLI says what weights chosen on it would favour
+    only_added = tmp_path / "queries.csv"
+    only_added.write_text("image,caption\n" + "".join(f"{k},{demo_catalog[k].captions[0]}\n" for k in added.keys))
+    assert main(["evaluate", str(dest), "--queries", str(only_added), "--beams", "3", "--beam-hubness-weight", "5"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert "by_kind" not in result and result["query_kinds"] == {"captioned": 0, "uncaptioned": len(added.keys)}
+    assert f"all {len(added.keys)} queries seek images whose captions were never trained on" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -299,17 +300,46 @@ def test_distillation_teaches_real_captions_not_pseudo_queries(tiny_catalog, tmp
     assert sorted((e.target[:-1] == ids[keys[0]], e.teacher) for e in retrieve) == [(False, 0), (True, None)]
 
 
-def test_length_slices_give_the_same_training_with_less_padding(tiny_catalog, tmp_path):
-    """A batch run as length-sorted slices, gradients summed, is the same update: the same losses
-    and weights as one pass, up to float rounding."""
+def test_length_slices_give_the_same_update_with_less_padding():
+    """A batch run as length-sorted slices, gradients summed, is the same update as one pass: the
+    same loss and the same gradients, up to float rounding (a tiny random LM, one step)."""
+    import copy
+
+    from genret.model import Example, MultimodalLM, QueryPrefix, SoftPrefix
+    from genret.training import train_step
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    model = MultimodalLM(lm, SoftPrefix(32, 64), QueryPrefix(16, 64)).train()
+    features, queries = torch.randn(10, 32), torch.nn.functional.normalize(torch.randn(10, 16), dim=-1)
+    rng = random.Random(0)  # prompts of 3-20 tokens, some after the image prefix and some after the query prefix
+    batch = [Example([rng.randrange(2, 300) for _ in range(rng.randint(3, 20))], [rng.randrange(2, 300), 1],
+                     **({"image": i} if i % 3 == 0 else {"query": i})) for i in range(9)]
+    losses, grads = {}, {}
+    for slices in (1, 3):
+        copied = copy.deepcopy(model)
+        losses[slices] = train_step(copied, torch.optim.SGD(copied.parameters(), lr=0.0), batch, 0, features, queries,
+                                    slices=slices).item()
+        grads[slices] = {name: p.grad for name, p in copied.named_parameters() if p.grad is not None}
+    assert losses[3] == pytest.approx(losses[1], rel=1e-6)
+    assert grads[1].keys() == grads[3].keys() and len(grads[1]) > 20
+    for name, grad in grads[1].items():
+        assert (grads[3][name] - grad).norm() <= 1e-5 * grad.norm() + 1e-12, name
+
+
+def test_length_slices_train_the_same_model(tiny_catalog, tmp_path):
+    """Trained end to end with slices, the run follows the same losses. Over epochs Adam amplifies
+    float rounding (it turns noise in a rare token's tiny gradient into a step of up to lr): on
+    one 2-core AMD EPYC the third epoch's loss moved by 2e-4 between 1 and 2 threads alone, and by
+    1e-3 between 1 and 3 slices. So later epochs are compared loosely (5e-3): the exact
+    equivalence is the one-step test above."""
     catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
     models = {}
     for slices in (1, 3):
         config = TrainConfig(**{**SHORT, "query_tokens": 2, "length_slices": slices, "batch_size": 8})
         models[slices] = Trainer(catalog, config, tmp_path / f"run{slices}", progress=False).train(tmp_path / f"m{slices}")
     history = {s: [h["loss"] for h in StoredModel.open(m).manifest["history"]] for s, m in models.items()}
-    assert history[3] == pytest.approx(history[1], rel=1e-4)
-    one, three = (StoredModel.open(models[s]).load_lm() for s in (1, 3))
-    for (name, a), (_, b) in zip(one.named_parameters(), three.named_parameters()):
-        # relative: Adam turns rounding noise in a rare token's tiny gradient into a step of up to lr
-        assert (a - b).norm() <= 1e-4 * a.norm(), name
+    assert len(history[3]) == len(history[1]) == 3
+    assert history[3][0] == pytest.approx(history[1][0], rel=1e-5)  # the first epoch, before rounding compounds
+    assert history[3] == pytest.approx(history[1], rel=5e-3)
