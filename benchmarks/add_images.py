@@ -9,6 +9,11 @@ test images and over the whole catalog, and asked to describe the test images by
 
     python benchmarks/add_images.py --setting cpu              # reduced: ~20 minutes a seed on 2 CPU cores
     python benchmarks/add_images.py --setting cpu --seeds 3    # mean ± standard deviation over 3 seeds
+    python benchmarks/add_images.py --setting cpu --seeds 3 --captioned-queries   # also queries for trained images
+
+Every test query seeks an added (uncaptioned) image, so an offset that favours added images can
+only raise recall over the catalog; `--captioned-queries` (flickr8k.py's) also holds out one
+caption of some train images and reports their recall beside, at each h and bonus.
 
 Resumable: every model and every result is written as soon as it exists (<out>/seedN/). Results:
 <out>/results.json and <out>/results.md.
@@ -79,6 +84,8 @@ def with_bonus(engine, queries, beams: int, hubness_weight: float, bonus: float)
 
 
 def measure(model: Path, protocol, setting: dict, seed: int, result_path: Path, bonuses=()) -> dict:
+    """Each scope's recall (test, catalog, and with --captioned-queries "captioned": queries for
+    trained images, over the catalog), at each hubness prior h and, on the added model, bonus."""
     from genret.decoding import TransformersEngine
     from genret.evaluation import evaluate_describe_and_ask, evaluate_generative
     from genret.model_store import StoredModel
@@ -87,21 +94,26 @@ def measure(model: Path, protocol, setting: dict, seed: int, result_path: Path, 
     held_out = {k: [] for k in protocol.test_keys}
     for caption, key in protocol.queries:
         held_out[key].append(caption)
-    scopes = {f"{scope}@{h:g}": (candidates, h) for scope, candidates in (("test", protocol.test_keys), ("catalog", None))
+    searched = [("test", protocol.queries, protocol.test_keys), ("catalog", protocol.queries, None)]
+    if protocol.captioned_queries:
+        searched.append(("captioned", protocol.captioned_queries, None))
+    scopes = {f"{scope}@{h:g}": (queries, candidates, h) for scope, queries, candidates in searched
               for h in BEAM_HUBNESS_WEIGHTS}
-    bonus_scopes = {f"catalog@{h:g}+bonus{b:g}": (h, b) for h in BONUS_HUBNESS_WEIGHTS for b in bonuses}
+    bonus_scopes = {f"{scope}@{h:g}+bonus{b:g}": (queries, h, b) for scope, queries, _ in searched[1:]
+                    for h in BONUS_HUBNESS_WEIGHTS for b in bonuses}
     engine = None
     for scope in [*scopes, "describe_test_images", *bonus_scopes]:
         if scope in result:
             continue
         engine = engine or TransformersEngine(StoredModel.open(model))
         if scope in bonus_scopes:
-            result[scope] = with_bonus(engine, protocol.queries, setting["beams"], *bonus_scopes[scope])
+            queries, h, bonus = bonus_scopes[scope]
+            result[scope] = with_bonus(engine, queries, setting["beams"], h, bonus)
         elif scope == "describe_test_images":
             result[scope] = evaluate_describe_and_ask(engine, held_out, seed=seed, progress=False)
         else:
-            candidates, h = scopes[scope]
-            result[scope] = evaluate_generative(engine, protocol.queries, candidates=candidates,
+            queries, candidates, h = scopes[scope]
+            result[scope] = evaluate_generative(engine, queries, candidates=candidates,
                                                 beams=setting["beams"], beam_hubness_weight=h, progress=False)
         result_path.write_text(json.dumps(result, indent=1))
     return result
@@ -115,7 +127,8 @@ METRICS = {"test@0": ("R@1", "R@5", "R@10"), "catalog@0": ("R@1", "R@5", "R@10")
 
 def over_seeds(runs: list[dict]) -> dict:
     """scope -> metric -> (mean, standard deviation) over the seeds' results."""
-    scopes = {**METRICS, **{scope: ("R@10",) for scope in runs[0] if "+bonus" in scope}}
+    scopes = {**METRICS, **{scope: ("R@1", "R@10") for scope in runs[0] if scope.startswith("captioned@")},
+              **{scope: ("R@10",) for scope in runs[0] if "+bonus" in scope}}
     return {scope: {m: (float(np.mean([r[scope][m] for r in runs])), float(np.std([r[scope][m] for r in runs])))
                     for m in metrics} for scope, metrics in scopes.items()}
 
@@ -147,6 +160,26 @@ def report(results: dict, meta: dict) -> str:
     for h in BONUS_HUBNESS_WEIGHTS:
         lines.append(f"| {h:g} | {cell(f'catalog@{h:g}', 'R@10')} | "
                      + " | ".join(cell(f"catalog@{h:g}+bonus{b:g}", "R@10") for b in BONUSES) + " |")
+    if "captioned@0" in row:
+        lines += ["", f"Queries for trained images (`--captioned-queries`): one held-out caption of each of "
+                  f"{meta['captioned_queries']} train images, over the whole catalog. R@1 / R@10 at each hubness "
+                  "prior h, for each model:", "",
+                  "| model | " + " | ".join(f"h = {h:g}" for h in BEAM_HUBNESS_WEIGHTS) + " |",
+                  "|---|" + "---|" * len(BEAM_HUBNESS_WEIGHTS)]
+        for key, name in MODELS.items():
+            row = results[key]
+            lines.append(f"| {name} | " + " | ".join(f"{cell(f'captioned@{h:g}', 'R@1')} / {cell(f'captioned@{h:g}', 'R@10')}"
+                                                    for h in BEAM_HUBNESS_WEIGHTS) + " |")
+        row = results["added"]
+        lines += ["", "The added model's R@10 for those queries with every added id favoured by b nats, and the mean "
+                  "of the two kinds' R@10 (the test queries' from the bonus table above):", "",
+                  "| hubness prior h | " + " | ".join(f"b = {b:g}" for b in (0.0, *BONUSES)) + " |",
+                  "|---|" + "---|" * (len(BONUSES) + 1)]
+        for h in BONUS_HUBNESS_WEIGHTS:
+            names = [f"@{h:g}", *(f"@{h:g}+bonus{b:g}" for b in BONUSES)]
+            lines.append(f"| {h:g} | " + " | ".join(
+                f"{cell('captioned' + n, 'R@10')} (mean {(row['captioned' + n]['R@10'][0] + row['catalog' + n]['R@10'][0]) / 2:.3f})"
+                for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,13 +189,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--seeds", type=int, default=1, help="train and measure seeds 0 to N-1")
+    parser.add_argument("--captioned-queries", action="store_true",
+                        help="also queries for trained images: held-out captions of train images (flickr8k.py's)")
     args = parser.parse_args(argv)
     if not (args.data / "captions.csv").exists():
         print(f"no Flickr8k at {args.data} (set --data or GENRET_FLICKR8K)", file=sys.stderr)
         return 2
-    out = args.out or REPO / "benchmarks" / "results" / f"add-images-{args.setting}"
+    suffix = "-captioned" if args.captioned_queries else ""
+    out = args.out or REPO / "benchmarks" / "results" / f"add-images-{args.setting}{suffix}"
+    chosen = {"captioned_queries": args.captioned_queries}
+    earlier = json.loads((out / "protocol.json").read_text()) if (out / "protocol.json").exists() else \
+        {"captioned_queries": False} if any(out.glob("seed*")) else chosen  # a folder from before the option
+    if earlier != chosen:
+        parser.error(f"{out} holds models trained {'with' if earlier['captioned_queries'] else 'without'} "
+                     "--captioned-queries: give this protocol its own --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "protocol.json").write_text(json.dumps(chosen))
     setting = SETTINGS[args.setting]
-    protocol = build_catalog(args.data, setting)
+    protocol = build_catalog(args.data, setting, captioned_queries=args.captioned_queries)
     test = set(protocol.test_keys)
     runs, add_seconds = {key: [] for key in MODELS}, []
     for seed in range(args.seeds):
@@ -180,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     commit = os.popen(f"git -C {REPO} rev-parse --short HEAD").read().strip()
     meta = {"setting": args.setting, "run": RUN, "seeds": args.seeds, "catalog": len(protocol.catalog),
             "added": len(test), "queries": len(protocol.queries), "beams": setting["beams"],
+            "captioned_queries": len(protocol.captioned_queries),
             "add_seconds": float(np.mean(add_seconds)), "commit": commit,
-            "command": f"python benchmarks/add_images.py --setting {args.setting} --seeds {args.seeds}"}
+            "command": f"python benchmarks/add_images.py --setting {args.setting} --seeds {args.seeds}"
+                       + (" --captioned-queries" if args.captioned_queries else "")}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results, "runs": runs}, indent=1))
     (out / "results.md").write_text(report(results, meta))
     print(report(results, meta))
