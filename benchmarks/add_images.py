@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flickr8k import DEFAULT_DATA, REPO, SETTINGS, build_catalog, run_config  # noqa: E402
+from flickr8k import DEFAULT_DATA, REPO, SETTINGS, build_catalog, protocol_of, run_config  # noqa: E402
 
 RUN = "atomic+pq+qp+ai+fz+da"  # genret train's defaults, describe and ask included
 BEAM_HUBNESS_WEIGHTS = (0.0, 20.0, 40.0, 80.0)  # each reported: there are no added dev images to choose on
@@ -134,9 +134,18 @@ def over_seeds(runs: list[dict]) -> dict:
 
 
 def report(results: dict, meta: dict) -> str:
-    def cell(scope: str, metric: str) -> str:
+    def cell(row: dict, scope: str, metric: str) -> str:
         mean, sd = row[scope][metric]
         return f"{mean:.3f}" + (f" ± {sd:.3f}" if meta["seeds"] > 1 else "")
+
+    def bonus_table(intro: str, cell_of) -> list[str]:
+        """A table of the added model by hubness prior h and bonus b; cell_of("@h" or "@h+bonusb")."""
+        lines = ["", intro, "", "| hubness prior h | " + " | ".join(f"b = {b:g}" for b in (0.0, *BONUSES)) + " |",
+                 "|---|" + "---|" * (len(BONUSES) + 1)]
+        for h in BONUS_HUBNESS_WEIGHTS:
+            lines.append(f"| {h:g} | " + " | ".join(cell_of(n) for n in (f"@{h:g}", *(f"@{h:g}+bonus{b:g}"
+                                                                                        for b in BONUSES))) + " |")
+        return lines
 
     lines = [f"# Images added without training, against the same images trained in ({meta['setting']} setting)", "",
              f"Catalog: {meta['catalog']} images, {meta['added']} of them (the test images) added to a model trained "
@@ -148,38 +157,29 @@ def report(results: dict, meta: dict) -> str:
     for key, name in MODELS.items():
         row = results[key]
         lines.append(" | ".join([
-            f"| {name}", " / ".join(cell("test@0", m) for m in METRICS["test@0"]),
-            " / ".join(cell("catalog@0", m) for m in METRICS["catalog@0"]),
-            " / ".join(cell(f"catalog@{h:g}", "R@10") for h in BEAM_HUBNESS_WEIGHTS[1:]),
-            cell("describe_test_images", "describe_word_f1"), cell("describe_test_images", "yes_no_accuracy")]) + " |")
-    row = results["added"]
-    lines += ["", "Whole-catalog R@10 of the added model with every added id favoured by b nats inside the search "
-              "(every query seeks an added image, so this measures how far such an offset flatters the scope):", "",
-              "| hubness prior h | " + " | ".join(f"b = {b:g}" for b in (0.0, *BONUSES)) + " |",
-              "|---|" + "---|" * (len(BONUSES) + 1)]
-    for h in BONUS_HUBNESS_WEIGHTS:
-        lines.append(f"| {h:g} | {cell(f'catalog@{h:g}', 'R@10')} | "
-                     + " | ".join(cell(f"catalog@{h:g}+bonus{b:g}", "R@10") for b in BONUSES) + " |")
-    if "captioned@0" in row:
+            f"| {name}", " / ".join(cell(row, "test@0", m) for m in METRICS["test@0"]),
+            " / ".join(cell(row, "catalog@0", m) for m in METRICS["catalog@0"]),
+            " / ".join(cell(row, f"catalog@{h:g}", "R@10") for h in BEAM_HUBNESS_WEIGHTS[1:]),
+            cell(row, "describe_test_images", "describe_word_f1"),
+            cell(row, "describe_test_images", "yes_no_accuracy")]) + " |")
+    added = results["added"]
+    lines += bonus_table("Whole-catalog R@10 of the added model with every added id favoured by b nats inside the "
+                         "search (every query seeks an added image, so this measures how far such an offset flatters "
+                         "the scope):", lambda n: cell(added, "catalog" + n, "R@10"))
+    if "captioned@0" in added:
         lines += ["", f"Queries for trained images (`--captioned-queries`): one held-out caption of each of "
                   f"{meta['captioned_queries']} train images, over the whole catalog. R@1 / R@10 at each hubness "
                   "prior h, for each model:", "",
                   "| model | " + " | ".join(f"h = {h:g}" for h in BEAM_HUBNESS_WEIGHTS) + " |",
                   "|---|" + "---|" * len(BEAM_HUBNESS_WEIGHTS)]
         for key, name in MODELS.items():
-            row = results[key]
-            lines.append(f"| {name} | " + " | ".join(f"{cell(f'captioned@{h:g}', 'R@1')} / {cell(f'captioned@{h:g}', 'R@10')}"
-                                                    for h in BEAM_HUBNESS_WEIGHTS) + " |")
-        row = results["added"]
-        lines += ["", "The added model's R@10 for those queries with every added id favoured by b nats, and the mean "
-                  "of the two kinds' R@10 (the test queries' from the bonus table above):", "",
-                  "| hubness prior h | " + " | ".join(f"b = {b:g}" for b in (0.0, *BONUSES)) + " |",
-                  "|---|" + "---|" * (len(BONUSES) + 1)]
-        for h in BONUS_HUBNESS_WEIGHTS:
-            names = [f"@{h:g}", *(f"@{h:g}+bonus{b:g}" for b in BONUSES)]
-            lines.append(f"| {h:g} | " + " | ".join(
-                f"{cell('captioned' + n, 'R@10')} (mean {(row['captioned' + n]['R@10'][0] + row['catalog' + n]['R@10'][0]) / 2:.3f})"
-                for n in names) + " |")
+            lines.append(f"| {name} | " + " | ".join(
+                f"{cell(results[key], f'captioned@{h:g}', 'R@1')} / {cell(results[key], f'captioned@{h:g}', 'R@10')}"
+                for h in BEAM_HUBNESS_WEIGHTS) + " |")
+        mean = lambda n: (added["captioned" + n]["R@10"][0] + added["catalog" + n]["R@10"][0]) / 2
+        lines += bonus_table("The added model's R@10 for those queries with every added id favoured by b nats, and "
+                             "the mean of the two kinds' R@10 (the test queries' from the bonus table above):",
+                             lambda n: f"{cell(added, 'captioned' + n, 'R@10')} (mean {mean(n):.3f})")
     return "\n".join(lines) + "\n"
 
 
@@ -198,10 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "-captioned" if args.captioned_queries else ""
     out = args.out or REPO / "benchmarks" / "results" / f"add-images-{args.setting}{suffix}"
     chosen = {"captioned_queries": args.captioned_queries}
-    earlier = json.loads((out / "protocol.json").read_text()) if (out / "protocol.json").exists() else \
-        {"captioned_queries": False} if any(out.glob("seed*")) else chosen  # a folder from before the option
-    if earlier != chosen:
-        parser.error(f"{out} holds models trained {'with' if earlier['captioned_queries'] else 'without'} "
+    if protocol_of(out, any(out.glob("seed*"))) not in (None, chosen):
+        parser.error(f"{out} holds models trained {'without' if args.captioned_queries else 'with'} "
                      "--captioned-queries: give this protocol its own --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "protocol.json").write_text(json.dumps(chosen))

@@ -246,8 +246,8 @@ def dense_baseline(trainer, protocol: Protocol, keys) -> dict:
     def best_beta(subset, *dev_sets) -> float:
         """On the dev queries, or on the mean of each (queries, embeddings) set given."""
         dev_sets = dev_sets or ((protocol.dev_queries, dev_emb),)
-        devs = [{b: search(image_emb, q, e, subset, b) for b in DENSE_HUBNESS} for q, e in dev_sets]
-        return max(DENSE_HUBNESS, key=lambda b: (*(np.mean([d[b][k] for d in devs]) for k in ("R@10", "R@5", "R@1")), -b))
+        return _best_key([{b: search(image_emb, q, e, subset, b) for b in DENSE_HUBNESS} for q, e in dev_sets],
+                         lambda b: (-b,))
 
     out = {"dense two-tower": {}, "dense two-tower, hubness-corrected": {}, "dense on rq codes (quantized)": {}}
     for scope, subset, dev_subset in (("test", protocol.test_keys, protocol.dev_keys), ("catalog", keys, keys)):
@@ -585,13 +585,12 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
     fig.savefig(out / "recall.png", dpi=120)
 
 
-def protocol_of(out: Path) -> dict | None:
-    """The protocol the runs and caption features cached in `out` were made with; None where nothing
-    there depends on one yet (image features do not). A folder from before protocol.json: the plain one."""
+def protocol_of(out: Path, made: bool) -> dict | None:
+    """The protocol what `out` holds was made with (its protocol.json). A folder from before that
+    file holds the plain protocol's where it `made` anything that depends on one; else None."""
     if (out / "protocol.json").exists():
         return json.loads((out / "protocol.json").read_text())
-    made = [p for p in (out / "shared" / "prepared").glob("*") if p.name != "image_features.npy"]
-    return {"captioned_queries": False} if made or (out / "runs").exists() or (out / "dense.json").exists() else None
+    return {"captioned_queries": False} if made else None
 
 
 def main() -> int:
@@ -635,7 +634,9 @@ def main() -> int:
     out = args.out or REPO / "benchmarks" / "results" / f"flickr8k-{args.setting}"
     out.mkdir(parents=True, exist_ok=True)
     chosen = {"captioned_queries": args.captioned_queries}
-    if protocol_of(out) not in (None, chosen):
+    made = (out / "runs").exists() or (out / "dense.json").exists() or any(  # image features do not depend on it
+        p.name != "image_features.npy" for p in (out / "shared" / "prepared").glob("*"))
+    if protocol_of(out, made) not in (None, chosen):
         parser.error(f"{out} holds runs and caption features made {'with' if not args.captioned_queries else 'without'}"
                      " --captioned-queries: give this protocol its own --out (image_features.npy may be copied over)")
     protocol = build_catalog(args.data, setting, captioned_queries=args.captioned_queries)
