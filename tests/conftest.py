@@ -6,7 +6,9 @@ layers and pruned to the catalog's tokens so a CPU trains it in a minute or two)
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,17 @@ TINY_CONFIG = dict(scheme="structured", scheme_options={"branching": 4}, **TINY_
 # the same with the query's aligned embedding as a soft prefix (genret.model.QueryPrefix)
 TINY_QUERY_PREFIX_CONFIG = {**TINY_CONFIG, "scheme": "rq", "scheme_options": {"levels": 2, "codebook_size": 4},
                             "query_tokens": 2}
+
+
+def load_script(path: Path, name: str):
+    """A script outside any package (benchmarks/, loadtest/), loaded by path as module `name`
+    without putting its folder on sys.path. A fresh module on every call, registered in
+    sys.modules, where dataclasses and pickling look a module up by its name."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

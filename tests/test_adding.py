@@ -238,7 +238,7 @@ def test_evaluate_reports_recall_for_each_kind_of_query(grown, demo_catalog, cap
                                 for k in ("R@1", "R@5", "R@10")}
     assert set(result["reranked_by_weight_by_kind"]) == set(result["reranked_by_weight"]) == {"0,0", "5,1"}
     # weight 0: each kind's share of the beam's own order
-    assert {k: v for k, v in result["reranked_by_weight_by_kind"]["0,0"]["captioned"].items()} == \
+    assert result["reranked_by_weight_by_kind"]["0,0"]["captioned"] == \
         {k: v for k, v in result["by_kind"]["captioned"].items() if k != "queries"}
     # one kind alone: no split, and the CLI says what weights chosen on it would favour
     only_added = tmp_path / "queries.csv"

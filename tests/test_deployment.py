@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import importlib.metadata
-import importlib.util
 import json
 import os
 import random
@@ -24,6 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.conftest import load_script
+
 yaml = pytest.importorskip("yaml")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,18 +33,9 @@ DOCKERFILE = REPO / "Dockerfile"
 LOADTEST = REPO / "loadtest"
 
 
-def _load(name: str, path: Path):
-    """loadtest/ is scripts, not a package: load them by path (without putting loadtest/ on sys.path)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-# Pure Python: neither imports locust (which monkey-patches the whole process with gevent).
-request_mix = _load("request_mix", LOADTEST / "request_mix.py")
-loadtest_run = _load("genret_loadtest_run", LOADTEST / "run.py")
+# loadtest/ is scripts, not a package
+request_mix = load_script(LOADTEST / "request_mix.py", "request_mix")
+loadtest_run = load_script(LOADTEST / "run.py", "genret_loadtest_run")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ and laid out there, with damaged or missing parts refused by name."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "device_bundle.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("device_bundle", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "device_bundle")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ the image features a GPU machine without the images needs, runs here where Flick
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 from genret.training import TrainConfig
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "flickr8k.py"
@@ -24,10 +24,7 @@ FLICKR8K = Path(os.environ.get("GENRET_FLICKR8K", REPO.parent / "shared" / "data
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("flickr8k_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "flickr8k_benchmark")
 
 
 def test_a_name_stands_for_its_config_fields(bench):

@@ -6,7 +6,6 @@ rest of the test session. No timing is asserted (this machine may be busy)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import load_script
+
 pytest.importorskip("faiss")  # faiss-cpu: the `load` extra, installed by scripts/setup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,10 +24,7 @@ SCRIPT = REPO / "benchmarks" / "scale.py"
 
 
 def _load_scale():
-    spec = importlib.util.spec_from_file_location("scale_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "scale_benchmark")
 
 
 def _run(out: Path) -> subprocess.CompletedProcess:
