@@ -88,7 +88,8 @@ def row_placement(stored: StoredModel, rows: torch.Tensor) -> Callable[[np.ndarr
 def trained_captions(stored: StoredModel) -> list[str]:
     """The captions training read: the hubness bank (genret.alignment.hubness). Added images'
     captions are stored for display, never trained on, so they stay out of it."""
-    return [c for image in stored.catalog if not stored.is_added(image.key) for c in image.captions]
+    trained = stored.trained_caption_keys
+    return [c for image in stored.catalog if image.key in trained for c in image.captions]
 
 
 def hubness_bank(stored: StoredModel, tower, device: str | None, progress: bool) -> np.ndarray:
