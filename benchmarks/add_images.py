@@ -39,7 +39,7 @@ from flickr8k import DEFAULT_DATA, REPO, SETTINGS, build_catalog, protocol_of, r
 
 RUN = "atomic+pq+qp+ai+fz+da"  # genret train's defaults, describe and ask included
 BEAM_HUBNESS_WEIGHTS = (0.0, 20.0, 40.0, 80.0)  # each reported: there are no added dev images to choose on
-BONUSES = (1.0, 2.0, 3.0, 4.0, 6.0)  # nats favouring added ids, measured on the added model (see with_bonus)
+BONUSES = (1.0, 2.0, 3.0, 4.0, 6.0)  # nats favouring added ids, measured on the added model (GENRET_ADDED_ID_BONUS)
 BONUS_HUBNESS_WEIGHTS = (0.0, 40.0)
 
 
@@ -67,26 +67,10 @@ def grow(base: Path, added, dest: Path) -> tuple[Path, float]:
     return dest, json.loads(timing.read_text())
 
 
-def with_bonus(engine, queries, beams: int, hubness_weight: float, bonus: float) -> dict:
-    """Whole-catalog recall with every added id favoured by `bonus` nats inside the search (an
-    IdPrior), besides the hubness prior. Every query here seeks an added image, so this shows how
-    far an offset that favours them flatters the catalog scope; it is not a setting to serve."""
-    from genret.evaluation import recall
-    from genret.trie import IdPrior
-
-    stored = engine.stored
-    offsets = {k: -hubness_weight * float(h) + (bonus if stored.is_added(k) else 0.0)
-               for k, h in zip(stored.keys, stored.image_hubness())}
-    prior, hits = IdPrior(stored.trie(), offsets), []
-    for start in range(0, len(queries), 16):
-        hits += engine.search([q for q, _ in queries[start : start + 16]], k=10, beams=beams, prior=prior)
-    return recall([[h.key for h in row] for row in hits], [t for _, t in queries])
-
-
 def measure(model: Path, protocol, setting: dict, seed: int, result_path: Path, bonuses=()) -> dict:
     """Each scope's recall (test, catalog, and with --captioned-queries "captioned": queries for
     trained images, over the catalog), at each hubness prior h and, on the added model, bonus."""
-    from genret.decoding import TransformersEngine
+    from genret.decoding import PriorWeights, TransformersEngine
     from genret.evaluation import evaluate_describe_and_ask, evaluate_generative
     from genret.model_store import StoredModel
 
@@ -107,18 +91,59 @@ def measure(model: Path, protocol, setting: dict, seed: int, result_path: Path, 
             continue
         engine = engine or TransformersEngine(StoredModel.open(model))
         if scope in bonus_scopes:
-            queries, h, bonus = bonus_scopes[scope]
-            result[scope] = with_bonus(engine, queries, setting["beams"], h, bonus)
+            queries, h, bonus = bonus_scopes[scope]  # searched as the service does with GENRET_ADDED_ID_BONUS
+            result[scope] = evaluate_generative(engine, queries, beams=setting["beams"],
+                                                prior=PriorWeights(hubness=h, added_bonus=bonus), progress=False)
         elif scope == "describe_test_images":
             result[scope] = evaluate_describe_and_ask(engine, held_out, seed=seed, progress=False)
         else:
             queries, candidates, h = scopes[scope]
             result[scope] = evaluate_generative(engine, queries, candidates=candidates,
-                                                beams=setting["beams"], beam_hubness_weight=h, progress=False)
+                                                beams=setting["beams"], prior=PriorWeights(hubness=h), progress=False)
         result_path.write_text(json.dumps(result, indent=1))
+    if bonuses and protocol.captioned_queries:
+        engine = engine or TransformersEngine(StoredModel.open(model))
+        choose_on_held_out_queries(engine, protocol, setting, bonuses, result, result_path)
     return result
 
 
+def halves(protocol) -> tuple[list, list]:
+    """The test queries of the first half of the test images (sorted), and of the rest."""
+    first = set(sorted(protocol.test_keys)[: len(protocol.test_keys) // 2])
+    return [q for q in protocol.queries if q[1] in first], [q for q in protocol.queries if q[1] not in first]
+
+
+def choose_on_held_out_queries(engine, protocol, setting: dict, bonuses, result: dict, result_path: Path) -> None:
+    """What `genret evaluate --beam-hubness-weights ... --added-bonuses ...` would choose, checked
+    on other queries: (h, b) chosen on the mean of both kinds over the first half of the added
+    images' captions and the captioned dev queries ("choose@..."), then the second half and the
+    reported captioned queries searched at those weights and with no prior ("held_out_chosen",
+    "held_out_plain"): each kind's R@1 and R@10, and their mean."""
+    from genret.decoding import PriorWeights
+    from genret.evaluation import chosen_weights, evaluate_generative
+
+    choose_on, report_on = halves(protocol)
+    choose_on, report_on = choose_on + protocol.dev_captioned_queries, report_on + protocol.captioned_queries
+    search = lambda queries, prior: evaluate_generative(engine, queries, beams=setting["beams"], prior=prior,
+                                                        progress=False)
+    priors = {f"choose@{h:g}+bonus{b:g}": PriorWeights(hubness=h, added_bonus=b)
+              for h in BONUS_HUBNESS_WEIGHTS for b in (0.0, *bonuses)}
+    for scope, prior in priors.items():
+        if scope not in result:
+            result[scope] = search(choose_on, prior)
+            result_path.write_text(json.dumps(result, indent=1))
+    chosen = chosen_weights({prior: result[scope] for scope, prior in priors.items()})
+    weights = PriorWeights(hubness=chosen["beam_hubness_weight"], added_bonus=chosen["added_bonus"])
+    for scope, prior in (("held_out_plain", PriorWeights()), ("held_out_chosen", weights)):
+        if scope not in result:
+            by_kind = search(report_on, prior)["by_kind"]
+            result[scope] = {"beam_hubness_weight": prior.hubness, "added_bonus": prior.added_bonus,
+                             **{f"{kind} {m}": by_kind[kind][m] for kind in ("uncaptioned", "captioned", "mean")
+                                for m in ("R@1", "R@10")}}
+            result_path.write_text(json.dumps(result, indent=1))
+
+
+HELD_OUT_METRICS = tuple(f"{kind} {m}" for kind in ("uncaptioned", "captioned", "mean") for m in ("R@1", "R@10"))
 MODELS = {"trained-in": "test images trained in (pseudo-queries)", "added": "test images added, no training"}
 METRICS = {"test@0": ("R@1", "R@5", "R@10"), "catalog@0": ("R@1", "R@5", "R@10"),
            **{f"catalog@{h:g}": ("R@10",) for h in BEAM_HUBNESS_WEIGHTS[1:]},
@@ -128,7 +153,8 @@ METRICS = {"test@0": ("R@1", "R@5", "R@10"), "catalog@0": ("R@1", "R@5", "R@10")
 def over_seeds(runs: list[dict]) -> dict:
     """scope -> metric -> (mean, standard deviation) over the seeds' results."""
     scopes = {**METRICS, **{scope: ("R@1", "R@10") for scope in runs[0] if scope.startswith("captioned@")},
-              **{scope: ("R@10",) for scope in runs[0] if "+bonus" in scope}}
+              **{scope: ("R@10",) for scope in runs[0] if "+bonus" in scope and not scope.startswith("choose@")},
+              **{scope: HELD_OUT_METRICS for scope in ("held_out_plain", "held_out_chosen") if scope in runs[0]}}
     return {scope: {m: (float(np.mean([r[scope][m] for r in runs])), float(np.std([r[scope][m] for r in runs])))
                     for m in metrics} for scope, metrics in scopes.items()}
 
@@ -180,6 +206,17 @@ def report(results: dict, meta: dict) -> str:
         lines += bonus_table("The added model's R@10 for those queries with every added id favoured by b nats, and "
                              "the mean of the two kinds' R@10 (the test queries' from the bonus table above):",
                              lambda n: f"{cell(added, 'captioned' + n, 'R@10')} (mean {mean(n):.3f})")
+    if "held_out_chosen" in added:
+        chosen = "; ".join(f"h = {h:g}, b = {b:g}" for h, b in meta["held_out_weights"])
+        lines += ["", "Weights chosen as `genret evaluate --beam-hubness-weights --added-bonuses` chooses (best mean "
+                  "R@10 of the two kinds) on held-out queries: the captions of the first half of the added images "
+                  f"and the captioned dev queries. Chosen per seed: {chosen}. Searched on the other half of the added "
+                  "images and the reported captioned queries, R@1 / R@10:", "",
+                  "| search | added images | trained images | mean of the two |", "|---|---|---|---|"]
+        for scope, name in (("held_out_plain", "no prior"), ("held_out_chosen", "at the chosen h, b")):
+            lines.append(f"| {name} | " + " | ".join(f"{cell(added, scope, f'{kind} R@1')} / "
+                                                    f"{cell(added, scope, f'{kind} R@10')}"
+                                                    for kind in ("uncaptioned", "captioned", "mean")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"setting": args.setting, "run": RUN, "seeds": args.seeds, "catalog": len(protocol.catalog),
             "added": len(test), "queries": len(protocol.queries), "beams": setting["beams"],
             "captioned_queries": len(protocol.captioned_queries),
+            "held_out_weights": [(r["held_out_chosen"]["beam_hubness_weight"], r["held_out_chosen"]["added_bonus"])
+                                 for r in runs["added"] if "held_out_chosen" in r],
             "add_seconds": float(np.mean(add_seconds)), "commit": commit,
             "command": f"python benchmarks/add_images.py --setting {args.setting} --seeds {args.seeds}"
                        + (" --captioned-queries" if args.captioned_queries else "")}

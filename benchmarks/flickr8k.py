@@ -114,7 +114,7 @@ HUBNESS_WEIGHTS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 10
 RERANK_GRID = tuple((w, h) for w in RERANK_WEIGHTS for h in HUBNESS_WEIGHTS)
 # the dense baseline's own hubness correction: similarity - beta x hubness, beta best on the dev queries
 DENSE_HUBNESS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-# the hubness prior inside the search (genret.decoding.hubness_prior), at the setting's beam: every
+# the hubness prior inside the search (genret.decoding.search_prior), at the setting's beam: every
 # weight searched with the dev queries, each reported scope at the weight best there
 BEAM_HUBNESS_WEIGHTS = (0.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 PRIOR_SCOPES = {"test_prior": "dev_prior", "catalog_prior": "dev_catalog_prior"}  # reported scope -> dev scope
@@ -222,7 +222,7 @@ def dense_baseline(trainer, protocol: Protocol, keys) -> dict:
     import torch
 
     from genret.alignment import dense_rank, hubness
-    from genret.evaluation import recall
+    from genret.evaluation import best_by_recall, recall
     from genret.identifiers import make_scheme
 
     tower = trainer.align().cpu().eval()
@@ -246,8 +246,8 @@ def dense_baseline(trainer, protocol: Protocol, keys) -> dict:
     def best_beta(subset, *dev_sets) -> float:
         """On the dev queries, or on the mean of each (queries, embeddings) set given."""
         dev_sets = dev_sets or ((protocol.dev_queries, dev_emb),)
-        return _best_key([{b: search(image_emb, q, e, subset, b) for b in DENSE_HUBNESS} for q, e in dev_sets],
-                         lambda b: (-b,))
+        return best_by_recall([{b: search(image_emb, q, e, subset, b) for b in DENSE_HUBNESS} for q, e in dev_sets],
+                              lambda b: (-b,))
 
     out = {"dense two-tower": {}, "dense two-tower, hubness-corrected": {}, "dense on rq codes (quantized)": {}}
     for scope, subset, dev_subset in (("test", protocol.test_keys, protocol.dev_keys), ("catalog", keys, keys)):
@@ -274,7 +274,7 @@ def dense_baseline(trainer, protocol: Protocol, keys) -> dict:
 def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Path, seed: int = 0) -> dict:
     import torch
 
-    from genret.decoding import EmbeddingReranker, TransformersEngine
+    from genret.decoding import EmbeddingReranker, PriorWeights, TransformersEngine
     from genret.evaluation import evaluate_describe_and_ask, evaluate_generative
     from genret.model_store import StoredModel
     from genret.training import TrainConfig, Trainer
@@ -348,7 +348,7 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
                 scope_queries, candidates = prior_scopes[scope]
                 search = lambda h: evaluate_generative(engine, scope_queries, candidates=candidates,
                                                        beams=setting["beams"], batch_size=16 * per_batch,
-                                                       beam_hubness_weight=h)
+                                                       prior=PriorWeights(hubness=h))
                 if scope in prior_from:  # the dev scopes were searched before it
                     result[scope] = search(best_beam_hubness_weight(*(result[dev] for dev in prior_from[scope])))
                 else:
@@ -359,7 +359,7 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
                 result[scope] = evaluate_generative(engine, scope_queries, candidates=candidates, beams=beams,
                                                     reranker=reranker, batch_size=batch_size,
                                                     rerank_grid=RERANK_GRID if beams == wide else (),
-                                                    beam_hubness_weight=weight)
+                                                    prior=PriorWeights(hubness=weight))
             result_path.write_text(json.dumps(result, indent=1))
     result = at_dev_weight(result)
     result_path.write_text(json.dumps(result, indent=1))  # the run's own file holds its dev-chosen weights too
@@ -369,21 +369,17 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
 def best_beam_hubness_weight(*devs: dict) -> float:
     """The hubness prior's weight best on the dev queries (R@10, then R@5, then R@1; the smaller on a tie);
     given several dev searches, best on their mean."""
-    return float(_best_key([dev["by_weight"] for dev in devs], lambda h: (-float(h),)))
+    from genret.evaluation import best_by_recall
 
-
-def _best_key(by_weights: list[dict], smaller_first) -> str:
-    """The key of the by-weight dicts with the best mean R@10, then R@5, then R@1; on a tie, the
-    largest smaller_first(key) (the negated weights: the smaller wins)."""
-    mean = lambda key, k: float(np.mean([by_weight[key][k] for by_weight in by_weights]))
-    return max(by_weights[0], key=lambda key: (mean(key, "R@10"), mean(key, "R@5"), mean(key, "R@1"),
-                                               *smaller_first(key)))
+    return float(best_by_recall([dev["by_weight"] for dev in devs], lambda h: (-float(h),)))
 
 
 def at_dev_weight(result: dict) -> dict:
     """Each wide scope re-ranked at the (weight, hubness weight) whose recall on the dev queries,
     searched the same way, is best (R@10, then R@5, then R@1; the smaller weights on a tie), as
     "reranked_dev"."""
+    from genret.evaluation import best_by_recall
+
     pair = lambda key: tuple(float(w) for w in key.split(","))
     choices = [("reranked_dev", scope, (dev,)) for scope, dev in DEV_SCOPE_OF.items()]
     choices += [(part, scope, devs) for part, chosen in CAPTIONED_RERANK_FROM.items() for scope, devs in chosen.items()]
@@ -391,7 +387,7 @@ def at_dev_weight(result: dict) -> dict:
         by_weights = [result.get(dev, {}).get("reranked_by_weight") for dev in devs]
         if not all(by_weights) or "reranked_by_weight" not in result.get(scope, {}):
             continue
-        best = _best_key(by_weights, lambda key: tuple(-w for w in pair(key)))
+        best = best_by_recall(by_weights, lambda key: tuple(-w for w in pair(key)))
         weight, hubness_weight = pair(best)
         for s in (scope, *devs) if len(devs) == 1 else (scope,):  # a single dev scope records its own best
             result[s][part] = {"weight": weight, "hubness_weight": hubness_weight, **result[s]["reranked_by_weight"][best]}

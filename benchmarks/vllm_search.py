@@ -126,6 +126,7 @@ def percentiles(seconds: list[float]) -> dict:
 
 
 async def measure_vllm(stored, queries: list[str], args, log) -> dict:
+    from genret.decoding import PriorWeights
     from service.engine_vllm import VLLMEngine
     from service.settings import Settings
 
@@ -149,11 +150,11 @@ async def measure_vllm(stored, queries: list[str], args, log) -> dict:
         hits = {}
         for name, weight in (("plain", 0.0), ("prior", PRIOR_WEIGHT)):
             for q in queries[:warmup]:
-                await engine.search(q, K, BEAMS, hubness_weight=weight)
+                await engine.search(q, K, BEAMS, prior=PriorWeights(hubness=weight))
             seconds, requests[0], hits[name] = [], 0, []
             for q in queries[warmup:]:
                 t = time.perf_counter()
-                hits[name].append(await engine.search(q, K, BEAMS, hubness_weight=weight))
+                hits[name].append(await engine.search(q, K, BEAMS, prior=PriorWeights(hubness=weight)))
                 seconds.append(time.perf_counter() - t)
             result[name] = {**percentiles(seconds), "requests_per_search": requests[0] / len(seconds)}
             log(f"  {name}: p50 {result[name]['p50_ms']:.0f} ms, {result[name]['requests_per_search']:.0f} requests a search")
@@ -170,10 +171,10 @@ async def measure_vllm(stored, queries: list[str], args, log) -> dict:
 def reference_hits(stored, queries: list[str]) -> dict[str, list]:
     """The transformers engine's hits for the queries, without ("plain") and with ("prior") the
     hubness prior: one engine (one copy of the LM) for both."""
-    from genret.decoding import TransformersEngine, hubness_prior
+    from genret.decoding import PriorWeights, TransformersEngine, search_prior
 
     engine = TransformersEngine(stored, device="cpu")
-    priors = {"plain": None, "prior": hubness_prior(stored, PRIOR_WEIGHT, engine.trie)}
+    priors = {"plain": None, "prior": search_prior(stored, PriorWeights(hubness=PRIOR_WEIGHT), engine.trie)}
     return {name: [hits for i in range(0, len(queries), 8)
                    for hits in engine.search(queries[i:i + 8], k=K, beams=BEAMS, prior=prior)]
             for name, prior in priors.items()}

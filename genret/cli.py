@@ -13,8 +13,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .identifiers import SCHEMES
+
+if TYPE_CHECKING:
+    from .decoding import PriorWeights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,14 +45,29 @@ class UsageError(Exception):
 
 
 def weight_arg(text: str) -> float:
-    """An argparse type: a re-ranking or hubness weight, a number >= 0."""
+    """An argparse type: a re-ranking or hubness weight, a finite number >= 0."""
     try:
         weight = float(text)
     except ValueError:
         weight = -1.0
-    if not weight >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a weight (a number >= 0)")
+    if not 0 <= weight < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a weight (a finite number >= 0)")
     return weight
+
+
+def add_prior_args(parser: argparse.ArgumentParser) -> None:
+    """The options of genret.decoding.PriorWeights: what the beam search itself adds to ids' scores."""
+    parser.add_argument("--beam-hubness-weight", type=weight_arg, default=0.0, metavar="H",
+                        help="search by log-probability minus H x each image's hubness, inside the beam (default 0)")
+    parser.add_argument("--added-bonus", type=weight_arg, default=0.0, metavar="B",
+                        help="add B nats to the score of each image added after training (`genret add`), inside "
+                             "the beam (default 0)")
+
+
+def prior_weights(args) -> PriorWeights:
+    from .decoding import PriorWeights
+
+    return PriorWeights(hubness=args.beam_hubness_weight, added_bonus=args.added_bonus)
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -139,8 +158,8 @@ def cmd_add(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from .catalog import read_split
-    from .decoding import EmbeddingReranker, TransformersEngine
-    from .evaluation import check_candidates, evaluate_generative
+    from .decoding import EmbeddingReranker, PriorWeights, TransformersEngine
+    from .evaluation import check_candidates, chosen_weights, evaluate_generative
 
     stored = open_model(args.model)
     queries = read_queries(Path(args.queries))
@@ -155,27 +174,50 @@ def cmd_evaluate(args) -> None:
                 for h in args.hubness_weights or [args.hubness_weight]]
     reranker = (EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device,
                                   hubness_weight=args.hubness_weight) if args.rerank or grid else None)
-    result = evaluate_generative(engine, queries, candidates=candidates, beams=args.beams, reranker=reranker,
-                                 rerank_grid=grid, beam_hubness_weight=args.beam_hubness_weight)
+    # every beam prior asked for: one search each
+    priors = [PriorWeights(hubness=h, added_bonus=b) for h in args.beam_hubness_weights or [args.beam_hubness_weight]
+              for b in args.added_bonuses or [args.added_bonus]]
+    by_prior = {prior: evaluate_generative(engine, queries, candidates=candidates, beams=args.beams,
+                                           reranker=reranker, rerank_grid=grid, prior=prior) for prior in priors}
+    if len(priors) == 1:
+        [result] = by_prior.values()
+    else:
+        result = {"by_prior": {f"{p.hubness:g},{p.added_bonus:g}": r for p, r in by_prior.items()}}
     result["model"] = stored.manifest["name"]
+    if len(priors) > 1 or len(grid) > 1:
+        result["chosen"] = chosen_weights(by_prior)
     print(json.dumps(result, indent=1))
-    one_kind = [kind for kind, n in result["query_kinds"].items() if n == len(queries)]
-    if one_kind and (args.beam_hubness_weight or args.hubness_weight or args.hubness_weights):
+    kinds = next(iter(by_prior.values()))["query_kinds"]
+    one_kind = [kind for kind, n in kinds.items() if n == len(queries)]
+    if one_kind and (any(priors) or args.hubness_weight or args.hubness_weights):
         never = "never " if one_kind == ["uncaptioned"] else ""
         print(f"note: all {len(queries)} queries seek images whose captions were {never}trained on; hubness "
-              "weights chosen on them alone favour such images: choose them on queries of both kinds, in the "
-              "mix your users send (see the README)", file=sys.stderr)
+              "weights and added-id bonuses chosen on them alone favour such images: choose them on queries of "
+              "both kinds, in the mix your users send (see the README)", file=sys.stderr)
+    if "chosen" in result:
+        print(f"best on the {result['chosen']['on']} (R@10 {result['chosen']['R@10']:.3f}): serve with "
+              + serving_settings(result["chosen"], args.beams), file=sys.stderr)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
 
+def serving_settings(chosen: dict, beams: int) -> str:
+    """The service's environment settings that search as the chosen weights were evaluated."""
+    reranked = "rerank_weight" in chosen
+    env = {"GENRET_RERANK_BEAMS" if reranked else "GENRET_BEAMS": beams,
+           "GENRET_BEAM_HUBNESS_WEIGHT": chosen["beam_hubness_weight"], "GENRET_ADDED_ID_BONUS": chosen["added_bonus"]}
+    if reranked:
+        env.update(GENRET_RERANK_WEIGHT=chosen["rerank_weight"], GENRET_HUBNESS_WEIGHT=chosen["hubness_weight"])
+    return " ".join(f"{name}={value:g}" for name, value in env.items())
+
+
 def cmd_search(args) -> None:
-    from .decoding import EmbeddingReranker, TransformersEngine, hubness_prior
+    from .decoding import EmbeddingReranker, TransformersEngine, search_prior
 
     stored = open_model(args.model)
     engine = TransformersEngine(stored, device=args.device)
     hits = engine.search([args.query], k=args.k, beams=args.beams,
-                         prior=hubness_prior(stored, args.beam_hubness_weight))
+                         prior=search_prior(stored, prior_weights(args)))
     if args.rerank:
         hits = EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device,
                                  hubness_weight=args.hubness_weight)([args.query], hits)
@@ -280,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                         "(choose the weight on held-out queries, not on the ones you report)")
     p.add_argument("--hubness-weights", type=weight_arg, nargs="+", metavar="H",
                    help="also report recall at each of these hubness weights (with --rerank-weights, every pair)")
-    p.add_argument("--beam-hubness-weight", type=weight_arg, default=0.0, metavar="H",
-                   help="search by log-probability minus H x each image's hubness, inside the beam (default 0)")
+    add_prior_args(p)
+    p.add_argument("--beam-hubness-weights", type=weight_arg, nargs="+", metavar="H",
+                   help="search once at each of these beam hubness weights (with --added-bonuses, every pair)")
+    p.add_argument("--added-bonuses", type=weight_arg, nargs="+", metavar="B",
+                   help="search once at each of these added-id bonuses")
     p.add_argument("--limit", type=int)
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--device")
@@ -297,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="re-ranked score: log-probability + W x query-image similarity (default 10)")
     p.add_argument("--hubness-weight", type=weight_arg, default=0.0, metavar="H",
                    help="re-ranked score also minus H x the image's hubness (default 0)")
-    p.add_argument("--beam-hubness-weight", type=weight_arg, default=0.0, metavar="H",
-                   help="search by log-probability minus H x each image's hubness, inside the beam (default 0)")
+    add_prior_args(p)
     p.add_argument("--device")
     p.set_defaults(func=cmd_search)
 

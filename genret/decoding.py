@@ -196,25 +196,54 @@ def _until_end(sequence: list[int], end: int) -> list[int]:
     return sequence[: sequence.index(end)] if end in sequence else sequence
 
 
-def check_hubness_weight(stored: StoredModel, weight: float) -> None:
-    """What hubness_prior refuses, for an engine whose prior is built in another process (vLLM's
-    worker): a negative weight (ValueError), or a positive one on a model without hubness."""
-    if not weight >= 0:
-        raise ValueError(f"hubness_weight must be >= 0, not {weight}")
-    if weight > 0:
-        stored.check_image_hubness("search with a hubness prior")
+@dataclass(frozen=True)
+class PriorWeights:
+    """What a search adds to each id's score inside the beam (see search_prior): a hashable value,
+    so an engine keeps one built prior per distinct weights. Both 0 (the default) = no prior.
+
+    - hubness: subtract this x the image's hubness. The model under-scores images whose captions
+      it never trained on; this lets a beam of 10 reach them (re-ranking can only reorder what the
+      beam kept), at a cost to queries for captioned images: choose it on queries of both kinds.
+    - added_bonus: add this (nats) to each image added after training (`genret add`). Such an
+      image has no pseudo-queries, so the model under-scores it against trained ones
+      (benchmarks/RESULTS.md: 2-3 nats lifted added images' R@1 0.035 -> 0.09-0.14 while trained
+      images kept R@10)."""
+
+    hubness: float = 0.0
+    added_bonus: float = 0.0
+
+    def __post_init__(self):
+        for name in ("hubness", "added_bonus"):
+            value = getattr(self, name)
+            try:
+                valid = 0 <= value < float("inf")
+            except TypeError:
+                valid = False
+            if not valid:
+                raise ValueError(f"prior weight {name} must be a finite number >= 0, not {value!r}")
+
+    def __bool__(self) -> bool:
+        return bool(self.hubness or self.added_bonus)
+
+    def check(self, stored: StoredModel) -> None:
+        """What search_prior refuses on this model, for an engine whose prior is built in another
+        process (vLLM's worker): a hubness weight on a model saved without image hubness."""
+        if self.hubness > 0:
+            stored.check_image_hubness("search with a hubness prior")
 
 
-def hubness_prior(stored: StoredModel, weight: float, trie: IdTrie | None = None) -> IdPrior | None:
-    """The hubness term of re-ranking moved inside the search: each id's offset is -weight x its
-    image's hubness, so a beam of 10 can reach the uncaptioned images the model under-scores
-    (re-ranking can only reorder what the beam kept). None at weight 0. The stored model and the
-    weight decide it, so the service's engines take the weight and build the prior where they
-    search (vLLM's in its worker process)."""
-    check_hubness_weight(stored, weight)
-    if weight == 0:
+def search_prior(stored: StoredModel, weights: PriorWeights, trie: IdTrie | None = None) -> IdPrior | None:
+    """The IdPrior of these weights over the catalog's trie (or `trie`): each id's offset is
+    -weights.hubness x its image's hubness, plus weights.added_bonus if it was added after
+    training. None when that is 0 for every id. The stored model and the weights decide it, so the
+    service's engines take the weights and build the prior where they search (vLLM's in its worker)."""
+    weights.check(stored)
+    bonus = weights.added_bonus if stored.has_added_images else 0.0
+    if not weights.hubness and not bonus:
         return None
-    offsets = {key: -weight * float(h) for key, h in zip(stored.keys, stored.image_hubness())}
+    hubness = stored.image_hubness() if weights.hubness else np.zeros(len(stored.keys))
+    offsets = {key: -weights.hubness * float(h) + (bonus if bonus and stored.is_added(key) else 0.0)
+               for key, h in zip(stored.keys, hubness)}
     return IdPrior(trie or stored.trie(), offsets)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .decoding import EmbeddingReranker, Hit, TransformersEngine, hubness_prior, reranked
+from .decoding import EmbeddingReranker, Hit, PriorWeights, TransformersEngine, reranked, search_prior
 from .model_store import ModelStoreError
 from .trie import IdTrie
 
@@ -31,22 +31,22 @@ def evaluate_generative(
     batch_size: int = 16,
     reranker: EmbeddingReranker | None = None,
     rerank_grid: Sequence[tuple[float, float]] = (),
-    beam_hubness_weight: float = 0.0,
+    prior: PriorWeights = PriorWeights(),
     progress: bool = True,
 ) -> dict:
     """R@K of (query text, relevant image key) pairs, searching `candidates` (default: all ids),
-    the search steered by the hubness prior at `beam_hubness_weight` (genret.decoding.hubness_prior).
+    the search steered by `prior`'s weights (genret.decoding.search_prior).
     With a reranker, also R@K re-ranked at its weights ("reranked") and at each (weight,
     hubness weight) of `rerank_grid` ("reranked_by_weight", keyed "w,h"), all from the same beams."""
     trie = engine.trie if candidates is None else engine.stored.trie(candidates)
-    prior = hubness_prior(engine.stored, beam_hubness_weight, trie)
+    id_prior = search_prior(engine.stored, prior, trie)
     if reranker is not None and reranker.image_hubness is None and any(h for _, h in rerank_grid):
         raise ModelStoreError(f"{engine.stored.path} lacks image_hubness.npy: its grid cannot try hubness weights")
     hits, similarities, hubness = [], [], []
     started = time.perf_counter()
     for start in tqdm(range(0, len(queries), batch_size), desc="queries", disable=not progress):
         texts = [q for q, _ in queries[start : start + batch_size]]
-        batch = engine.search(texts, k=max(k, beams), beams=beams, trie=trie, prior=prior)
+        batch = engine.search(texts, k=max(k, beams), beams=beams, trie=trie, prior=id_prior)
         hits += batch
         if reranker is not None:
             similarities += reranker.similarities(texts, batch)
@@ -65,7 +65,8 @@ def evaluate_generative(
     both = all(kinds.values())
     by_kind = lambda rows: recall_by_kind([[h.key for h in row] for row in rows], targets, kinds)
 
-    result = {"queries": len(queries), "candidates": len(trie), "beams": beams, "beam_hubness_weight": beam_hubness_weight,
+    result = {"queries": len(queries), "candidates": len(trie), "beams": beams, "beam_hubness_weight": prior.hubness,
+              "added_bonus": prior.added_bonus,
               "seconds_per_query": seconds / max(1, len(queries)), **recall_of(hits),
               "query_kinds": {kind: len(rows) for kind, rows in kinds.items()}}
     if both:
@@ -83,6 +84,47 @@ def evaluate_generative(
                     pair: {**{kind: grids[kind][pair] for kind in kinds}, "mean": _mean(*(g[pair] for g in grids.values()))}
                     for pair in result["reranked_by_weight"]}
     return result
+
+
+def best_by_recall(tables: Sequence[Mapping], tiebreak: Callable) -> Hashable:
+    """The key of `tables` (each: key -> R@K, the same keys) with the best mean R@10 across them,
+    then R@5, then R@1; on a tie, the largest tiebreak(key) (negated weights: the smaller wins).
+    The one rule for every weight chosen on held-out queries, here and in the benchmarks."""
+    mean = lambda key, k: float(np.mean([table[key][k] for table in tables]))
+    return max(tables[0], key=lambda key: (mean(key, "R@10"), mean(key, "R@5"), mean(key, "R@1"), *tiebreak(key)))
+
+
+def chosen_weights(by_prior: Mapping[PriorWeights, dict]) -> dict:
+    """The search weights best on these evaluations (evaluate_generative's results, one per prior,
+    of the same queries): every prior and, where re-ranked, every (weight, hubness weight) of its
+    grid. Judged on the mean of the two kinds' recall where both kinds were asked, since a weight
+    one kind favours hurts the other (recall_by_kind), else on all the queries."""
+    kinds = ("captioned", "uncaptioned") if "by_kind" in next(iter(by_prior.values())) else ("all",)
+    tables: dict[str, dict[tuple, dict]] = {kind: {} for kind in kinds}
+    for prior, result in by_prior.items():
+        for weights, by_kind in _rankings(prior, result, kinds != ("all",)):
+            for kind in kinds:
+                tables[kind][weights] = by_kind[kind]
+    best = best_by_recall(list(tables.values()), lambda weights: tuple(-w for w in weights))
+    chosen = dict(zip(("beam_hubness_weight", "added_bonus", "rerank_weight", "hubness_weight"), best))
+    on = "mean of captioned and uncaptioned" if kinds != ("all",) else "all queries"
+    return {**chosen, "on": on, **_mean(*(table[best] for table in tables.values()))}
+
+
+def _rankings(prior: PriorWeights, result: dict, both: bool):
+    """(weights, recall by kind) of each ranking one evaluation made: its beams' own order, or
+    each re-ranking of them; weights = (beam hubness, added bonus[, weight, hubness weight])."""
+    split = lambda overall, by_kind: by_kind if both else {"all": overall}
+    if "reranked_by_weight" in result:
+        for pair, overall in result["reranked_by_weight"].items():
+            yield ((prior.hubness, prior.added_bonus, *map(float, pair.split(","))),
+                   split(overall, result.get("reranked_by_weight_by_kind", {}).get(pair)))
+    elif "reranked" in result:
+        reranked = result["reranked"]
+        yield ((prior.hubness, prior.added_bonus, reranked["weight"], reranked["hubness_weight"]),
+               split(reranked, reranked.get("by_kind")))
+    else:
+        yield (prior.hubness, prior.added_bonus), split(result, result.get("by_kind"))
 
 
 def recall_by_kind(rankings: Sequence[Sequence[str]], targets: Sequence[str],

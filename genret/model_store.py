@@ -193,6 +193,11 @@ class StoredModel:
                                   f"{self.manifest['catalog_size']} images")
         return keys
 
+    @property
+    def has_added_images(self) -> bool:
+        """Whether `genret add` grew the catalog past the images training saw."""
+        return self.manifest.get("trained_images", self.manifest["catalog_size"]) < self.manifest["catalog_size"]
+
     def is_added(self, key: str) -> bool:
         """Whether `key` was added after training (`genret add`: its atomic id is numbered past the trained ones)."""
         match = ATOMIC_TOKEN.fullmatch(self.identifiers.ids[key])

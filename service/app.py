@@ -31,7 +31,8 @@ class SearchHit(BaseModel):
     image_id: str
     url: str
     score: float = Field(description="the id's log-probability given the query (higher is better), minus "
-                               "GENRET_BEAM_HUBNESS_WEIGHT x the image's hubness; with re-ranking on, plus "
+                               "GENRET_BEAM_HUBNESS_WEIGHT x the image's hubness, plus GENRET_ADDED_ID_BONUS for "
+                               "an image added after training; with re-ranking on, plus "
                                "GENRET_RERANK_WEIGHT x the query-image similarity, minus GENRET_HUBNESS_WEIGHT x "
                                "the image's hubness")
     caption: str | None = None
@@ -86,6 +87,9 @@ class Services:
             if weight > 0 and not self.stored.has_image_hubness:
                 raise ModelStoreError(f"{self.stored.path}: {name}={weight:g} needs the model's image_hubness.npy, "
                                       "which models trained before it lack: retrain it")
+        if settings.added_id_bonus > 0 and not self.stored.has_added_images:
+            log.warning("GENRET_ADDED_ID_BONUS=%g changes nothing: model %s has no images added after training",
+                        settings.added_id_bonus, self.model_name)
 
     async def load(self) -> None:
         try:
@@ -96,7 +100,7 @@ class Services:
             await self.engine.start()
             # the slow first request (allocations, and the engine's hubness prior: seconds at a
             # million ids) is not a user's
-            await self.engine.search("warm up", 1, 1, hubness_weight=self.settings.beam_hubness_weight)
+            await self.engine.search("warm up", 1, 1, prior=self.settings.search_prior)
             self.engine_ready = True
             log.info("%s engine ready on model %s in %.1f s", self.engine.name, self.model_name, time.perf_counter() - t)
         except Exception as e:
@@ -193,17 +197,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
     async def search(body: SearchRequest) -> SearchResponse:
         """Top-k catalog images for a text query, by the model's trie-constrained beam search (with
-        GENRET_BEAM_HUBNESS_WEIGHT > 0, searching by log-probability minus that x hubness; with
-        GENRET_RERANK_WEIGHT or GENRET_HUBNESS_WEIGHT > 0, a wider beam re-ranked by the two-tower)."""
+        GENRET_BEAM_HUBNESS_WEIGHT or GENRET_ADDED_ID_BONUS > 0, searching by log-probability plus
+        their offsets, genret.decoding.PriorWeights; with GENRET_RERANK_WEIGHT or
+        GENRET_HUBNESS_WEIGHT > 0, a wider beam re-ranked by the two-tower)."""
         engine = services.require_engine()
 
         async def run():
             if services.reranker is None:
                 hits = await engine.search(body.query, body.k, max(settings.beams, body.k),
-                                           hubness_weight=settings.beam_hubness_weight)
+                                           prior=settings.search_prior)
             else:  # a wider beam, re-scored with the two-tower (GENIUS)
                 beams = max(settings.rerank_beams, body.k)
-                hits = await engine.search(body.query, beams, beams, hubness_weight=settings.beam_hubness_weight)
+                hits = await engine.search(body.query, beams, beams, prior=settings.search_prior)
                 [hits] = await asyncio.to_thread(services.reranker, [body.query], [hits])
                 hits = hits[: body.k]
             return hits, await id_store.lookup([h.key for h in hits])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from genret.decoding import Hit
+from genret.decoding import Hit, PriorWeights
 from genret.model_store import StoredModel
 
 from .settings import Settings
@@ -35,11 +35,12 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    async def search(self, query: str, k: int, beams: int, hubness_weight: float = 0.0) -> list[Hit]:
+    async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights()) -> list[Hit]:
         """At most k distinct catalog keys, best first, by trie-constrained beam search of width
-        max(beams, k); a score is the id's summed token log-probability given the query, minus
-        hubness_weight x its image's hubness, which the beam searches by (the hubness prior,
-        genret.decoding.hubness_prior, which the engine builds once per weight where it searches)."""
+        max(beams, k); a score is the id's summed token log-probability given the query plus its
+        offset under `prior`, which the beam searches by (genret.decoding.search_prior: the engine
+        builds it once per distinct weights, where it searches). A ValueError or ModelStoreError
+        if the model cannot take those weights."""
 
     async def describe(self, key: str) -> str: ...
 

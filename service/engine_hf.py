@@ -12,7 +12,7 @@ import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
-from genret.decoding import Hit, TransformersEngine, hubness_prior
+from genret.decoding import Hit, PriorWeights, TransformersEngine, search_prior
 from genret.model_store import StoredModel
 from genret.trie import IdPrior
 
@@ -27,7 +27,7 @@ class HFEngine:
         self.device = device
         self.max_answer_tokens = max_answer_tokens
         self._engine: TransformersEngine | None = None
-        self._prior: tuple[float, IdPrior | None] = (0.0, None)  # the last weight's, built on the worker
+        self._prior: tuple[PriorWeights, IdPrior | None] = (PriorWeights(), None)  # the last weights', built on the worker
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genret-hf")
         self._pending = 0
 
@@ -59,15 +59,14 @@ class HFEngine:
             raise EngineError("the transformers engine is not loaded")
         return self._engine
 
-    def prior(self, hubness_weight: float) -> IdPrior | None:
-        if self._prior[0] != hubness_weight:
-            self._prior = (hubness_weight, hubness_prior(self.stored, hubness_weight))
+    def prior(self, weights: PriorWeights) -> IdPrior | None:
+        if self._prior[0] != weights:
+            self._prior = (weights, search_prior(self.stored, weights))
         return self._prior[1]
 
-    async def search(self, query: str, k: int, beams: int, hubness_weight: float = 0.0) -> list[Hit]:
+    async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights()) -> list[Hit]:
         engine = self.engine
-        [hits] = await self._run(lambda: engine.search([query], k=k, beams=max(beams, k),
-                                                       prior=self.prior(hubness_weight)))
+        [hits] = await self._run(lambda: engine.search([query], k=k, beams=max(beams, k), prior=self.prior(prior)))
         return hits
 
     async def describe(self, key: str) -> str:

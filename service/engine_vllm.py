@@ -30,7 +30,7 @@ import os
 import uuid
 
 import torch
-from genret.decoding import Hit, check_hubness_weight
+from genret.decoding import Hit, PriorWeights
 from genret.model_store import StoredModel
 from genret.prompts import Prompts
 
@@ -155,7 +155,7 @@ class VLLMEngine:
             raise InputTooLong(f"the prompt is {length} tokens; with {new_tokens} to generate it exceeds "
                                f"the engine's max_model_len={self.settings.max_model_len}")
 
-    async def best_next(self, prompt: list[int], prefix: tuple[int, ...], n: int, hubness_weight: float,
+    async def best_next(self, prompt: list[int], prefix: tuple[int, ...], n: int, prior: PriorWeights,
                         soft_prefix=None) -> dict[int, float]:
         """The n best allowed next tokens after [soft prefix] + prompt + the id `prefix`, each with its
         log-probability (plus the prior's step offset)."""
@@ -164,7 +164,7 @@ class VLLMEngine:
         from .vllm_trie_mask import step_args
 
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=n, detokenize=False,
-                                extra_args=step_args(prefix, hubness_weight))
+                                extra_args=step_args(prefix, prior))
         [position] = (await self._generate(prompt + list(prefix), params, soft_prefix)).logprobs
         return {t: p.logprob for t, p in position.items() if p.logprob != float("-inf")}
 
@@ -175,9 +175,9 @@ class VLLMEngine:
         # MiniLM on the CPU takes milliseconds per query: off the event loop all the same
         return await asyncio.to_thread(lambda: self.query_soft_prefix([query])[0])
 
-    async def search(self, query: str, k: int, beams: int, hubness_weight: float = 0.0) -> list[Hit]:
+    async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights()) -> list[Hit]:
         trie, end = self.trie, self.end
-        check_hubness_weight(self.stored, hubness_weight)  # here, not in vLLM's worker
+        prior.check(self.stored)  # here, not in vLLM's worker
         prompt = self.prompts.retrieve(query)
         soft = await self._query_soft_prefix(query)
         self._check_fits(prompt, trie.max_depth(), 0 if soft is None else len(soft))
@@ -187,7 +187,7 @@ class VLLMEngine:
         finished: list[tuple[float, tuple[int, ...]]] = []
         for _ in range(trie.max_depth()):
             steps = await asyncio.gather(*(
-                self.best_next(prompt, seq, min(2 * beams, len(trie.allowed_next(seq))), hubness_weight, soft)
+                self.best_next(prompt, seq, min(2 * beams, len(trie.allowed_next(seq))), prior, soft)
                 for _, seq in running))
             candidates = heapq.nlargest(2 * beams, ((score + lp, seq + (t,)) for (score, seq), lps in zip(running, steps)
                                                     for t, lp in lps.items()), key=lambda c: c[0])

@@ -2,24 +2,29 @@
 
 Nothing else in service/ reads os.environ: a setting that is not here does not exist, and a
 bad value (GENRET_MAX_K=lots) stops the server at startup with the field's name instead of
-failing on the first request. (The vLLM engine writes one variable of vLLM's own,
-VLLM_USE_V2_MODEL_RUNNER=0, for the engine process it starts: see service.engine_vllm.)
+failing on the first request. An empty value counts as unset, so docker-compose.yml can pass a
+setting through as ${NAME:-} and leave its default here. (The vLLM engine writes one variable
+of vLLM's own, VLLM_USE_V2_MODEL_RUNNER=0, for the engine process it starts: see
+service.engine_vllm.)
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from genret.decoding import PriorWeights
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GENRET_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="GENRET_", extra="ignore", env_ignore_empty=True)
 
     # --- what to serve
     model: str = Field("demo", description="a name under model_store/ or a path to a trained model folder")
@@ -53,8 +58,13 @@ class Settings(BaseSettings):
                                   "that were never captioned are not outranked by ones that were")
     rerank_beams: int = Field(50, ge=1, description="the beam width a re-ranked search reads")
     beam_hubness_weight: float = Field(0.0, ge=0, description="0 = off; else the beam search itself subtracts this x "
-                                       "each image's hubness from its id's score (genret.decoding.hubness_prior), "
+                                       "each image's hubness from its id's score (genret.decoding.search_prior), "
                                        "so never-captioned images reach even a narrow beam without re-ranking")
+    added_id_bonus: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                  description="0 = off; else the beam search adds this many nats to the score of "
+                                  "each image added after training (`genret add`), which the model under-scores "
+                                  "for want of pseudo-queries; choose it with `genret evaluate --added-bonus` on "
+                                  "queries for both added and trained images")
     max_query_chars: int = Field(1000, ge=1)
     max_answer_tokens: int = Field(48, ge=1, le=1024)
     request_timeout_s: float = Field(30.0, gt=0)
@@ -79,6 +89,13 @@ class Settings(BaseSettings):
     def reranks(self) -> bool:
         """Whether a search reads a wider beam and re-scores it (either weight on)."""
         return self.rerank_weight > 0 or self.hubness_weight > 0
+
+    @property
+    def search_prior(self) -> PriorWeights:
+        """What the beam search itself adds to ids' scores."""
+        from genret.decoding import PriorWeights  # torch: not for every importer of the settings
+
+        return PriorWeights(hubness=self.beam_hubness_weight, added_bonus=self.added_id_bonus)
 
     @property
     def model_path(self) -> Path:

@@ -82,6 +82,65 @@ def test_the_trained_images_rank_as_before_and_added_ones_are_searchable(grown, 
     assert engine.describe(added.keys[0])  # it has no words of its own for it, but says something
 
 
+def test_an_added_id_bonus_raises_exactly_the_added_ids_inside_the_search(grown, demo_catalog, tiny_default_model_dir):
+    """With a beam as wide as the catalog nothing is pruned, so searching with the bonus ranks
+    exactly as adding it to each added id's plain score; a narrow beam reaches added images it
+    missed; and a model with nothing added has no prior to build."""
+    from genret.decoding import PriorWeights, TransformersEngine, search_prior
+
+    dest, added = grown
+    stored = StoredModel.open(dest)
+    engine, n = TransformersEngine(stored), len(stored.keys)
+    prior = search_prior(stored, PriorWeights(added_bonus=3.0))
+    queries = [demo_catalog[k].captions[0] for k in (*TINY_IMAGES[:2], *added.keys[:2])]
+    for plain, favoured in zip(engine.search(queries, k=n, beams=n), engine.search(queries, k=n, beams=n, prior=prior)):
+        expected = sorted(((h.key, h.score + 3.0 * (h.key in added.keys)) for h in plain), key=lambda pair: -pair[1])
+        assert [h.key for h in favoured] == [key for key, _ in expected]
+        assert [h.score for h in favoured] == pytest.approx([score for _, score in expected], abs=1e-4)
+    strong = search_prior(stored, PriorWeights(added_bonus=1e4))
+    assert all(row[0].key in added.keys for row in engine.search(queries, k=1, beams=1, prior=strong))
+    assert search_prior(StoredModel.open(tiny_default_model_dir), PriorWeights(added_bonus=3.0)) is None
+    for bad in (-1.0, float("nan"), float("inf"), "3"):
+        with pytest.raises(ValueError, match="added_bonus must be a finite number >= 0"):
+            PriorWeights(added_bonus=bad)
+
+
+def test_the_service_searches_with_the_added_id_bonus(grown, demo_catalog, caplog, tiny_default_model_dir):
+    """GENRET_ADDED_ID_BONUS: /search returns what the reference decoder returns with the bonus;
+    on a model with nothing added it is logged as changing nothing."""
+    import asyncio
+    import logging
+
+    from pydantic import ValidationError
+
+    from genret.decoding import PriorWeights, TransformersEngine, search_prior
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.service_helpers import serve
+
+    dest, added = grown
+    stored = StoredModel.open(dest)
+    query = demo_catalog[added.keys[0]].captions[0]
+    settings = Settings(model=str(dest), engine="transformers", device="cpu", beams=3, added_id_bonus=2.5)
+
+    async def search() -> list[dict]:
+        async with serve(create_app(settings)) as client:
+            r = await client.post("/search", json={"query": query, "k": 3})
+            assert r.status_code == 200, r.text
+            return r.json()["results"]
+
+    results = asyncio.run(search())
+    [expected] = TransformersEngine(stored, device="cpu").search(
+        [query], k=3, beams=3, prior=search_prior(stored, PriorWeights(added_bonus=2.5)))
+    assert [hit["image_id"] for hit in results] == [h.key for h in expected]
+    assert [hit["score"] for hit in results] == pytest.approx([h.score for h in expected], abs=1e-4)
+    with pytest.raises(ValidationError, match="added_id_bonus"):
+        Settings(added_id_bonus=-1)
+    with caplog.at_level(logging.WARNING, logger="service"):
+        create_app(Settings(model=str(tiny_default_model_dir), engine="transformers", added_id_bonus=2.5))
+    assert "GENRET_ADDED_ID_BONUS=2.5 changes nothing" in caplog.text
+
+
 def test_the_grown_tokenizer_is_the_one_autotokenizer_loads(grown):
     from transformers import AutoTokenizer
 
@@ -189,6 +248,7 @@ def test_vllm_serves_the_added_ids_as_transformers_does(grown, demo_catalog):
     pytest.importorskip("vllm")
     import asyncio
 
+    from genret.decoding import PriorWeights
     from service.engine_hf import HFEngine
     from service.engine_vllm import VLLMEngine
     from service.settings import Settings
@@ -204,9 +264,11 @@ def test_vllm_serves_the_added_ids_as_transformers_does(grown, demo_catalog):
         await hf.start()
         try:
             for query in queries:
-                v, h = await vllm.search(query, k=5, beams=5), await hf.search(query, k=5, beams=5)
-                assert [x.key for x in v] == [x.key for x in h], query
-                assert [x.score for x in v] == pytest.approx([x.score for x in h], abs=1e-3)
+                for prior in (PriorWeights(), PriorWeights(hubness=2.0, added_bonus=3.0)):
+                    v = await vllm.search(query, k=5, beams=5, prior=prior)
+                    h = await hf.search(query, k=5, beams=5, prior=prior)
+                    assert [x.key for x in v] == [x.key for x in h], (query, prior)
+                    assert [x.score for x in v] == pytest.approx([x.score for x in h], abs=1e-3)
         finally:
             await vllm.close()
             await hf.close()
@@ -248,3 +310,51 @@ def test_evaluate_reports_recall_for_each_kind_of_query(grown, demo_catalog, cap
     result = json.loads(out)
     assert "by_kind" not in result and result["query_kinds"] == {"captioned": 0, "uncaptioned": len(added.keys)}
     assert f"all {len(added.keys)} queries seek images whose captions were never trained on" in err
+
+
+def test_evaluate_chooses_the_search_weights_best_on_both_kinds(grown, demo_catalog, capsys, tmp_path):
+    """Lists of beam priors are one search each; the weights chosen are the best mean of the two
+    kinds of query, and the CLI says which settings serve them."""
+    from genret.decoding import PriorWeights, TransformersEngine
+    from genret.evaluation import evaluate_generative
+
+    dest, added = grown
+    queries = tmp_path / "queries.csv"
+    queries.write_text("image,caption\n" + "".join(f"{k},{demo_catalog[k].captions[0]}\n" for k in demo_catalog.keys()))
+    assert main(["evaluate", str(dest), "--queries", str(queries), "--beams", "5", "--beam-hubness-weights", "0", "5",
+                 "--added-bonuses", "0", "3", "--out", str(tmp_path / "result.json")]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert json.loads(out) == result and set(result["by_prior"]) == {"0,0", "0,3", "5,0", "5,3"}
+    stored = StoredModel.open(dest)
+    bonus = evaluate_generative(TransformersEngine(stored), [(demo_catalog[k].captions[0], k) for k in demo_catalog.keys()],
+                                beams=5, prior=PriorWeights(added_bonus=3.0), progress=False)
+    assert {k: result["by_prior"]["0,3"][k] for k in ("R@1", "R@10", "by_kind")} == \
+        {k: bonus[k] for k in ("R@1", "R@10", "by_kind")}
+    mean = {key: r["by_kind"]["mean"] for key, r in result["by_prior"].items()}
+    best = max(mean, key=lambda key: (mean[key]["R@10"], mean[key]["R@5"], mean[key]["R@1"],
+                                      *(-float(w) for w in key.split(","))))
+    h, b = (float(w) for w in best.split(","))
+    assert result["chosen"] == {"beam_hubness_weight": h, "added_bonus": b, "on": "mean of captioned and uncaptioned",
+                                **mean[best]}
+    assert f"serve with GENRET_BEAMS=5 GENRET_BEAM_HUBNESS_WEIGHT={h:g} GENRET_ADDED_ID_BONUS={b:g}" in err
+
+
+def test_the_chosen_weights_are_the_best_mean_of_the_kinds_and_the_smaller_on_a_tie():
+    from genret.decoding import PriorWeights
+    from genret.evaluation import chosen_weights
+
+    r = lambda r10, r5=0.5, r1=0.1: {"R@1": r1, "R@5": r5, "R@10": r10}
+    by_kind = lambda captioned, uncaptioned: {"captioned": captioned, "uncaptioned": uncaptioned}
+    # re-ranked grids under two priors: "10,0" is best for captioned queries alone, "10,5" on the mean
+    grid = lambda a, b: {"reranked_by_weight": {"10,0": r(0), "10,5": r(0)},
+                         "reranked_by_weight_by_kind": {"10,0": by_kind(r(0.9), r(0.1)), "10,5": by_kind(a, b)}}
+    chosen = chosen_weights({PriorWeights(): {"by_kind": {}, **grid(r(0.7), r(0.5))},
+                             PriorWeights(added_bonus=2): {"by_kind": {}, **grid(r(0.6), r(0.6))}})
+    assert chosen == {"beam_hubness_weight": 0.0, "added_bonus": 0.0, "rerank_weight": 10.0, "hubness_weight": 5.0,
+                      "on": "mean of captioned and uncaptioned", "R@1": pytest.approx(0.1), "R@5": pytest.approx(0.5),
+                      "R@10": pytest.approx(0.6)}
+    # one kind only, beams' own order: an exact tie goes to the smaller weights
+    chosen = chosen_weights({PriorWeights(hubness=20): r(0.8), PriorWeights(hubness=10): r(0.8, 0.6),
+                             PriorWeights(hubness=5): r(0.8, 0.6)})
+    assert (chosen["beam_hubness_weight"], chosen["on"]) == (5.0, "all queries") and "rerank_weight" not in chosen

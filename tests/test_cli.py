@@ -73,13 +73,14 @@ def test_search_reranks_at_the_weight_given(capsys, tiny_model_dir, tiny_catalog
 
 
 def test_search_and_evaluate_with_the_hubness_prior_in_the_beam(capsys, tiny_model_dir, tiny_catalog, tmp_path):
-    from genret.decoding import TransformersEngine, hubness_prior
+    from genret.decoding import PriorWeights, TransformersEngine, search_prior
     from genret.model_store import StoredModel
 
     query = "a rocket on a launch pad"
     code, out, _ = run(capsys, "search", str(tiny_model_dir), query, "-k", "2", "--beam-hubness-weight", "20")
     stored = StoredModel.open(tiny_model_dir)
-    [expected] = TransformersEngine(stored, device="cpu").search([query], k=2, prior=hubness_prior(stored, 20))
+    [expected] = TransformersEngine(stored, device="cpu").search([query], k=2,
+                                                                 prior=search_prior(stored, PriorWeights(hubness=20)))
     assert code == 0 and [line.split()[1] for line in out.strip().splitlines()] == [h.key for h in expected]
     queries = tmp_path / "queries.csv"
     queries.write_text("image,caption\n" + "".join(f"{img.key},{img.captions[1]}\n" for img in tiny_catalog))

@@ -125,6 +125,23 @@ def test_genret_service_gets_a_gpu_the_models_and_a_readiness_check(services):
     assert images and str(images[0]).endswith(":ro"), "the catalog's images are mounted read-only where the service looks"
 
 
+def test_the_search_settings_pass_through_and_unset_means_the_default(services, monkeypatch):
+    """What `genret evaluate` prints to serve with can be put in .env: compose passes each search
+    setting through as ${NAME:-}, and an empty one is the service's default, not an error."""
+    from service.settings import Settings
+
+    passed = {"GENRET_BEAMS", "GENRET_BEAM_HUBNESS_WEIGHT", "GENRET_ADDED_ID_BONUS", "GENRET_RERANK_BEAMS",
+              "GENRET_RERANK_WEIGHT", "GENRET_HUBNESS_WEIGHT"}
+    env = env_of(services["genret"])
+    assert {name: env.get(name) for name in passed} == {name: f"${{{name}:-}}" for name in passed}
+    for name in passed:
+        monkeypatch.setenv(name, "")
+    settings, fields = Settings(), [name.removeprefix("GENRET_").lower() for name in passed]
+    assert all(getattr(settings, field) == Settings.model_fields[field].default for field in fields)
+    monkeypatch.setenv("GENRET_ADDED_ID_BONUS", "2.5")
+    assert Settings().added_id_bonus == 2.5
+
+
 def test_publish_is_a_one_shot_of_the_model_into_the_same_redis(services):
     publish = services["publish"]
     assert publish["entrypoint"][-2:] == ["-m", "service.publish"]
@@ -316,7 +333,7 @@ class StubEngine:
     async def close(self):
         pass
 
-    async def search(self, query, k, beams, hubness_weight=0.0):
+    async def search(self, query, k, beams, prior=None):
         from genret.decoding import Hit
 
         return [Hit(key, -float(i)) for i, key in enumerate(self.keys[:k])]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from genret.decoding import EmbeddingReranker, Hit, TransformersEngine, hubness_prior, reranked
+from genret.decoding import EmbeddingReranker, Hit, PriorWeights, TransformersEngine, reranked, search_prior
 from genret.evaluation import evaluate_describe_and_ask, evaluate_generative, recall, word_f1
 from genret.model_store import StoredModel
 
@@ -71,20 +71,20 @@ def test_a_prior_over_every_id_is_the_plain_ranking_plus_each_ids_offset(engine,
     """With a beam as wide as the catalog nothing is pruned, so searching by the prior ranks
     exactly as adding each id's offset to its plain score; the offset is -weight x hubness."""
     n, query = len(tiny_catalog), "a dog running on the grass"
-    prior = hubness_prior(engine.stored, 3.0)
+    prior = search_prior(engine.stored, PriorWeights(hubness=3.0))
     [plain] = engine.search([query], k=n, beams=n)
     [biased] = engine.search([query], k=n, beams=n, prior=prior)
     hubness = dict(zip(engine.stored.catalog.keys(), engine.stored.image_hubness()))
     expected = sorted(((h.key, h.score - 3.0 * float(hubness[h.key])) for h in plain), key=lambda pair: -pair[1])
     assert [h.key for h in biased] == [key for key, _ in expected]
     assert [h.score for h in biased] == pytest.approx([score for _, score in expected], abs=1e-4)
-    assert hubness_prior(engine.stored, 0.0) is None
+    assert search_prior(engine.stored, PriorWeights(hubness=0.0)) is None
 
 
 def test_a_prior_reaches_ids_a_narrow_beam_pruned(engine):
     """Re-ranking can only reorder what the beam kept; the prior steers the beam itself: so
     strong that even a greedy search returns the least hub-like image, with its offset in its score."""
-    prior = hubness_prior(engine.stored, 1e4)
+    prior = search_prior(engine.stored, PriorWeights(hubness=1e4))
     keys, hubness = engine.stored.catalog.keys(), engine.stored.image_hubness()
     least, query = keys[int(hubness.argmin())], "a cat lying on a blanket"
     [[alone]] = engine.search([query], k=1, beams=1, trie=engine.stored.trie([least]))  # its plain score
@@ -93,7 +93,8 @@ def test_a_prior_reaches_ids_a_narrow_beam_pruned(engine):
         assert [h.key for h in hits] == [least]
         assert hits[0].score == pytest.approx(alone.score - 1e4 * float(hubness.min()), abs=1e-2)
     with pytest.raises(ValueError, match="another trie"):
-        engine.search(["a cat"], k=1, beams=1, prior=hubness_prior(engine.stored, 1.0, engine.stored.trie(keys[:3])))
+        engine.search(["a cat"], k=1, beams=1,
+                      prior=search_prior(engine.stored, PriorWeights(hubness=1.0), engine.stored.trie(keys[:3])))
 
 
 def test_saved_model_reloads_with_the_same_top_k(engine):

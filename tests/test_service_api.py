@@ -182,18 +182,19 @@ def test_rerank_weights_reorder_a_wider_beam_by_the_two_tower(run, hf_engine, ti
 def test_beam_hubness_weight_searches_by_the_prior(run, hf_engine):
     """GENRET_BEAM_HUBNESS_WEIGHT steers the search itself: the service's narrow beam (3) returns
     what the reference decoder returns with the model's hubness prior, scores included."""
-    from genret.decoding import hubness_prior
+    from genret.decoding import PriorWeights, search_prior
 
     query = "an animal in a field"
     results = search_served(run, Settings(**SETTINGS, beam_hubness_weight=20.0), hf_engine, query, k=3)
-    [expected] = hf_engine.engine.search([query], k=3, beams=SETTINGS["beams"], prior=hubness_prior(hf_engine.stored, 20.0))
+    [expected] = hf_engine.engine.search([query], k=3, beams=SETTINGS["beams"],
+                                         prior=search_prior(hf_engine.stored, PriorWeights(hubness=20.0)))
     assert [hit["image_id"] for hit in results] == [h.key for h in expected]
     assert [hit["score"] for hit in results] == pytest.approx([h.score for h in expected])
     assert expected != run(hf_engine.search(query, 3, SETTINGS["beams"]))
     with pytest.raises(ValidationError, match="beam_hubness_weight"):
         Settings(beam_hubness_weight=-1)
-    with pytest.raises(ValueError, match="hubness_weight"):
-        run(hf_engine.search(query, 3, SETTINGS["beams"], hubness_weight=-1.0))
+    with pytest.raises(ValueError, match="hubness must be a finite number >= 0"):
+        run(hf_engine.search(query, 3, SETTINGS["beams"], prior=PriorWeights(hubness=-1.0)))
 
 
 def test_rerank_weight_on_a_model_without_a_two_tower_fails_at_startup(tiny_model_dir, tmp_path):
@@ -213,7 +214,7 @@ def test_rerank_weight_on_a_model_without_a_two_tower_fails_at_startup(tiny_mode
 
 
 def test_hubness_weight_on_a_model_without_image_hubness_fails_at_startup(tiny_model_dir, tmp_path):
-    from genret.decoding import EmbeddingReranker, hubness_prior
+    from genret.decoding import EmbeddingReranker, PriorWeights, search_prior
     from genret.model_store import ModelStoreError
 
     older = tmp_path / "older"  # a model saved before image_hubness.npy existed
@@ -224,7 +225,7 @@ def test_hubness_weight_on_a_model_without_image_hubness_fails_at_startup(tiny_m
     with pytest.raises(ModelStoreError, match="GENRET_BEAM_HUBNESS_WEIGHT=5 needs the model's image_hubness.npy"):
         create_app(Settings(model=str(older), engine="transformers", beam_hubness_weight=5))
     with pytest.raises(ModelStoreError, match="lacks image_hubness.npy"):
-        hubness_prior(StoredModel.open(older), 5)
+        search_prior(StoredModel.open(older), PriorWeights(hubness=5))
     with pytest.raises(ModelStoreError, match="lacks image_hubness.npy"):
         EmbeddingReranker(StoredModel.open(older), hubness_weight=50)
     assert EmbeddingReranker(StoredModel.open(older), weight=5).image_hubness is None  # re-ranking alone still works

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("vllm")
 
+from genret.decoding import PriorWeights  # noqa: E402
 from genret.model_store import StoredModel  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.engine_vllm import VLLMEngine  # noqa: E402
@@ -82,8 +83,8 @@ def test_top_k_beam_search_is_the_transformers_engines(run, vllm_engine, hf_engi
 def test_a_hubness_prior_searches_as_in_the_transformers_engine(run, vllm_engine, hf_engine):
     for query in QUERIES:
         for k, beams in ((1, 1), (3, 3)):
-            v = run(vllm_engine.search(query, k=k, beams=beams, hubness_weight=2.0))
-            h = run(hf_engine.search(query, k=k, beams=beams, hubness_weight=2.0))
+            v = run(vllm_engine.search(query, k=k, beams=beams, prior=PriorWeights(hubness=2.0)))
+            h = run(hf_engine.search(query, k=k, beams=beams, prior=PriorWeights(hubness=2.0)))
             assert [x.key for x in v] == [x.key for x in h], query
             assert [x.score for x in v] == pytest.approx([x.score for x in h], abs=1e-3)
 
@@ -159,12 +160,13 @@ def test_a_hubness_weight_vllms_worker_could_not_use_is_refused_before_it_is_sen
 
     from genret.model_store import ModelStoreError
 
-    with pytest.raises(ValueError, match="hubness_weight"):
-        run(vllm_engine.search("a horse in a field", k=3, beams=3, hubness_weight=-1.0))
+    with pytest.raises(ValueError, match="hubness must be a finite number >= 0"):
+        run(vllm_engine.search("a horse in a field", k=3, beams=3, prior=PriorWeights(hubness=-1.0)))
     older = shutil.copytree(vllm_engine.stored.path, tmp_path / "model")  # a model from before image_hubness.npy
     (older / "image_hubness.npy").unlink(missing_ok=True)
     with pytest.raises(ModelStoreError, match="image_hubness"):
-        run(VLLMEngine(StoredModel.open(older), SETTINGS).search("a horse in a field", k=3, beams=3, hubness_weight=2.0))
+        run(VLLMEngine(StoredModel.open(older), SETTINGS).search("a horse in a field", k=3, beams=3,
+                                                                 prior=PriorWeights(hubness=2.0)))
 
 
 def test_a_malformed_trie_step_is_refused_by_vllm(run, vllm_engine):
