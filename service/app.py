@@ -102,7 +102,8 @@ class Services:
             # million ids) is not a user's
             await self.engine.search("warm up", 1, 1, prior=self.settings.search_prior)
             self.engine_ready = True
-            log.info("%s engine ready on model %s in %.1f s", self.engine.name, self.model_name, time.perf_counter() - t)
+            log.info("%s engine ready on model %s in %.1f s; search settings %s", self.engine.name, self.model_name,
+                     time.perf_counter() - t, self.settings.search)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("the engine failed to load")
@@ -255,7 +256,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
             store = await asyncio.wait_for(id_store.ping(), settings.redis_timeout_s + 1)
         except (IdStoreUnavailable, TimeoutError) as e:
             return JSONResponse({"status": "not ready", "reason": f"id store: {e or 'timed out'}"}, status_code=503)
-        return {"status": "ready", "model": services.model_name, "engine": engine.name, "id_store": store}
+        return {"status": "ready", "model": services.model_name, "engine": engine.name, "id_store": store,
+                "search": settings.search}
 
     @app.get("/metrics")
     async def prometheus():

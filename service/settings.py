@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from genret.decoding import PriorWeights
 
 REPO = Path(__file__).resolve().parents[1]
+# how a search ranks: what `genret evaluate` chooses, /readyz reports and docker-compose.yml passes through
+SEARCH_FIELDS = ("beams", "beam_hubness_weight", "added_id_bonus", "rerank_beams", "rerank_weight", "hubness_weight")
 
 
 class Settings(BaseSettings):
@@ -89,6 +91,11 @@ class Settings(BaseSettings):
     def reranks(self) -> bool:
         """Whether a search reads a wider beam and re-scores it (either weight on)."""
         return self.rerank_weight > 0 or self.hubness_weight > 0
+
+    @property
+    def search(self) -> dict:
+        """The settings that decide how a search ranks (SEARCH_FIELDS)."""
+        return {name: getattr(self, name) for name in SEARCH_FIELDS}
 
     @property
     def search_prior(self) -> PriorWeights:

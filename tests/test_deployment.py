@@ -128,16 +128,14 @@ def test_genret_service_gets_a_gpu_the_models_and_a_readiness_check(services):
 def test_the_search_settings_pass_through_and_unset_means_the_default(services, monkeypatch):
     """What `genret evaluate` prints to serve with can be put in .env: compose passes each search
     setting through as ${NAME:-}, and an empty one is the service's default, not an error."""
-    from service.settings import Settings
+    from service.settings import SEARCH_FIELDS, Settings
 
-    passed = {"GENRET_BEAMS", "GENRET_BEAM_HUBNESS_WEIGHT", "GENRET_ADDED_ID_BONUS", "GENRET_RERANK_BEAMS",
-              "GENRET_RERANK_WEIGHT", "GENRET_HUBNESS_WEIGHT"}
+    passed = {f"GENRET_{field.upper()}" for field in SEARCH_FIELDS}
     env = env_of(services["genret"])
     assert {name: env.get(name) for name in passed} == {name: f"${{{name}:-}}" for name in passed}
     for name in passed:
         monkeypatch.setenv(name, "")
-    settings, fields = Settings(), [name.removeprefix("GENRET_").lower() for name in passed]
-    assert all(getattr(settings, field) == Settings.model_fields[field].default for field in fields)
+    assert Settings().search == {field: Settings.model_fields[field].default for field in SEARCH_FIELDS}
     monkeypatch.setenv("GENRET_ADDED_ID_BONUS", "2.5")
     assert Settings().added_id_bonus == 2.5
 

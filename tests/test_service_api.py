@@ -40,6 +40,9 @@ def test_healthz_and_readyz(run, client):
     ready = run(client.get("/readyz"))
     assert ready.status_code == 200
     assert ready.json()["engine"] == "transformers" and "embedded" in ready.json()["id_store"]
+    # how searches rank, so an operator can see that the settings took
+    assert ready.json()["search"] == {"beams": 3, "beam_hubness_weight": 0.0, "added_id_bonus": 0.0,
+                                      "rerank_beams": 50, "rerank_weight": 0.0, "hubness_weight": 0.0}
 
 
 def test_search_returns_k_catalog_images_with_urls(run, client, tiny_catalog):
