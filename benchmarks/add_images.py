@@ -13,7 +13,8 @@ test images and over the whole catalog, and asked to describe the test images by
 
 Every test query seeks an added (uncaptioned) image, so an offset that favours added images can
 only raise recall over the catalog; `--captioned-queries` (flickr8k.py's) also holds out one
-caption of some train images and reports their recall beside, at each h and bonus.
+caption of some train images and reports their recall beside, at each h and bonus, and checks
+the (h, bonus) that `genret evaluate` chooses on half the queries against the other half.
 
 Resumable: every model and every result is written as soon as it exists (<out>/seedN/). Results:
 <out>/results.json and <out>/results.md.
@@ -116,9 +117,10 @@ def halves(protocol) -> tuple[list, list]:
 def choose_on_held_out_queries(engine, protocol, setting: dict, bonuses, result: dict, result_path: Path) -> None:
     """What `genret evaluate --beam-hubness-weights ... --added-bonuses ...` would choose, checked
     on other queries: (h, b) chosen on the mean of both kinds over the first half of the added
-    images' captions and the captioned dev queries ("choose@..."), then the second half and the
-    reported captioned queries searched at those weights and with no prior ("held_out_chosen",
-    "held_out_plain"): each kind's R@1 and R@10, and their mean."""
+    images' captions and the captioned dev queries ("choose@..."), by R@10 first and by R@1 first,
+    then the second half and the reported captioned queries searched at those weights and with
+    no prior ("held_out_by_R@10", "held_out_by_R@1", "held_out_plain"): each kind's R@1 and R@10,
+    and their mean."""
     from genret.decoding import PriorWeights
     from genret.evaluation import chosen_weights, evaluate_generative
 
@@ -132,9 +134,11 @@ def choose_on_held_out_queries(engine, protocol, setting: dict, bonuses, result:
         if scope not in result:
             result[scope] = search(choose_on, prior)
             result_path.write_text(json.dumps(result, indent=1))
-    chosen = chosen_weights({prior: result[scope] for scope, prior in priors.items()})
-    weights = PriorWeights(hubness=chosen["beam_hubness_weight"], added_bonus=chosen["added_bonus"])
-    for scope, prior in (("held_out_plain", PriorWeights()), ("held_out_chosen", weights)):
+    chosen = {f"held_out_by_{by}": chosen_weights({prior: result[scope] for scope, prior in priors.items()}, by=by)
+              for by in CHOOSE_BY}
+    weights = {scope: PriorWeights(hubness=c["beam_hubness_weight"], added_bonus=c["added_bonus"])
+               for scope, c in chosen.items()}
+    for scope, prior in {"held_out_plain": PriorWeights(), **weights}.items():
         if scope not in result:
             by_kind = search(report_on, prior)["by_kind"]
             result[scope] = {"beam_hubness_weight": prior.hubness, "added_bonus": prior.added_bonus,
@@ -143,6 +147,8 @@ def choose_on_held_out_queries(engine, protocol, setting: dict, bonuses, result:
             result_path.write_text(json.dumps(result, indent=1))
 
 
+CHOOSE_BY = ("R@10", "R@1")  # what the held-out choice maximizes first
+HELD_OUT = ("held_out_plain", *(f"held_out_by_{by}" for by in CHOOSE_BY))
 HELD_OUT_METRICS = tuple(f"{kind} {m}" for kind in ("uncaptioned", "captioned", "mean") for m in ("R@1", "R@10"))
 MODELS = {"trained-in": "test images trained in (pseudo-queries)", "added": "test images added, no training"}
 METRICS = {"test@0": ("R@1", "R@5", "R@10"), "catalog@0": ("R@1", "R@5", "R@10"),
@@ -154,7 +160,7 @@ def over_seeds(runs: list[dict]) -> dict:
     """scope -> metric -> (mean, standard deviation) over the seeds' results."""
     scopes = {**METRICS, **{scope: ("R@1", "R@10") for scope in runs[0] if scope.startswith("captioned@")},
               **{scope: ("R@10",) for scope in runs[0] if "+bonus" in scope and not scope.startswith("choose@")},
-              **{scope: HELD_OUT_METRICS for scope in ("held_out_plain", "held_out_chosen") if scope in runs[0]}}
+              **{scope: HELD_OUT_METRICS for scope in HELD_OUT if scope in runs[0]}}
     return {scope: {m: (float(np.mean([r[scope][m] for r in runs])), float(np.std([r[scope][m] for r in runs])))
                     for m in metrics} for scope, metrics in scopes.items()}
 
@@ -206,14 +212,17 @@ def report(results: dict, meta: dict) -> str:
         lines += bonus_table("The added model's R@10 for those queries with every added id favoured by b nats, and "
                              "the mean of the two kinds' R@10 (the test queries' from the bonus table above):",
                              lambda n: f"{cell(added, 'captioned' + n, 'R@10')} (mean {mean(n):.3f})")
-    if "held_out_chosen" in added:
-        chosen = "; ".join(f"h = {h:g}, b = {b:g}" for h, b in meta["held_out_weights"])
-        lines += ["", "Weights chosen as `genret evaluate --beam-hubness-weights --added-bonuses` chooses (best mean "
-                  "R@10 of the two kinds) on held-out queries: the captions of the first half of the added images "
-                  f"and the captioned dev queries. Chosen per seed: {chosen}. Searched on the other half of the added "
-                  "images and the reported captioned queries, R@1 / R@10:", "",
+    if HELD_OUT[1] in added:
+        chosen = " ".join(f"By {by}: " + "; ".join(f"h = {h:g}, b = {b:g}" for h, b in meta["held_out_weights"][by])
+                          + "." for by in CHOOSE_BY)
+        lines += ["", "Weights chosen as `genret evaluate --beam-hubness-weights --added-bonuses [--choose-by]` "
+                  "chooses (best mean of the two kinds, by R@10 first or by R@1 first) on held-out queries: the "
+                  "captions of the first half of the added images and the captioned dev queries. Chosen per seed: "
+                  f"{chosen} Searched on the other half of the added images and the reported captioned queries, "
+                  "R@1 / R@10:", "",
                   "| search | added images | trained images | mean of the two |", "|---|---|---|---|"]
-        for scope, name in (("held_out_plain", "no prior"), ("held_out_chosen", "at the chosen h, b")):
+        names = {"held_out_plain": "no prior", **{f"held_out_by_{by}": f"at the h, b chosen by {by}" for by in CHOOSE_BY}}
+        for scope, name in names.items():
             lines.append(f"| {name} | " + " | ".join(f"{cell(added, scope, f'{kind} R@1')} / "
                                                     f"{cell(added, scope, f'{kind} R@10')}"
                                                     for kind in ("uncaptioned", "captioned", "mean")) + " |")
@@ -260,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"setting": args.setting, "run": RUN, "seeds": args.seeds, "catalog": len(protocol.catalog),
             "added": len(test), "queries": len(protocol.queries), "beams": setting["beams"],
             "captioned_queries": len(protocol.captioned_queries),
-            "held_out_weights": [(r["held_out_chosen"]["beam_hubness_weight"], r["held_out_chosen"]["added_bonus"])
-                                 for r in runs["added"] if "held_out_chosen" in r],
+            "held_out_weights": {by: [(r[f"held_out_by_{by}"]["beam_hubness_weight"],
+                                       r[f"held_out_by_{by}"]["added_bonus"]) for r in runs["added"]
+                                      if f"held_out_by_{by}" in r] for by in CHOOSE_BY},
             "add_seconds": float(np.mean(add_seconds)), "commit": commit,
             "command": f"python benchmarks/add_images.py --setting {args.setting} --seeds {args.seeds}"
                        + (" --captioned-queries" if args.captioned_queries else "")}

@@ -86,29 +86,32 @@ def evaluate_generative(
     return result
 
 
-def best_by_recall(tables: Sequence[Mapping], tiebreak: Callable) -> Hashable:
-    """The key of `tables` (each: key -> R@K, the same keys) with the best mean R@10 across them,
-    then R@5, then R@1; on a tie, the largest tiebreak(key) (negated weights: the smaller wins).
-    The one rule for every weight chosen on held-out queries, here and in the benchmarks."""
+def best_by_recall(tables: Sequence[Mapping], tiebreak: Callable, first: str = "R@10") -> Hashable:
+    """The key of `tables` (each: key -> R@K, the same keys) with the best mean `first` across
+    them, then the best of the other R@K from the widest down; on a tie, the largest
+    tiebreak(key) (negated weights: the smaller wins). The one rule for every weight chosen on
+    held-out queries, here and in the benchmarks."""
+    order = [first, *(f"R@{k}" for k in sorted(KS, reverse=True) if f"R@{k}" != first)]
     mean = lambda key, k: float(np.mean([table[key][k] for table in tables]))
-    return max(tables[0], key=lambda key: (mean(key, "R@10"), mean(key, "R@5"), mean(key, "R@1"), *tiebreak(key)))
+    return max(tables[0], key=lambda key: (*(mean(key, k) for k in order), *tiebreak(key)))
 
 
-def chosen_weights(by_prior: Mapping[PriorWeights, dict]) -> dict:
+def chosen_weights(by_prior: Mapping[PriorWeights, dict], by: str = "R@10") -> dict:
     """The search weights best on these evaluations (evaluate_generative's results, one per prior,
     of the same queries): every prior and, where re-ranked, every (weight, hubness weight) of its
     grid. Judged on the mean of the two kinds' recall where both kinds were asked, since a weight
-    one kind favours hurts the other (recall_by_kind), else on all the queries."""
+    one kind favours hurts the other (recall_by_kind), else on all the queries; by `by` first
+    (R@10 favours larger bonuses than R@1 does: benchmarks/RESULTS.md)."""
     kinds = ("captioned", "uncaptioned") if "by_kind" in next(iter(by_prior.values())) else ("all",)
     tables: dict[str, dict[tuple, dict]] = {kind: {} for kind in kinds}
     for prior, result in by_prior.items():
         for weights, by_kind in _rankings(prior, result, kinds != ("all",)):
             for kind in kinds:
                 tables[kind][weights] = by_kind[kind]
-    best = best_by_recall(list(tables.values()), lambda weights: tuple(-w for w in weights))
+    best = best_by_recall(list(tables.values()), lambda weights: tuple(-w for w in weights), first=by)
     chosen = dict(zip(("beam_hubness_weight", "added_bonus", "rerank_weight", "hubness_weight"), best))
     on = "mean of captioned and uncaptioned" if kinds != ("all",) else "all queries"
-    return {**chosen, "on": on, **_mean(*(table[best] for table in tables.values()))}
+    return {**chosen, "on": on, "by": by, **_mean(*(table[best] for table in tables.values()))}
 
 
 def _rankings(prior: PriorWeights, result: dict, both: bool):

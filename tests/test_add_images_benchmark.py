@@ -36,14 +36,15 @@ def test_the_report_shows_queries_for_trained_images_beside_the_added_ones(bench
         for b in bench.BONUSES:
             added[f"catalog@{h:g}+bonus{b:g}"] = recalls(0.5 + b / 10)
             added[f"captioned@{h:g}+bonus{b:g}"] = recalls(0.9 - b / 10)
-    for scope, weights, r in (("held_out_plain", (0.0, 0.0), 0.4), ("held_out_chosen", (0.0, 3.0), 0.45)):
+    for scope, weights, r in (("held_out_plain", (0.0, 0.0), 0.4), ("held_out_by_R@10", (0.0, 3.0), 0.45),
+                              ("held_out_by_R@1", (0.0, 1.0), 0.42)):
         added[scope] = {"beam_hubness_weight": weights[0], "added_bonus": weights[1],
                         **{metric: r + (0.1 if metric.startswith("captioned") else 0) for metric in bench.HELD_OUT_METRICS}}
         added[f"choose@{weights[0]:g}+bonus{weights[1]:g}"] = {"R@10": 0.0}  # the choice's own searches: not reported
     results = {"trained-in": bench.over_seeds([run(0.95)]), "added": bench.over_seeds([added])}
     meta = {"setting": "cpu", "catalog": 300, "added": 50, "queries": 250, "beams": 10, "seeds": 1,
             "add_seconds": 4.0, "command": "x", "commit": "abc", "captioned_queries": 50,
-            "held_out_weights": [(0.0, 3.0)]}
+            "held_out_weights": {"R@10": [(0.0, 3.0)], "R@1": [(0.0, 1.0)]}}
     report = bench.report(results, meta)
     assert "one held-out caption of each of 50 train images" in report
     assert "| test images trained in (pseudo-queries) | 0.100 / 0.950 | 0.100 / 0.930 | 0.100 / 0.910 | " \
@@ -51,9 +52,10 @@ def test_the_report_shows_queries_for_trained_images_beside_the_added_ones(bench
     # the added model's captioned R@10 at b = 6 with h = 0: 0.9 - 0.6, beside the test queries' 0.5 + 0.6
     assert "| 0 | 0.900 (mean 0.700) | 0.800 (mean 0.700) |" in report and "0.300 (mean 0.700) |" in report
     # weights chosen on held-out queries of both kinds, and what they give on the others
-    assert "Chosen per seed: h = 0, b = 3." in report and "choose@" not in report
+    assert "Chosen per seed: By R@10: h = 0, b = 3. By R@1: h = 0, b = 1." in report and "choose@" not in report
     assert "| no prior | 0.400 / 0.400 | 0.500 / 0.500 | 0.400 / 0.400 |" in report
-    assert "| at the chosen h, b | 0.450 / 0.450 | 0.550 / 0.550 | 0.450 / 0.450 |" in report
+    assert "| at the h, b chosen by R@10 | 0.450 / 0.450 | 0.550 / 0.550 | 0.450 / 0.450 |" in report
+    assert "| at the h, b chosen by R@1 | 0.420 / 0.420 | 0.520 / 0.520 | 0.420 / 0.420 |" in report
 
 
 def test_a_folder_of_the_plain_protocol_is_not_resumed_with_captioned_queries(tmp_path):

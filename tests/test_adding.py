@@ -336,7 +336,7 @@ def test_evaluate_chooses_the_search_weights_best_on_both_kinds(grown, demo_cata
                                       *(-float(w) for w in key.split(","))))
     h, b = (float(w) for w in best.split(","))
     assert result["chosen"] == {"beam_hubness_weight": h, "added_bonus": b, "on": "mean of captioned and uncaptioned",
-                                **mean[best]}
+                                "by": "R@10", **mean[best]}
     assert f"serve with GENRET_BEAMS=5 GENRET_BEAM_HUBNESS_WEIGHT={h:g} GENRET_ADDED_ID_BONUS={b:g}" in err
 
 
@@ -352,9 +352,13 @@ def test_the_chosen_weights_are_the_best_mean_of_the_kinds_and_the_smaller_on_a_
     chosen = chosen_weights({PriorWeights(): {"by_kind": {}, **grid(r(0.7), r(0.5))},
                              PriorWeights(added_bonus=2): {"by_kind": {}, **grid(r(0.6), r(0.6))}})
     assert chosen == {"beam_hubness_weight": 0.0, "added_bonus": 0.0, "rerank_weight": 10.0, "hubness_weight": 5.0,
-                      "on": "mean of captioned and uncaptioned", "R@1": pytest.approx(0.1), "R@5": pytest.approx(0.5),
-                      "R@10": pytest.approx(0.6)}
+                      "on": "mean of captioned and uncaptioned", "by": "R@10", "R@1": pytest.approx(0.1),
+                      "R@5": pytest.approx(0.5), "R@10": pytest.approx(0.6)}
     # one kind only, beams' own order: an exact tie goes to the smaller weights
     chosen = chosen_weights({PriorWeights(hubness=20): r(0.8), PriorWeights(hubness=10): r(0.8, 0.6),
                              PriorWeights(hubness=5): r(0.8, 0.6)})
     assert (chosen["beam_hubness_weight"], chosen["on"]) == (5.0, "all queries") and "rerank_weight" not in chosen
+    # by R@1 first: the best R@1 wins however it ranks at R@10
+    by_r1 = chosen_weights({PriorWeights(added_bonus=6): r(0.9, r1=0.2), PriorWeights(added_bonus=2): r(0.7, r1=0.3)},
+                           by="R@1")
+    assert (by_r1["added_bonus"], by_r1["by"]) == (2.0, "R@1")
