@@ -194,8 +194,9 @@ def test_beam_hubness_weight_searches_by_the_prior(run, hf_engine):
     assert [hit["image_id"] for hit in results] == [h.key for h in expected]
     assert [hit["score"] for hit in results] == pytest.approx([h.score for h in expected])
     assert expected != run(hf_engine.search(query, 3, SETTINGS["beams"]))
-    with pytest.raises(ValidationError, match="beam_hubness_weight"):
-        Settings(beam_hubness_weight=-1)
+    for bad in (-1, float("inf"), float("nan")):  # a prior the search would refuse stops the server at startup
+        with pytest.raises(ValidationError, match="beam_hubness_weight"):
+            Settings(beam_hubness_weight=bad)
     with pytest.raises(ValueError, match="hubness must be a finite number >= 0"):
         run(hf_engine.search(query, 3, SETTINGS["beams"], prior=PriorWeights(hubness=-1.0)))
 
