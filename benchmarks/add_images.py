@@ -40,7 +40,7 @@ from flickr8k import DEFAULT_DATA, REPO, SETTINGS, build_catalog, protocol_of, r
 
 RUN = "atomic+pq+qp+ai+fz+da"  # genret train's defaults, describe and ask included
 BEAM_HUBNESS_WEIGHTS = (0.0, 20.0, 40.0, 80.0)  # each reported: there are no added dev images to choose on
-BONUSES = (1.0, 2.0, 3.0, 4.0, 6.0)  # nats favouring added ids, measured on the added model (GENRET_ADDED_ID_BONUS)
+BONUSES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)  # nats favouring added ids, measured on the added model (GENRET_ADDED_ID_BONUS)
 BONUS_HUBNESS_WEIGHTS = (0.0, 40.0)
 
 
