@@ -142,14 +142,14 @@ def choose_on_held_out_queries(engine, protocol, setting: dict, bonuses, result:
         if scope not in result:
             by_kind = search(report_on, prior)["by_kind"]
             result[scope] = {"beam_hubness_weight": prior.hubness, "added_bonus": prior.added_bonus,
-                             **{f"{kind} {m}": by_kind[kind][m] for kind in ("uncaptioned", "captioned", "mean")
-                                for m in ("R@1", "R@10")}}
+                             **{f"{kind} {m}": by_kind[kind][m] for kind in HELD_OUT_KINDS for m in ("R@1", "R@10")}}
             result_path.write_text(json.dumps(result, indent=1))
 
 
 CHOOSE_BY = ("R@10", "R@1")  # what the held-out choice maximizes first
 HELD_OUT = ("held_out_plain", *(f"held_out_by_{by}" for by in CHOOSE_BY))
-HELD_OUT_METRICS = tuple(f"{kind} {m}" for kind in ("uncaptioned", "captioned", "mean") for m in ("R@1", "R@10"))
+HELD_OUT_KINDS = ("uncaptioned", "captioned", "mean")  # added images' queries, trained images', their mean
+HELD_OUT_METRICS = tuple(f"{kind} {m}" for kind in HELD_OUT_KINDS for m in ("R@1", "R@10"))
 MODELS = {"trained-in": "test images trained in (pseudo-queries)", "added": "test images added, no training"}
 METRICS = {"test@0": ("R@1", "R@5", "R@10"), "catalog@0": ("R@1", "R@5", "R@10"),
            **{f"catalog@{h:g}": ("R@10",) for h in BEAM_HUBNESS_WEIGHTS[1:]},
@@ -225,7 +225,7 @@ def report(results: dict, meta: dict) -> str:
         for scope, name in names.items():
             lines.append(f"| {name} | " + " | ".join(f"{cell(added, scope, f'{kind} R@1')} / "
                                                     f"{cell(added, scope, f'{kind} R@10')}"
-                                                    for kind in ("uncaptioned", "captioned", "mean")) + " |")
+                                                    for kind in HELD_OUT_KINDS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 SEARCH_FIELDS = ("beams", "beam_hubness_weight", "added_id_bonus", "rerank_beams", "rerank_weight", "hubness_weight")
 
 
+def search_weight(description: str):
+    """A weight of how a search ranks: 0 (off) by default, finite and >= 0, as the search requires."""
+    return Field(0.0, ge=0, allow_inf_nan=False, description=description)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GENRET_", extra="ignore", env_ignore_empty=True)
 
@@ -52,24 +57,20 @@ class Settings(BaseSettings):
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
     beams: int = Field(10, ge=1, description="beam width; a search uses max(beams, k)")
-    rerank_weight: float = Field(0.0, ge=0, allow_inf_nan=False,
-                                 description="0 = off; else a search reads a beam of rerank_beams, scores each hit "
-                                 "log-probability + this x the two-tower's query-image similarity (GENIUS's "
-                                 "re-ranking), and keeps the top k")
-    hubness_weight: float = Field(0.0, ge=0, allow_inf_nan=False,
-                                  description="0 = off; else re-ranking also subtracts this x each image's hubness "
-                                  "(how close the two-tower put it to the training captions), so images that were "
-                                  "never captioned are not outranked by ones that were")
+    rerank_weight: float = search_weight(
+        "0 = off; else a search reads a beam of rerank_beams, scores each hit log-probability + this x the "
+        "two-tower's query-image similarity (GENIUS's re-ranking), and keeps the top k")
+    hubness_weight: float = search_weight(
+        "0 = off; else re-ranking also subtracts this x each image's hubness (how close the two-tower put it to "
+        "the training captions), so images that were never captioned are not outranked by ones that were")
     rerank_beams: int = Field(50, ge=1, description="the beam width a re-ranked search reads")
-    beam_hubness_weight: float = Field(0.0, ge=0, allow_inf_nan=False,
-                                       description="0 = off; else the beam search itself subtracts this x each "
-                                       "image's hubness from its id's score (genret.decoding.search_prior), so "
-                                       "never-captioned images reach even a narrow beam without re-ranking")
-    added_id_bonus: float = Field(0.0, ge=0, allow_inf_nan=False,
-                                  description="0 = off; else the beam search adds this many nats to the score of "
-                                  "each image added after training (`genret add`), which the model under-scores "
-                                  "for want of pseudo-queries; choose it with `genret evaluate --added-bonuses` on "
-                                  "queries for both added and trained images")
+    beam_hubness_weight: float = search_weight(
+        "0 = off; else the beam search itself subtracts this x each image's hubness from its id's score "
+        "(genret.decoding.search_prior), so never-captioned images reach even a narrow beam without re-ranking")
+    added_id_bonus: float = search_weight(
+        "0 = off; else the beam search adds this many nats to the score of each image added after training "
+        "(`genret add`), which the model under-scores for want of pseudo-queries; choose it with "
+        "`genret evaluate --added-bonuses` on queries for both added and trained images")
     max_query_chars: int = Field(1000, ge=1)
     max_answer_tokens: int = Field(48, ge=1, le=1024)
     request_timeout_s: float = Field(30.0, gt=0)
