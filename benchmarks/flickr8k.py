@@ -87,6 +87,7 @@ LEVERS = {
     "mep": ("N memorize epochs", "memorize_epochs", int),
     "bs": ("batch size N (on an H200 a step at 512 costs little more than at 128)", "batch_size", int),
     "lr": ("learning rate N for the LM (the prefix and embeddings keep theirs)", "lr", float),
+    "plr": ("learning rate N for the image and query prefixes", "prefix_lr", float),
     "ppi": ("N pseudo-queries per uncaptioned image", "pseudo_per_image", int),
     "elr": ("learning rate N for the token embeddings and the head tied to them", "embedding_lr", float),
     "ai": ("id tokens start from where their images sit in the aligned space", "id_embeddings", "aligned"),

@@ -65,7 +65,7 @@ def row_placement(stored: StoredModel, rows: torch.Tensor) -> Callable[[np.ndarr
     that every trained id's row in `rows` (the LM's embedding table) follows it; a
     ModelStoreError where the trained rows do not (they moved)."""
     keys = stored.keys
-    trained = [k for k in keys if not stored.is_added(k)]
+    trained = [k for k in keys if k not in stored.added_keys]
     picks = np.linspace(0, len(trained) - 1, min(FIT_SAMPLE, len(trained))).round().astype(int)
     sample = sorted({trained[i] for i in picks})
     if len(sample) < 2:

@@ -242,8 +242,8 @@ def search_prior(stored: StoredModel, weights: PriorWeights, trie: IdTrie | None
     if not weights.hubness and not bonus:
         return None
     hubness = stored.image_hubness() if weights.hubness else np.zeros(len(stored.keys))
-    offsets = {key: -weights.hubness * float(h) + (bonus if bonus and stored.is_added(key) else 0.0)
-               for key, h in zip(stored.keys, hubness)}
+    added = stored.added_keys if bonus else frozenset()
+    offsets = {key: -weights.hubness * float(h) + (bonus if key in added else 0.0) for key, h in zip(stored.keys, hubness)}
     return IdPrior(trie or stored.trie(), offsets)
 
 

@@ -198,17 +198,22 @@ class StoredModel:
         """Whether `genret add` grew the catalog past the images training saw."""
         return self.manifest.get("trained_images", self.manifest["catalog_size"]) < self.manifest["catalog_size"]
 
-    def is_added(self, key: str) -> bool:
-        """Whether `key` was added after training (`genret add`: its atomic id is numbered past the trained ones)."""
-        match = ATOMIC_TOKEN.fullmatch(self.identifiers.ids[key])
-        return bool(match) and int(match.group(1)) >= self.manifest.get("trained_images", self.manifest["catalog_size"])
+    @cached_property
+    def added_keys(self) -> frozenset[str]:
+        """The images added after training (`genret add`: their atomic ids are numbered past the
+        trained ones). Read once: every search with an added-id bonus asks about every key."""
+        if not self.has_added_images:
+            return frozenset()
+        trained = self.manifest.get("trained_images", self.manifest["catalog_size"])
+        return frozenset(key for key, id_ in self.identifiers.ids.items()
+                         if (match := ATOMIC_TOKEN.fullmatch(id_)) and int(match.group(1)) >= trained)
 
     @cached_property
     def trained_caption_keys(self) -> frozenset[str]:
         """The images whose captions training read: those with stored captions, less the ones added
         after training (whose captions are stored for display only). The model and its two-tower
         pull queries towards these, so recall differs for queries that seek them and for the rest."""
-        return frozenset(image.key for image in self.catalog if image.captions and not self.is_added(image.key))
+        return frozenset(image.key for image in self.catalog if image.captions and image.key not in self.added_keys)
 
     @property
     def end_token(self) -> int:

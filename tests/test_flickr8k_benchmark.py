@@ -36,8 +36,9 @@ def test_a_name_stands_for_its_config_fields(bench):
     assert bench.run_config("rq+qp+qt8")["query_tokens"] == 8  # later levers win
     assert bench.run_config("atomic+ai+fz+da") == {"scheme": "atomic", "id_embeddings": "aligned",
                                                    "freeze_id_rows": True, "describe": True, "ask": True}
-    assert bench.run_config("atomic+bs512+lr0.0006+mep3+ep12") == {  # a GPU schedule, named on the command line
-        "scheme": "atomic", "batch_size": 512, "lr": 0.0006, "memorize_epochs": 3, "retrieve_epochs": 12}
+    assert bench.run_config("atomic+bs512+lr0.0006+plr0.002+elr0.006+mep3+ep12") == {  # a GPU schedule, named on the command line
+        "scheme": "atomic", "batch_size": 512, "lr": 0.0006, "prefix_lr": 0.002, "embedding_lr": 0.006,
+        "memorize_epochs": 3, "retrieve_epochs": 12}
 
 
 @pytest.mark.parametrize("name", ["foo", "rq+bogus", "rq+res", "rq+pq3", "rq+res1.5"])
