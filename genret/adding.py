@@ -152,7 +152,7 @@ def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = N
     identifiers["new_tokens"] += tokens
     identifiers["tokens"].update((im.key, ids) for im, ids in zip(new, token_ids))
     manifest = {**stored.manifest, "catalog_size": len(catalog), "images_root": str(root),
-                "trained_images": stored.manifest.get("trained_images", stored.manifest["catalog_size"])}
+                "trained_images": stored.trained_images}
     manifest["additions"] = [*stored.manifest.get("additions", []), {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "images": len(new),
         "first_token": tokens[0], "seconds": round(time.perf_counter() - started, 1)}]

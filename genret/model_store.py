@@ -194,9 +194,14 @@ class StoredModel:
         return keys
 
     @property
+    def trained_images(self) -> int:
+        """How many images training saw: the manifest records it once `genret add` grows the catalog."""
+        return self.manifest.get("trained_images", self.manifest["catalog_size"])
+
+    @property
     def has_added_images(self) -> bool:
         """Whether `genret add` grew the catalog past the images training saw."""
-        return self.manifest.get("trained_images", self.manifest["catalog_size"]) < self.manifest["catalog_size"]
+        return self.trained_images < self.manifest["catalog_size"]
 
     @cached_property
     def added_keys(self) -> frozenset[str]:
@@ -204,7 +209,7 @@ class StoredModel:
         trained ones). Read once: every search with an added-id bonus asks about every key."""
         if not self.has_added_images:
             return frozenset()
-        trained = self.manifest.get("trained_images", self.manifest["catalog_size"])
+        trained = self.trained_images
         return frozenset(key for key, id_ in self.identifiers.ids.items()
                          if (match := ATOMIC_TOKEN.fullmatch(id_)) and int(match.group(1)) >= trained)
 
