@@ -253,13 +253,15 @@ def cmd_demo(args) -> None:
     from .decoding import TransformersEngine
     from .demo_catalog import demo_queries, write_demo_catalog
     from .evaluation import recall
-    from .training import Trainer
+    from .training import Trainer, clear_run
 
     dest = MODEL_STORE / args.name
     if not (dest / "manifest.json").exists() or args.retrain:
         images, captions = write_demo_catalog(REPO / ".cache" / "demo_catalog")
         catalog = load_catalog(images, captions)
         config = build_config("tiny", args.scheme, args.set)
+        if args.retrain:  # else a finished run's checkpoint would be saved again, untrained
+            clear_run(RUNS / args.name)
         print(f"training the demo model ({len(catalog)} images, scheme {config.scheme}) into {dest} ...")
         Trainer(catalog, config, RUNS / args.name).train(dest)
     stored = open_model(str(dest))
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="demo")
     p.add_argument("--scheme", choices=list(SCHEMES), help="identifier scheme (default: atomic)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--retrain", action="store_true")
+    p.add_argument("--retrain", action="store_true", help="train from scratch even where the model exists")
     p.add_argument("--device")
     p.set_defaults(func=cmd_demo)
 

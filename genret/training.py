@@ -13,6 +13,7 @@ The run folder holds the prepared inputs and a checkpoint after every epoch, so 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -529,6 +530,17 @@ class Trainer:
 
     # ---- the loop
 
+    def catalog_record(self) -> dict:
+        """What the run folder's caches (features, two-tower, ids, checkpoint) were computed from:
+        the keys and the captions training reads, not the pixels (a GPU machine given the image
+        features holds empty files). Resumed on another catalog, a run would fail on a new key
+        or, with the same keys, silently pair cached caption features with other captions."""
+        digest = hashlib.sha256()
+        for key in self.keys:
+            digest.update(json.dumps([key, self.captions.get(key, [])]).encode() + b"\n")
+        return {"images": len(self.keys), "captions": sum(len(c) for c in self.captions.values()),
+                "sha256": digest.hexdigest()}
+
     def schedule(self) -> list[tuple[str, int]]:
         cfg = self.config
         return [("memorize", e) for e in range(cfg.memorize_epochs)] + [("retrieve", e) for e in range(cfg.retrieve_epochs)]
@@ -542,13 +554,19 @@ class Trainer:
         started = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.prepared.mkdir(exist_ok=True)
-        config_path = self.run_dir / "config.json"
+        config_path, catalog_path = self.run_dir / "config.json", self.run_dir / "catalog.json"
         if config_path.exists():
             changed = self.config.differences(json.loads(config_path.read_text()))
             if changed:
                 raise ValueError(f"{self.run_dir} holds a run with another config ({', '.join(changed)} differ); "
                                  "use another run dir or --fresh")
+        catalog = self.catalog_record()
+        if catalog_path.exists() and (begun := json.loads(catalog_path.read_text())) != catalog:
+            raise ValueError(f"{self.run_dir} holds a run on another catalog ({begun['images']} images and "
+                             f"{begun['captions']} captions then, {catalog['images']} and {catalog['captions']} now, "
+                             "or other keys or captions); use another run dir or --fresh")
         config_path.write_text(json.dumps(self.config.model_dump(), indent=1))
+        catalog_path.write_text(json.dumps(catalog, indent=1))
 
         tower = self.align().to(self.device).eval()
         embeddings = self.aligned_image_embeddings(tower)

@@ -120,3 +120,18 @@ def test_the_cli_offers_every_identifier_scheme(capsys, argv):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'nope'" in err and all(f"'{name}'" in err for name in SCHEMES)
+
+
+def test_demo_retrain_trains_anew(capsys, tmp_path, monkeypatch):
+    """`genret demo --retrain` starts over, with another config too: it used to resume the demo's
+    finished run, so it saved the old checkpoint again, or refused the new config."""
+    import genret.cli
+
+    monkeypatch.setattr(genret.cli, "MODEL_STORE", tmp_path / "store")
+    monkeypatch.setattr(genret.cli, "RUNS", tmp_path / "runs")
+    short = ["--set", "memorize_epochs=1", "--set", "retrieve_epochs=1", "--set", "align_epochs=2"]
+    assert run(capsys, "demo", *short)[0] == 0
+    code, out, err = run(capsys, "demo", *short, "--set", "seed=1", "--retrain")
+    assert code == 0, err
+    assert "training the demo model" in out
+    assert json.loads((tmp_path / "store" / "demo" / "manifest.json").read_text())["train_config"]["seed"] == 1

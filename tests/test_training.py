@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from genret.alignment import hubness
+from genret.catalog import Catalog
 from genret.identifiers import ResidualQuantizationIds
 from genret.model_store import StoredModel
 from genret.prompts import normalize_caption
@@ -106,6 +108,22 @@ def test_a_run_folder_refuses_a_different_config(tiny_catalog, tmp_path):
     Trainer(catalog, TrainConfig(**SHORT), tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0)
     with pytest.raises(ValueError, match=r"another config \(lr differ\)"):
         Trainer(catalog, TrainConfig(**{**SHORT, "lr": 1e-4}), tmp_path / "run", progress=False).train(tmp_path / "m")
+
+
+def test_a_run_folder_refuses_another_catalog(tiny_catalog, tmp_path):
+    """Its caches are the catalog's: a new image failed on a KeyError, and the same keys with
+    another caption would have paired the cached caption features with the wrong texts."""
+    catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
+    Trainer(catalog, TrainConfig(**SHORT), tmp_path / "run", progress=False).train(tmp_path / "m", time_budget_s=0)
+    first = catalog.images[0]
+    reworded = Catalog((replace(first, captions=(first.captions[0] + " at dusk", *first.captions[1:])),
+                        *catalog.images[1:]))
+    for other in (tiny_catalog.subset(tiny_catalog.keys()[:5]), reworded):
+        with pytest.raises(ValueError, match=r"another catalog \(4 images and \d+ captions then, \d+ and \d+ now"):
+            Trainer(other, TrainConfig(**SHORT), tmp_path / "run", progress=False).train(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    # the catalog it began on still resumes
+    assert Trainer(catalog, TrainConfig(**SHORT), tmp_path / "run", progress=False).train(tmp_path / "m")
 
 
 def test_a_run_begun_before_an_option_existed_still_resumes():
