@@ -55,6 +55,24 @@ def weight_arg(text: str) -> float:
     return weight
 
 
+def count_arg(text: str) -> int:
+    """An argparse type: a count of results, beams or queries, an integer >= 1."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (an integer >= 1)")
+    return count
+
+
+def text_arg(text: str) -> str:
+    """An argparse type: a query or question, not blank (the service refuses one too)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("it is empty")
+    return text
+
+
 def add_prior_args(parser: argparse.ArgumentParser) -> None:
     """The options of genret.decoding.PriorWeights: what the beam search itself adds to ids' scores."""
     parser.add_argument("--beam-hubness-weight", type=weight_arg, default=0.0, metavar="H",
@@ -114,9 +132,15 @@ def read_queries(path: Path) -> list[tuple[str, str]]:
     if not path.exists():
         raise UsageError(f"{path}: no such queries file")
     with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"image", "caption"} <= set(rows[0]):
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    if not {"image", "caption"} <= set(reader.fieldnames or []):
         raise UsageError(f"{path}: expected an image,caption CSV")
+    if not rows:
+        raise UsageError(f"{path}: no queries")
+    blank = [row for row, r in enumerate(rows, start=2) if not (r["caption"] or "").strip() or not r["image"]]
+    if blank:
+        raise UsageError(f"{path}: row {blank[0]} has an empty image or caption")
     return [(r["caption"], r["image"]) for r in rows]
 
 
@@ -167,6 +191,11 @@ def cmd_evaluate(args) -> None:
         queries = queries[: args.limit]
     engine = TransformersEngine(stored, device=args.device)
     candidates = read_split(args.candidates) if args.candidates else None
+    if candidates is not None:
+        unknown = [key for key in candidates if key not in stored.id_tokens]
+        if unknown or not candidates:
+            raise UsageError(f"{args.candidates}: " + (f"{len(unknown)} keys are not in model {stored.manifest['name']}, "
+                                                       f"e.g. {unknown[:3]}" if unknown else "no keys"))
     check_candidates(stored.trie(candidates), queries)
     grid = []  # every (weight, hubness weight) pair asked for, from the same beams
     if args.rerank_weights or args.hubness_weights:
@@ -315,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model")
     p.add_argument("--queries", required=True, help="image,caption CSV of held-out queries")
     p.add_argument("--candidates", help="file of keys to search among (default: the whole catalog)")
-    p.add_argument("--beams", type=int, default=10)
+    p.add_argument("--beams", type=count_arg, default=10)
     p.add_argument("--rerank", action="store_true", help="also report re-ranking with the two-tower")
     p.add_argument("--rerank-weight", type=weight_arg, default=10.0, metavar="W",
                    help="re-ranked score: log-probability + W x query-image similarity (default 10)")
@@ -333,16 +362,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="search once at each of these added-id bonuses")
     p.add_argument("--choose-by", choices=["R@1", "R@5", "R@10"], default="R@10",
                    help="the recall the reported choice maximizes first, then the others (default R@10)")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--limit", type=count_arg, help="evaluate the first N queries only")
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--device")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("search", help="top-k images for a text query")
     p.add_argument("model")
-    p.add_argument("query")
-    p.add_argument("-k", type=int, default=5)
-    p.add_argument("--beams", type=int)
+    p.add_argument("query", type=text_arg)
+    p.add_argument("-k", type=count_arg, default=5)
+    p.add_argument("--beams", type=count_arg, help="beam width (at least k, the default)")
     p.add_argument("--rerank", action="store_true", help="re-rank the beam with the two-tower")
     p.add_argument("--rerank-weight", type=weight_arg, default=10.0, metavar="W",
                    help="re-ranked score: log-probability + W x query-image similarity (default 10)")
@@ -361,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ask", help="answer a question about a memorized image")
     p.add_argument("model")
     p.add_argument("image")
-    p.add_argument("question")
+    p.add_argument("question", type=text_arg)
     p.add_argument("--device")
     p.set_defaults(func=cmd_ask)
 

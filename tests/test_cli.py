@@ -110,6 +110,36 @@ def test_evaluate_reports_recall_at_each_rerank_weight(capsys, tiny_model_dir, t
     assert result["reranked"]["hubness_weight"] == 5.0
 
 
+@pytest.mark.parametrize("argv,says", [
+    (["search", "{model}", "  "], "argument query: it is empty"),
+    (["search", "{model}", "a rocket", "-k", "0"], "'0' is not a count"),  # was a ZeroDivisionError
+    (["search", "{model}", "a rocket", "--beams", "-2"], "'-2' is not a count"),
+    (["ask", "{model}", "rocket.jpg", ""], "argument question: it is empty"),
+    (["evaluate", "{model}", "--queries", "{queries}", "--limit", "0"], "'0' is not a count"),
+], ids=["blank query", "k 0", "negative beams", "blank question", "limit 0"])
+def test_counts_and_texts_are_checked_before_loading_the_model(capsys, tiny_model_dir, tmp_path, argv, says):
+    with pytest.raises(SystemExit) as exited:
+        main([a.format(model=tiny_model_dir, queries=tmp_path / "q.csv") for a in argv])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and says in err and "Traceback" not in err
+
+
+def test_evaluate_names_what_is_wrong_with_its_files(capsys, tiny_model_dir, tiny_catalog, tmp_path):
+    key = tiny_catalog.keys()[0]
+    files = {"empty.csv": "image,caption\n", "blank.csv": f"image,caption\n{key},a photo\n{key},  \n",
+             "queries.csv": f"image,caption\n{key},a photo\n", "unknown.txt": f"{key}\nnot-an-image.jpg\n",
+             "none.txt": ""}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    for queries, candidates, says in [("empty.csv", None, "empty.csv: no queries"),
+                                      ("blank.csv", None, "blank.csv: row 3 has an empty image or caption"),
+                                      ("queries.csv", "unknown.txt", "1 keys are not in model"),  # was a KeyError
+                                      ("queries.csv", "none.txt", "none.txt: no keys")]:
+        code, _, err = run(capsys, "evaluate", str(tiny_model_dir), "--queries", str(tmp_path / queries),
+                           *(["--candidates", str(tmp_path / candidates)] if candidates else []))
+        assert code == 2 and says in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("argv", [["train", "--name", "x", "--images", "i", "--captions", "c"], ["demo"]],
                          ids=["train", "demo"])
 def test_the_cli_offers_every_identifier_scheme(capsys, argv):
