@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import logging
 import os
@@ -115,6 +116,11 @@ def build_config(preset: str, scheme: str | None, sets: list[str]):
     except ValidationError as e:
         error = e.errors()[0]
         where = ".".join(map(str, error["loc"]))
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(where, TrainConfig.model_fields, n=3)
+            raise UsageError(f"unknown training option {where!r}"
+                             + (f" (did you mean {' or '.join(close)}?)" if close else
+                                f"; the options: {', '.join(TrainConfig.model_fields)}")) from None
         raise UsageError(f"bad training config: {where + ': ' if where else ''}{error['msg']}") from None
 
 

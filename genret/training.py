@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from .alignment import hubness, load_two_tower, save_two_tower, train_two_tower, validated_epochs
@@ -51,6 +51,8 @@ UNRECORDED_MEANT = {"id_embeddings": "mean", "freeze_id_rows": False}
 
 class TrainConfig(BaseModel):
     """Everything that decides a model; recorded in its manifest."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option must not train the default silently
 
     # The defaults are the recipe that measured best on Flickr8k (benchmarks/RESULTS.md): atomic
     # ids whose rows start, and stay, where their images sit in the aligned space, the query

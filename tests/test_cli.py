@@ -42,6 +42,10 @@ def test_bad_training_option_is_reported(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--images", str(tmp_path), "--captions", str(tmp_path / "c.csv"),
                        "--name", "x", "--set", "query_tokens=0", "--set", "query_residuals=2")
     assert code == 2 and "query_residuals" in err and "query_tokens > 0" in err and "()" not in err
+    # a misspelt option trained the default config without a word
+    code, _, err = run(capsys, "train", "--images", str(tmp_path), "--captions", str(tmp_path / "c.csv"),
+                       "--name", "x", "--set", "retreive_epochs=2")
+    assert code == 2 and "unknown training option 'retreive_epochs' (did you mean retrieve_epochs" in err
 
 
 def test_unknown_model_and_unknown_image(capsys, tiny_model_dir):
