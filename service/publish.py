@@ -13,13 +13,23 @@ import sys
 from .settings import Settings
 
 
+def url_template(text: str) -> str:
+    """An argparse type: a URL template that fills in {key} and {name} only."""
+    try:
+        text.format(key="k", name="n")
+    except (KeyError, IndexError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL template ({type(e).__name__}: {e}); "
+                                         "it may use {key} and {name}") from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     parser = argparse.ArgumentParser(prog="python -m service.publish", description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=settings.model, help="a name under model_store/ or a model folder")
     parser.add_argument("--redis-url", default=settings.redis_url or "redis://127.0.0.1:6379/0")
     parser.add_argument("--namespace", default=settings.id_store_namespace)
-    parser.add_argument("--url-template", default=settings.public_url + "/images/{key}",
+    parser.add_argument("--url-template", type=url_template, default=settings.public_url + "/images/{key}",
                         help="image URL; {key} is the image key, {name} its file name (both URL-quoted)")
     args = parser.parse_args(argv)
 

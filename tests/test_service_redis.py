@@ -122,8 +122,9 @@ def test_publish_cli(stored, namespace, capsys):
     assert "not a trained model" in capsys.readouterr().err
     assert main([str(stored.path), "--redis-url", "redis://127.0.0.1:1/0", "--namespace", namespace]) == 2
     assert "ConnectionError" in capsys.readouterr().err
-    assert main([str(stored.path), "--namespace", namespace, "--url-template", "https://x/{nope}"]) == 2
-    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # refused before the model is read or Redis is called
+        main([str(stored.path), "--namespace", namespace, "--url-template", "https://x/{nope}"])
+    assert exited.value.code == 2 and "{nope}" in capsys.readouterr().err
     assert r.get(f"{namespace}:active") == version
 
 
