@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="None = the id map comes from the model's catalog.json")
     id_store_namespace: str = "genret"
     redis_timeout_s: float = Field(2.0, gt=0, description="a Redis call that takes longer is a 503, not a hang")
-    public_url: str = Field("http://localhost:8000", description="base of the image URLs the service serves itself")
+    public_url: str | None = Field(None, description="base of the image URLs the service serves itself; None = "
+                                   "http://localhost:<port>, or http://<host>:<port> for a host not on all or "
+                                   "local addresses")
 
     # --- HTTP server
     host: str = "127.0.0.1"
@@ -88,6 +90,10 @@ class Settings(BaseSettings):
             if "default_k" in self.model_fields_set:
                 raise ValueError(f"default_k={self.default_k} exceeds max_k={self.max_k}")
             self.default_k = self.max_k
+        if self.public_url is None:  # GENRET_PORT=8080 alone must not hand out URLs on port 8000
+            local = self.host in ("0.0.0.0", "::", "127.0.0.1", "localhost")
+            host = "localhost" if local else f"[{self.host}]" if ":" in self.host else self.host
+            self.public_url = f"http://{host}:{self.port}"
         self.public_url = self.public_url.rstrip("/")
         return self
 

@@ -312,6 +312,17 @@ def test_settings_come_from_the_environment_typed(monkeypatch, tmp_path):
         Settings()
 
 
+def test_image_urls_follow_the_port_unless_a_public_url_is_set(monkeypatch):
+    """`GENRET_PORT=8080 scripts/run` (the README's example) handed out URLs on port 8000."""
+    monkeypatch.setenv("GENRET_PORT", "8080")
+    assert Settings().image_url("a b.jpg") == "http://localhost:8080/images/a%20b.jpg"
+    assert Settings(host="0.0.0.0").public_url == "http://localhost:8080"
+    assert Settings(host="10.1.2.3").public_url == "http://10.1.2.3:8080"
+    assert Settings(host="fd00::7").public_url == "http://[fd00::7]:8080"
+    monkeypatch.setenv("GENRET_PUBLIC_URL", "https://img.example.com/")
+    assert Settings().image_url("a.jpg") == "https://img.example.com/images/a.jpg"
+
+
 def test_a_missing_model_fails_at_startup_with_its_path(tmp_path):
     from genret.model_store import ModelStoreError
 
