@@ -17,7 +17,6 @@ the difference.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ import numpy as np
 import torch
 
 from .catalog import Catalog
-from .model_store import ATOMIC_TOKEN, MANIFEST, ModelStoreError, StoredModel, images_root, staged_model_dir, write_json
+from .model_store import (ATOMIC_TOKEN, MANIFEST, ModelStoreError, StoredModel, copy_unchanged, images_root,
+                          staged_model_dir, write_json)
 from .prompts import Prompts
 from .training import id_row_projection
 
@@ -126,7 +126,8 @@ def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = N
 
     lm, tokenizer = stored.load_lm(), stored.load_tokenizer()
     place = row_placement(stored, lm.get_input_embeddings().weight.detach())
-    first = 1 + max(int(m.group(1)) for m in map(ATOMIC_TOKEN.fullmatch, stored.identifiers.ids.values()) if m)
+    numbered = [*stored.identifiers.ids.values(), *stored.identifiers.new_tokens]  # removed images' tokens too
+    first = 1 + max(int(m.group(1)) for m in map(ATOMIC_TOKEN.fullmatch, numbered) if m)
     tokens = [f"<img_{first + i}>" for i in range(len(new))]
     if any(t in tokenizer.get_vocab() for t in tokens):
         raise ModelStoreError(f"{stored.path}: its tokenizer already holds tokens from {tokens[0]} on")
@@ -159,9 +160,7 @@ def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = N
 
     dest = Path(model_dir)
     with staged_model_dir(dest) as staging:
-        for path in dest.iterdir():
-            if path.name not in REWRITTEN:
-                (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
+        copy_unchanged(dest, staging, REWRITTEN)
         lm.save_pretrained(staging / "lm")
         tokenizer.save_pretrained(staging / "lm")
         for name, table in tables.items():

@@ -186,6 +186,26 @@ def cmd_add(args) -> None:
           "(and rerun `python -m service.publish` where ids are served from Redis) to serve them")
 
 
+def cmd_remove(args) -> None:
+    from .catalog import read_split
+    from .removing import remove_images
+
+    keys = [*args.keys, *(read_split(args.keys_file) if args.keys_file else [])]
+    if not keys:
+        raise UsageError("name the images to remove: keys, or --keys-file")
+    stored = open_model(args.model)
+    removed = remove_images(stored.path, keys)
+    name = stored.manifest["name"]
+    not_there = (f"{len(removed.not_there)} not in it: {', '.join(removed.not_there[:5])}"
+                 + (" ..." if len(removed.not_there) > 5 else "")) if removed.not_there else ""
+    if not removed.keys:
+        print(f"nothing to remove from {name}: {not_there}")
+        return
+    print(f"removed {len(removed.keys)} images from {name}{f' ({not_there})' if not_there else ''} in "
+          f"{removed.seconds:.1f} s; restart its server (and rerun `python -m service.publish` where ids are "
+          "served from Redis) to stop serving them")
+
+
 def cmd_evaluate(args) -> None:
     from .catalog import read_split
     from .decoding import EmbeddingReranker, PriorWeights, TransformersEngine
@@ -345,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="what to do with repeated (image, caption) rows")
     p.add_argument("--device")
     p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("remove", help="remove images from a trained model, without training (any scheme)")
+    p.add_argument("model")
+    p.add_argument("keys", nargs="*", metavar="KEY", help="image keys to remove")
+    p.add_argument("--keys-file", help="a file of image keys, one per line")
+    p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("evaluate", help="Recall@1/5/10 of held-out queries")
     p.add_argument("model")

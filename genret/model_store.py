@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -127,6 +127,14 @@ def staged_model_dir(dest: Path) -> Iterator[Path]:
         raise
 
 
+def copy_unchanged(model: Path, staging: Path, rewritten: Iterable[str]) -> None:
+    """Copy a model's files into the staging folder that replaces it, all but those the caller
+    writes anew (`genret add` and `genret remove` change a model in place this way)."""
+    for path in model.iterdir():
+        if path.name not in rewritten:
+            (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
+
+
 def images_root(catalog: Catalog) -> Path:
     """The folder holding every catalog image: paths are stored relative to it, so a server that
     finds the images elsewhere (a container's mount) only needs to be told the new folder."""
@@ -195,19 +203,20 @@ class StoredModel:
 
     @property
     def trained_images(self) -> int:
-        """How many images training saw: the manifest records it once `genret add` grows the catalog."""
+        """How many images training saw: the manifest records it once `genret add` or `genret
+        remove` changes the catalog."""
         return self.manifest.get("trained_images", self.manifest["catalog_size"])
 
     @property
     def has_added_images(self) -> bool:
-        """Whether `genret add` grew the catalog past the images training saw."""
-        return self.trained_images < self.manifest["catalog_size"]
+        """Whether the catalog holds images `genret add` put there after training."""
+        return bool(self.added_keys)
 
     @cached_property
     def added_keys(self) -> frozenset[str]:
         """The images added after training (`genret add`: their atomic ids are numbered past the
         trained ones). Read once: every search with an added-id bonus asks about every key."""
-        if not self.has_added_images:
+        if not self.manifest.get("additions"):
             return frozenset()
         trained = self.trained_images
         return frozenset(key for key, id_ in self.identifiers.ids.items()

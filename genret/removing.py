@@ -1,0 +1,73 @@
+"""Remove images from a trained model without training it again (`genret remove`): a takedown,
+a product withdrawn from the catalog.
+
+The search is constrained to the trie of the catalog's ids, so an id left out of it can never be
+generated again, whatever the weights still remember; describe and ask refuse an image the
+catalog no longer holds, and the service no longer maps it to a URL. That is what removal
+changes: the catalog, the ids and the per-image tables, in every identifier scheme. The LM is
+copied unchanged, its tokens included, so `genret add` numbers new atomic ids past the removed
+ones and an old id never comes to name another image. To take an image out of the weights as
+well, retrain without it (`genret train`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .model_store import (MANIFEST, ModelStoreError, StoredModel, copy_unchanged, images_root, staged_model_dir,
+                          write_json)
+
+# what remove_images rewrites; every other file of the model (the LM among them) is copied unchanged
+REWRITTEN = ("catalog.json", "identifiers.json", "image_embeddings.npy", "image_hubness.npy", MANIFEST)
+
+
+@dataclass(frozen=True)
+class Removed:
+    keys: list[str]  # the images removed, in key order
+    not_there: list[str]  # keys asked for that the model does not hold (removed before, or never added)
+    seconds: float
+
+
+def remove_images(model_dir: str | Path, keys: Iterable[str]) -> Removed:
+    """Remove these images from the model, in place: the model folder is rebuilt beside it and
+    swapped in whole, so an interruption leaves the old model intact. Keys it lacks are
+    reported, not refused, so a list of takedowns can be applied twice."""
+    started = time.perf_counter()
+    stored = StoredModel.open(model_dir)
+    asked = set(keys)
+    gone = sorted(asked & stored.id_tokens.keys())
+    not_there = sorted(asked - set(gone))
+    if not gone:
+        return Removed([], not_there, time.perf_counter() - started)
+    if len(gone) == len(stored.keys):
+        raise ModelStoreError(f"{stored.path}: removing all {len(gone)} of its images would leave nothing to search")
+
+    kept = [row for row, key in enumerate(stored.keys) if key not in asked]  # the tables' rows, in key order
+    tables = {name: table[kept] for name, table in (("image_embeddings.npy", stored.image_embeddings()),
+                                                     ("image_hubness.npy", stored.image_hubness())) if table is not None}
+    catalog = stored.catalog.subset(stored.keys[row] for row in kept)
+    root = images_root(catalog)
+    identifiers = json.loads((stored.path / "identifiers.json").read_text())
+    for key in gone:  # its tokens stay in new_tokens, as in the tokenizer: they are never reused
+        del identifiers["ids"][key], identifiers["tokens"][key]
+    manifest = {**stored.manifest, "catalog_size": len(catalog), "images_root": str(root),
+                "trained_images": stored.trained_images}  # how many training saw, not how many are left
+    manifest["removals"] = [*stored.manifest.get("removals", []), {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "images": len(gone),
+        "seconds": round(time.perf_counter() - started, 1)}]
+
+    dest = Path(model_dir)
+    with staged_model_dir(dest) as staging:
+        copy_unchanged(dest, staging, REWRITTEN)
+        for name, table in tables.items():
+            np.save(staging / name, table.astype(np.float32))
+        write_json(staging / "catalog.json", catalog.to_records(root))
+        write_json(staging / "identifiers.json", identifiers)
+        write_json(staging / MANIFEST, manifest)
+    return Removed(gone, not_there, time.perf_counter() - started)
