@@ -129,10 +129,22 @@ def staged_model_dir(dest: Path) -> Iterator[Path]:
 
 def copy_unchanged(model: Path, staging: Path, rewritten: Iterable[str]) -> None:
     """Copy a model's files into the staging folder that replaces it, all but those the caller
-    writes anew (`genret add` and `genret remove` change a model in place this way)."""
+    writes anew (`genret add` and `genret remove` change a model in place this way). Files are
+    hard-linked where the file system allows: no model file is ever written in place (every
+    write goes to a new staging folder), and `genret remove` then copies no weights at all."""
     for path in model.iterdir():
         if path.name not in rewritten:
-            (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
+            if path.is_dir():
+                shutil.copytree(path, staging / path.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(path, staging / path.name)
+
+
+def _link_or_copy(source, dest) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
 
 
 def images_root(catalog: Catalog) -> Path:

@@ -107,7 +107,9 @@ def test_the_cli_removes_keys_given_and_listed(tiny_model_dir, tmp_path, capsys)
     dest = tmp_path / "model"
     shutil.copytree(tiny_model_dir, dest)
     (tmp_path / "takedowns.txt").write_text("moon.jpg\nnever-there.jpg\n")
+    weights = (dest / "lm" / "model.safetensors").stat().st_ino
     assert main(["remove", str(dest), "chelsea.jpg", "--keys-file", str(tmp_path / "takedowns.txt")]) == 0
+    assert (dest / "lm" / "model.safetensors").stat().st_ino == weights  # linked into the new folder, not copied
     out = capsys.readouterr().out
     assert "removed 2 images" in out and "1 not in it: never-there.jpg" in out and "restart its server" in out
     assert json.loads((dest / "manifest.json").read_text())["catalog_size"] == len(TINY_IMAGES) - 2
