@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .model_store import (MANIFEST, ModelStoreError, StoredModel, copy_unchanged, images_root, staged_model_dir,
-                          write_json)
+from .model_store import MANIFEST, ModelStoreError, StoredModel, copy_unchanged, staged_model_dir, write_json
 
 # what remove_images rewrites; every other file of the model (the LM among them) is copied unchanged
 REWRITTEN = ("catalog.json", "identifiers.json", "image_embeddings.npy", "image_hubness.npy", MANIFEST)
@@ -51,13 +50,13 @@ def remove_images(model_dir: str | Path, keys: Iterable[str]) -> Removed:
     kept = [row for row, key in enumerate(stored.keys) if key not in asked]  # the tables' rows, in key order
     tables = {name: table[kept] for name, table in (("image_embeddings.npy", stored.image_embeddings()),
                                                      ("image_hubness.npy", stored.image_hubness())) if table is not None}
-    catalog = stored.catalog.subset(stored.keys[row] for row in kept)
-    root = images_root(catalog)
+    # the stored records filtered as they are: their paths stay relative to the same images_root
+    records = [r for r in json.loads((stored.path / "catalog.json").read_text()) if r["key"] not in asked]
     identifiers = json.loads((stored.path / "identifiers.json").read_text())
     for key in gone:  # its tokens stay in new_tokens, as in the tokenizer: they are never reused
         del identifiers["ids"][key], identifiers["tokens"][key]
-    manifest = {**stored.manifest, "catalog_size": len(catalog), "images_root": str(root),
-                "trained_images": stored.trained_images}  # how many training saw, not how many are left
+    # trained_images: how many training saw, not how many are left (see StoredModel.added_keys)
+    manifest = {**stored.manifest, "catalog_size": len(records), "trained_images": stored.trained_images}
     manifest["removals"] = [*stored.manifest.get("removals", []), {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "images": len(gone),
         "seconds": round(time.perf_counter() - started, 1)}]
@@ -67,7 +66,7 @@ def remove_images(model_dir: str | Path, keys: Iterable[str]) -> Removed:
         copy_unchanged(dest, staging, REWRITTEN)
         for name, table in tables.items():
             np.save(staging / name, table.astype(np.float32))
-        write_json(staging / "catalog.json", catalog.to_records(root))
+        write_json(staging / "catalog.json", records)
         write_json(staging / "identifiers.json", identifiers)
         write_json(staging / MANIFEST, manifest)
     return Removed(gone, not_there, time.perf_counter() - started)

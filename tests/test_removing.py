@@ -39,6 +39,9 @@ def test_removed_images_are_never_returned_and_the_rest_rank_as_before(removed, 
     assert after.keys == kept and after.catalog.keys() == kept and set(after.identifiers.ids) == set(kept)
     assert (after.manifest["catalog_size"], after.manifest["trained_images"]) == (len(kept), len(TINY_IMAGES))
     assert [r["images"] for r in after.manifest["removals"]] == [len(GONE)]
+    records = lambda stored: json.loads((stored.path / "catalog.json").read_text())
+    assert records(after) == [r for r in records(before) if r["key"] not in GONE]  # paths as stored, same root
+    assert after.manifest["images_root"] == before.manifest["images_root"]
     # every query, those seeking the removed images first, over the whole (smaller) catalog
     queries = [c for k in GONE + kept for c in demo_catalog[k].captions[:2]]
     hits = TransformersEngine(after).search(queries, k=len(kept), beams=len(kept))
