@@ -8,6 +8,10 @@ changes: the catalog, the ids and the per-image tables, in every identifier sche
 copied unchanged, its tokens included, so `genret add` numbers new atomic ids past the removed
 ones and an old id never comes to name another image. To take an image out of the weights as
 well, retrain without it (`genret train`).
+
+One trace stays behind where no image has been added yet: the first `genret add` measures new
+images' hubness against the trained captions still in the catalog, without the removed images'
+(`genret.adding.hubness_bank`, kept from then on).
 """
 
 from __future__ import annotations
