@@ -113,9 +113,15 @@ class Services:
             raise EngineError(self.load_error or f"the {self.engine.name} engine is still loading the model")
         return self.engine
 
-    def require_known(self, image_id: str) -> None:
+    async def require_known(self, image_id: str) -> None:
+        """404 for an image the model lacks, or one the active id map no longer holds (unpublished
+        from Redis, say after `genret remove`): search leaves such an image out, so nothing else
+        may answer about it either."""
         if image_id not in self.stored.id_tokens:
             raise HTTPException(404, f"unknown image_id {image_id!r}: model {self.model_name!r} has not memorized it")
+        if image_id not in await self.id_store.lookup([image_id]):
+            raise HTTPException(404, f"image_id {image_id!r} is not in the published id map of model "
+                                     f"{self.model_name!r}")
 
     async def deadline(self, coro):
         try:
@@ -228,14 +234,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     @app.post("/describe/{image_id:path}", response_model=DescribeResponse)
     async def describe(image_id: Annotated[str, Path(max_length=1000)]) -> DescribeResponse:
         """A description of a memorized image, generated from its id alone."""
-        services.require_known(image_id)
+        await services.require_known(image_id)
         engine = services.require_engine()
         return DescribeResponse(image_id=image_id, description=await services.deadline(engine.describe(image_id)))
 
     @app.post("/ask", response_model=AskResponse)
     async def ask(body: AskRequest) -> AskResponse:
         """An answer to a question about a memorized image, from its id alone."""
-        services.require_known(body.image_id)
+        await services.require_known(body.image_id)
         engine = services.require_engine()
         answer = await services.deadline(engine.ask(body.image_id, body.question))
         return AskResponse(image_id=body.image_id, question=body.question, answer=answer)
@@ -270,6 +276,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
         catalog = await asyncio.to_thread(lambda: services.stored.catalog)
         if image_id not in catalog or not catalog[image_id].path.is_file():
             raise HTTPException(404, f"no image {image_id!r} in model {services.model_name!r}")
+        await services.require_known(image_id)
         return FileResponse(catalog[image_id].path)
 
     @app.get("/", include_in_schema=False)

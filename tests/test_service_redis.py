@@ -140,6 +140,13 @@ def test_a_running_server_serves_each_new_version(run, hf_engine, stored, namesp
         unpublished = {k: r for k, r in records(stored, "newer").items() if k != "moon.jpg"}
         run(publish_to(REDIS_URL, namespace, unpublished))
         assert "moon.jpg" not in {hit["image_id"] for hit in search()["results"]}
+        # ... and describe, ask and /images no longer answer about it, as before for the others
+        calls = lambda key: [run(served.client.post(f"/describe/{key}")),
+                             run(served.client.post("/ask", json={"image_id": key, "question": "Is it night?"})),
+                             run(served.client.get(f"/images/{key}"))]
+        for r in calls("moon.jpg"):
+            assert r.status_code == 404 and "not in the published id map" in r.json()["detail"], r.text
+        assert [r.status_code for r in calls("rocket.jpg")] == [200, 200, 200]
         assert "redis" in run(served.client.get("/readyz")).json()["id_store"]
     finally:
         served.close()
