@@ -215,7 +215,6 @@ def cmd_evaluate(args) -> None:
     queries = read_queries(Path(args.queries))
     if args.limit:
         queries = queries[: args.limit]
-    engine = TransformersEngine(stored, device=args.device)
     candidates = read_split(args.candidates) if args.candidates else None
     if candidates is not None:
         unknown = [key for key in candidates if key not in stored.id_tokens]
@@ -223,6 +222,7 @@ def cmd_evaluate(args) -> None:
             raise UsageError(f"{args.candidates}: " + (f"{len(unknown)} keys are not in model {stored.manifest['name']}, "
                                                        f"e.g. {unknown[:3]}" if unknown else "no keys"))
     check_candidates(stored.trie(candidates), queries)
+    engine = TransformersEngine(stored, device=args.device)
     grid = []  # every (weight, hubness weight) pair asked for, from the same beams
     if args.rerank_weights or args.hubness_weights:
         grid = [(w, h) for w in args.rerank_weights or [args.rerank_weight]
