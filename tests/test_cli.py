@@ -169,3 +169,15 @@ def test_demo_retrain_trains_anew(capsys, tmp_path, monkeypatch):
     assert code == 0, err
     assert "training the demo model" in out
     assert json.loads((tmp_path / "store" / "demo" / "manifest.json").read_text())["train_config"]["seed"] == 1
+
+
+def test_hold_out_keys_missing_from_the_catalog_are_named(capsys, tmp_path):
+    from genret.demo_catalog import write_demo_catalog
+
+    images, captions = write_demo_catalog(tmp_path / "demo")
+    (tmp_path / "held.txt").write_text("moon.jpg\nnot-in-the-catalog.jpg\n")
+    code, out, err = run(capsys, "train", "--images", str(images), "--captions", str(captions), "--name", "x",
+                         "--preset", "tiny", "--set", "align_epochs=1", "--hold-out", str(tmp_path / "held.txt"),
+                         "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"), "--time-budget", "0")
+    assert code == 0 and "stopped at the time budget" in out
+    assert "1 of the 2 keys in" in err and "not-in-the-catalog.jpg" in err and "the other 1 are held out" in err
