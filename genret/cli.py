@@ -190,11 +190,17 @@ def cmd_add(args) -> None:
           "(and rerun `python -m service.publish` where ids are served from Redis) to serve them")
 
 
+def read_keys(path: str) -> list[str]:
+    """A file of image keys, one per line; blank lines and repeats are fine (lists get concatenated)."""
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: no such keys file")
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+
+
 def cmd_remove(args) -> None:
-    from .catalog import read_split
     from .removing import remove_images
 
-    keys = [*args.keys, *(read_split(args.keys_file) if args.keys_file else [])]
+    keys = [*args.keys, *(read_keys(args.keys_file) if args.keys_file else [])]
     if not keys:
         raise UsageError("name the images to remove: keys, or --keys-file")
     stored = open_model(args.model)
@@ -373,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("remove", help="remove images from a trained model, without training (any scheme)")
     p.add_argument("model")
     p.add_argument("keys", nargs="*", metavar="KEY", help="image keys to remove")
-    p.add_argument("--keys-file", help="a file of image keys, one per line")
+    p.add_argument("--keys-file", help="a file of image keys, one per line (repeats are fine)")
     p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("evaluate", help="Recall@1/5/10 of held-out queries")

@@ -109,7 +109,7 @@ def test_an_id_freed_by_removal_never_names_another_image(tiny_default_model_dir
 def test_the_cli_removes_keys_given_and_listed(tiny_model_dir, tmp_path, capsys):
     dest = tmp_path / "model"
     shutil.copytree(tiny_model_dir, dest)
-    (tmp_path / "takedowns.txt").write_text("moon.jpg\nnever-there.jpg\n")
+    (tmp_path / "takedowns.txt").write_text("moon.jpg\nnever-there.jpg\n\nmoon.jpg\n")  # lists get concatenated
     weights = (dest / "lm" / "model.safetensors").stat().st_ino
     assert main(["remove", str(dest), "chelsea.jpg", "--keys-file", str(tmp_path / "takedowns.txt")]) == 0
     assert (dest / "lm" / "model.safetensors").stat().st_ino == weights  # linked into the new folder, not copied
@@ -118,3 +118,5 @@ def test_the_cli_removes_keys_given_and_listed(tiny_model_dir, tmp_path, capsys)
     assert json.loads((dest / "manifest.json").read_text())["catalog_size"] == len(TINY_IMAGES) - 2
     assert main(["remove", str(dest), "moon.jpg"]) == 0 and "nothing to remove" in capsys.readouterr().out
     assert main(["remove", str(dest)]) == 2 and "name the images to remove" in capsys.readouterr().err
+    assert main(["remove", str(dest), "--keys-file", str(tmp_path / "nope.txt")]) == 2
+    assert "nope.txt: no such keys file" in capsys.readouterr().err
