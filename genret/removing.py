@@ -5,7 +5,7 @@ The search is constrained to the trie of the catalog's ids, so an id left out of
 generated again, whatever the weights still remember; describe and ask refuse an image the
 catalog no longer holds, and the service no longer maps it to a URL. That is what removal
 changes: the catalog, the ids and the per-image tables, in every identifier scheme. The LM is
-copied unchanged, its tokens included, so `genret add` numbers new atomic ids past the removed
+kept unchanged (hard-linked into the new folder), its tokens included, so `genret add` numbers new atomic ids past the removed
 ones and an old id never comes to name another image. To take an image out of the weights as
 well, retrain without it (`genret train`).
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from .model_store import MANIFEST, ModelStoreError, StoredModel, copy_unchanged, staged_model_dir, write_json
 
-# what remove_images rewrites; every other file of the model (the LM among them) is copied unchanged
+# what remove_images rewrites; every other file of the model (the LM among them) is linked unchanged
 REWRITTEN = ("catalog.json", "identifiers.json", "image_embeddings.npy", "image_hubness.npy", MANIFEST)
 
 
