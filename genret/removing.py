@@ -5,9 +5,9 @@ The search is constrained to the trie of the catalog's ids, so an id left out of
 generated again, whatever the weights still remember; describe and ask refuse an image the
 catalog no longer holds, and the service no longer maps it to a URL. That is what removal
 changes: the catalog, the ids and the per-image tables, in every identifier scheme. The LM is
-kept unchanged (hard-linked into the new folder), its tokens included, so `genret add` numbers new atomic ids past the removed
-ones and an old id never comes to name another image. To take an image out of the weights as
-well, retrain without it (`genret train`).
+kept unchanged (hard-linked into the new folder), its tokens included, so `genret add` numbers
+new atomic ids past the removed ones and an old id never comes to name another image. To take
+an image out of the weights as well, retrain without it (`genret train`).
 
 One trace stays behind where no image has been added yet: the first `genret add` measures new
 images' hubness against the trained captions still in the catalog, without the removed images'
