@@ -83,9 +83,12 @@ def parse_mix(text: str) -> dict[str, float]:
         kind = kind.strip()
         if not sep or kind not in weights:
             raise ValueError(f"LOADTEST_MIX: expected kind=weight with kind in {KINDS}, got {part!r}")
-        weights[kind] = float(value)
-        if weights[kind] < 0:
-            raise ValueError(f"LOADTEST_MIX: negative weight in {part!r}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            weights[kind] = float("nan")
+        if not 0 <= weights[kind] < float("inf"):
+            raise ValueError(f"LOADTEST_MIX: the weight in {part!r} is not a finite number >= 0")
     total = sum(weights.values())
     if total <= 0:
         raise ValueError(f"LOADTEST_MIX: the weights sum to {total}")

@@ -312,6 +312,9 @@ def test_queries_and_ids_come_from_files(tmp_path):
     for bad in ("search=1,nope=2", "search", "search=0"):
         with pytest.raises(ValueError):
             request_mix.parse_mix(bad)
+    for bad in ("search=x", "search=-1", "search=inf,ask=1", "search=nan"):  # "x" was float()'s own message
+        with pytest.raises(ValueError, match="is not a finite number >= 0"):
+            request_mix.parse_mix(bad)
 
 
 class StubEngine:
