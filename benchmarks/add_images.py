@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--captioned-queries", action="store_true",
                         help="also queries for trained images: held-out captions of train images (flickr8k.py's)")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: train at least one seed")
     if not (args.data / "captions.csv").exists():
         print(f"no Flickr8k at {args.data} (set --data or GENRET_FLICKR8K)", file=sys.stderr)
         return 2

@@ -611,6 +611,8 @@ def main() -> int:
                         help="train the two-tower, report the dense baseline and stop (no LM is trained; at full "
                              "size this runs on a CPU in minutes)")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: train at least one seed")
     if not (args.data / "captions.csv").exists():
         print(f"flickr8k: no data at {args.data} (set GENRET_FLICKR8K)", file=sys.stderr)
         return 2
