@@ -102,11 +102,13 @@ def grow(base: Path, n: int, dest: Path, seed: int = 0) -> Path:
     ids["new_tokens"] += new_tokens
     ids["tokens"].update({k: [t] for k, t in zip(new_keys, token_ids)})
     write_json(staging / "identifiers.json", ids)
+    order = np.argsort(np.array(keys + new_keys, dtype=object), kind="stable")  # the tables' rows are in key order
     hubness = stored.image_hubness()
-    np.save(staging / "image_hubness.npy", np.concatenate([hubness, rng.choice(hubness, len(new_keys))]))
+    np.save(staging / "image_hubness.npy", np.concatenate([hubness, rng.choice(hubness, len(new_keys))])[order])
     embeddings = stored.image_embeddings()
     extra = rng.standard_normal((len(new_keys), embeddings.shape[1])).astype(embeddings.dtype)
-    np.save(staging / "image_embeddings.npy", np.concatenate([embeddings, extra / np.linalg.norm(extra, axis=1, keepdims=True)]))
+    extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+    np.save(staging / "image_embeddings.npy", np.concatenate([embeddings, extra])[order])
     manifest = {**stored.manifest, "name": f"{stored.manifest['name']}-grown-{n}", "catalog_size": n}
     write_json(staging / MANIFEST, manifest)
     staging.rename(dest)
