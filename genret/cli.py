@@ -158,11 +158,12 @@ def cmd_train(args) -> None:
     catalog = load_catalog(args.images, args.captions, fmt=args.format, duplicates=args.duplicates)
     if args.hold_out:
         held = read_split(args.hold_out)
-        missing = [k for k in held if k not in catalog]
-        if missing:  # a split of a bigger catalog, or the wrong file: say which
+        present = [k for k in held if k in catalog]
+        if len(present) < len(held):  # a split of a bigger catalog, or the wrong file: say which
+            missing = [k for k in held if k not in catalog]
             print(f"note: {len(missing)} of the {len(held)} keys in {args.hold_out} are not in the catalog, e.g. "
-                  f"{missing[:3]}; the other {len(held) - len(missing)} are held out", file=sys.stderr)
-        catalog = catalog.without_captions_for([k for k in held if k in catalog])
+                  f"{missing[:3]}; the other {len(present)} are held out", file=sys.stderr)
+        catalog = catalog.without_captions_for(present)
     run_dir = Path(args.run_dir) if args.run_dir else RUNS / args.name
     if args.fresh:
         clear_run(run_dir)

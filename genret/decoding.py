@@ -238,7 +238,8 @@ def search_prior(stored: StoredModel, weights: PriorWeights, trie: IdTrie | None
     training. None when that is 0 for every id. The stored model and the weights decide it, so the
     service's engines take the weights and build the prior where they search (vLLM's in its worker)."""
     weights.check(stored)
-    bonus = weights.added_bonus if stored.has_added_images else 0.0
+    # the bonus first: has_added_images reads every id of a grown model, which a search without one need not
+    bonus = weights.added_bonus if weights.added_bonus and stored.has_added_images else 0.0
     if not weights.hubness and not bonus:
         return None
     hubness = stored.image_hubness() if weights.hubness else np.zeros(len(stored.keys))
