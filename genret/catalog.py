@@ -8,6 +8,7 @@ of silently training on a catalog that differs from what the user meant.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Container, Iterable, Iterator
@@ -194,9 +195,12 @@ def _folder_images(images_dir: Path, named: Container[str], verify_images: bool)
 
 
 def _verify(path: Path, what: str) -> None:
+    # A full decode: Image.verify() reads only a JPEG's header, so a truncated file passed it and
+    # failed later, mid-training. JPEGs decode at 1/8 scale (draft), which still reads every byte.
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.draft(None, (1, 1))
+            im.load()
     except Exception as e:  # PIL raises a variety of types for corrupt files
         raise CatalogError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
 
@@ -214,11 +218,22 @@ def _repeat_is_dropped(seen: dict[tuple[str, str], str], pair: tuple[str, str], 
     return duplicates == "drop"
 
 
+def read_utf8(path: Path) -> str:
+    """A text file the user wrote. utf-8-sig: spreadsheets often prepend a BOM, which would
+    otherwise corrupt a CSV's header. Another encoding is named with its line, not as a bare codec error."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise CatalogError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x});"
+                           " save the file as UTF-8") from None
+
+
 def _read_csv(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
     entries: dict[str, tuple[str, list[str]]] = {}
     seen: dict[tuple[str, str], str] = {}
-    # utf-8-sig: spreadsheets often prepend a BOM, which would otherwise corrupt the 'image' header.
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -255,11 +270,9 @@ def _read_csv(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
 
 def _read_coco(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise CatalogError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise CatalogError(f"{path}: not UTF-8 text ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise CatalogError(f"{path}: expected a COCO captions object with 'images' and 'annotations' lists")
 
@@ -307,7 +320,7 @@ def read_split(path: str | Path) -> list[str]:
         raise CatalogError(f"{path}: split file not found")
     keys: list[str] = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for n, line in enumerate(read_utf8(path).splitlines(), start=1):
         key = line.strip()
         if not key:
             continue

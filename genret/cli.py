@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import io
 import json
 import logging
 import os
@@ -135,9 +136,11 @@ def open_model(name_or_path: str):
 
 def read_queries(path: Path) -> list[tuple[str, str]]:
     """Queries as an `image,caption` CSV: each caption should retrieve its image."""
-    if not path.exists():
+    from .catalog import read_utf8
+
+    if not path.is_file():
         raise UsageError(f"{path}: no such queries file")
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
     if not {"image", "caption"} <= set(reader.fieldnames or []):
@@ -193,9 +196,11 @@ def cmd_add(args) -> None:
 
 def read_keys(path: str) -> list[str]:
     """A file of image keys, one per line; blank lines and repeats are fine (lists get concatenated)."""
+    from .catalog import read_utf8
+
     if not Path(path).is_file():
         raise UsageError(f"{path}: no such keys file")
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    return [line.strip() for line in read_utf8(Path(path)).splitlines() if line.strip()]
 
 
 def cmd_remove(args) -> None:

@@ -83,11 +83,22 @@ class ImageEncoder:
         for start in tqdm(range(0, len(paths), batch_size), desc="images", unit="batch", disable=not progress):
             batch = []
             for p in paths[start : start + batch_size]:
-                with Image.open(p) as im:
-                    im.load()
-                    batch.append(im)
+                batch.append(_load_image(p))
             out.append(self.encode_images(batch))
         return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def _load_image(path: str | os.PathLike) -> Image.Image:
+    # The catalog decodes every image when it loads, but a file can change before training or
+    # an `add` reads it; the error should still name it.
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except Exception as e:  # PIL raises a variety of types for corrupt files
+        from .catalog import CatalogError
+
+        raise CatalogError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 class TextEncoder:

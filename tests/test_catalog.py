@@ -128,6 +128,39 @@ def test_csv_unreadable_image(folder, tmp_path):
     assert "bad.jpg" in load_catalog(folder, caps, verify_images=False)
 
 
+@pytest.mark.parametrize("name", ["cut.jpg", "cut.png"])
+def test_truncated_image_is_caught_when_loading(folder, tmp_path, name):
+    # Image.verify() reads only a JPEG's header: a cut-off file used to pass the catalog and
+    # fail mid-training with a traceback. Both formats are decoded in full now.
+    import numpy as np
+
+    whole = tmp_path / name
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole)
+    (folder / name).write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS + [(name, "x")])
+    with pytest.raises(CatalogError, match=rf"row 5: image '{name}': not a readable image .*truncated"):
+        load_catalog(folder, caps)
+
+
+def test_image_encoder_names_an_image_spoiled_after_loading(folder):
+    from genret.encoders import ImageEncoder
+
+    catalog = load_catalog(folder, write_csv(folder.parent / "captions.csv", CSV_ROWS))
+    (folder / "a.jpg").write_bytes(b"overwritten since")
+    with pytest.raises(CatalogError, match=r"a\.jpg: not a readable image"):
+        ImageEncoder().encode_paths([im.path for im in catalog], progress=False)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_captions_not_utf8(folder, tmp_path, suffix):
+    caps = tmp_path / f"captions{suffix}"
+    body = "image,caption\na.jpg,A red square\nb.png,caf\xe9 au lait\n" if suffix == ".csv" else \
+        '{"images": [],\n "annotations": [],\n "info": "caf\xe9"}'
+    caps.write_bytes(body.encode("latin-1"))
+    with pytest.raises(CatalogError, match=rf"captions\{suffix}: line 3: not UTF-8 text \(byte 0xe9\)"):
+        load_catalog(folder, caps)
+
+
 def test_unreadable_uncaptioned_image(folder, tmp_path):
     (folder / "bad.png").write_bytes(b"\x89PNG garbage")
     caps = write_csv(tmp_path / "captions.csv", CSV_ROWS)
@@ -355,6 +388,9 @@ def test_read_split(tmp_path):
         read_split(p)
     with pytest.raises(CatalogError, match="missing.txt"):
         read_split(tmp_path / "missing.txt")
+    p.write_bytes("x.jpg\n\xff.jpg\n".encode("latin-1"))
+    with pytest.raises(CatalogError, match=r"test\.txt: line 2: not UTF-8 text"):
+        read_split(p)
 
 
 # ---------------------------------------------------------------- demo catalog

@@ -132,10 +132,12 @@ def test_evaluate_names_what_is_wrong_with_its_files(capsys, tiny_model_dir, tin
     key = tiny_catalog.keys()[0]
     files = {"empty.csv": "image,caption\n", "blank.csv": f"image,caption\n{key},a photo\n{key},  \n",
              "queries.csv": f"image,caption\n{key},a photo\n", "unknown.txt": f"{key}\nnot-an-image.jpg\n",
-             "none.txt": ""}
+             "none.txt": "", "latin1.csv": f"image,caption\n{key},caf\xe9\n", "latin1.txt": f"{key}\ncaf\xe9.jpg\n"}
     for name, text in files.items():
-        (tmp_path / name).write_text(text)
+        (tmp_path / name).write_text(text, encoding="latin-1")
     for queries, candidates, says in [("empty.csv", None, "empty.csv: no queries"),
+                                      ("latin1.csv", None, "latin1.csv: line 2: not UTF-8 text"),
+                                      ("queries.csv", "latin1.txt", "latin1.txt: line 2: not UTF-8 text"),
                                       ("blank.csv", None, "blank.csv: row 3 has an empty image or caption"),
                                       ("queries.csv", "unknown.txt", "1 keys are not in model"),  # was a KeyError
                                       ("queries.csv", "none.txt", "none.txt: no keys")]:
