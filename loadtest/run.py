@@ -79,11 +79,14 @@ def http_json(url: str, timeout: float = 5.0) -> tuple[int, object]:
 
 def resolve_model(name: str) -> Path:
     try:
-        from service.settings import Settings
+        from service.settings import SettingsError, load_settings
     except ImportError as e:
         raise LoadTestError(f"cannot import the service ({e}); run this with the project's venv: "
                             ".venv/bin/python loadtest/run.py") from None
-    path = Settings(model=name).model_path
+    try:
+        path = load_settings(model=name).model_path
+    except SettingsError as e:
+        raise LoadTestError(str(e)) from None
     if not (path / "manifest.json").is_file():
         hint = " (`.venv/bin/genret demo` trains it)" if name == "demo" else " (train one with `genret train`)"
         raise LoadTestError(f"model {name!r}: no trained model at {path}{hint}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from .settings import Settings
+from .settings import SettingsError, load_settings
 
 
 def main() -> int:
@@ -15,7 +15,11 @@ def main() -> int:
 
     from .app import create_app
 
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except SettingsError as e:
+        print(f"service: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(settings)

@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import sys
 
-from .settings import Settings
+from .settings import SettingsError, load_settings
 
 
 def url_template(text: str) -> str:
@@ -24,7 +24,11 @@ def url_template(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except SettingsError as e:
+        print(f"publish: {e}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="python -m service.publish", description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=settings.model, help="a name under model_store/ or a model folder")
     parser.add_argument("--redis-url", default=settings.redis_url or "redis://127.0.0.1:6379/0")
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from .id_store import catalog_records, connect, publish
 
     async def run() -> str:
-        stored = StoredModel.open(Settings(model=args.model).model_path)
+        stored = StoredModel.open(load_settings(model=args.model).model_path)
         records = catalog_records(stored, args.url_template)
         redis = connect(args.redis_url)
         try:

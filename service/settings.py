@@ -1,9 +1,9 @@
 """Every knob of the service, typed, read from the environment (prefix GENRET_) in one place.
 
 Nothing else in service/ reads os.environ: a setting that is not here does not exist, and a
-bad value (GENRET_MAX_K=lots) stops the server at startup with the field's name instead of
-failing on the first request. An empty value counts as unset, so docker-compose.yml can pass a
-setting through as ${NAME:-} and leave its default here. (The vLLM engine writes one variable
+bad value (GENRET_MAX_K=lots) stops the server at startup with one line naming the variable
+(load_settings) instead of failing on the first request. An empty value counts as unset, so
+docker-compose.yml can pass a setting through as ${NAME:-} and leave its default here. (The vLLM engine writes one variable
 of vLLM's own, VLLM_USE_V2_MODEL_RUNNER=0, for the engine process it starts: see
 service.engine_vllm.)
 """
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -28,6 +28,24 @@ SEARCH_FIELDS = ("beams", "beam_hubness_weight", "added_id_bonus", "rerank_beams
 def search_weight(description: str):
     """A weight of how a search ranks: 0 (off) by default, finite and >= 0, as the search requires."""
     return Field(0.0, ge=0, allow_inf_nan=False, description=description)
+
+
+class SettingsError(ValueError):
+    """GENRET_* values their settings refuse; the message names each variable and its value."""
+
+
+def load_settings(**overrides) -> Settings:
+    """The settings for an entry point (server, publish, load test), whose user set the environment:
+    a bad value is named as the variable they set (GENRET_PORT='abc'), not as a traceback."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = []
+        for error in e.errors():
+            field = ".".join(map(str, error["loc"]))
+            message = error["msg"].removeprefix("Value error, ")  # a check across settings names its own
+            problems.append(f"GENRET_{field.upper()}={error['input']!r}: {message}" if field else message)
+        raise SettingsError("; ".join(problems)) from None
 
 
 class Settings(BaseSettings):
@@ -88,7 +106,7 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if self.default_k > self.max_k:
             if "default_k" in self.model_fields_set:
-                raise ValueError(f"default_k={self.default_k} exceeds max_k={self.max_k}")
+                raise ValueError(f"GENRET_DEFAULT_K={self.default_k} exceeds GENRET_MAX_K={self.max_k}")
             self.default_k = self.max_k
         if self.public_url is None:  # GENRET_PORT=8080 alone must not hand out URLs on port 8000
             local = self.host in ("0.0.0.0", "::", "127.0.0.1", "localhost")

@@ -161,6 +161,33 @@ def test_every_genret_variable_is_a_real_setting(services):
     assert not unknown, f"not fields of service.settings.Settings (ignored at run time): {unknown}"
 
 
+def test_a_bad_setting_is_named_as_its_variable_by_every_entry_point(monkeypatch, capsys):
+    """A typo in .env or `docker run -e` ends in one line naming the variable, not a traceback."""
+    from service.publish import main as publish
+    from service.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("GENRET_BEAMS", "0")
+    monkeypatch.setenv("GENRET_RERANK_WEIGHT", "nan")
+    with pytest.raises(SettingsError, match=r"GENRET_BEAMS='0': .*greater than or equal to 1; "
+                                            r"GENRET_RERANK_WEIGHT='nan': .*finite"):
+        load_settings()
+    assert publish(["demo"]) == 2 and capsys.readouterr().err.startswith("publish: GENRET_BEAMS='0'")
+    with pytest.raises(loadtest_run.LoadTestError, match="GENRET_BEAMS='0'"):
+        loadtest_run.resolve_model("demo")
+    monkeypatch.delenv("GENRET_BEAMS")
+    monkeypatch.delenv("GENRET_RERANK_WEIGHT")
+    monkeypatch.setenv("GENRET_DEFAULT_K", "500")
+    with pytest.raises(SettingsError, match=r"^GENRET_DEFAULT_K=500 exceeds GENRET_MAX_K=100$"):
+        load_settings()
+    # the server itself, as `docker compose up` starts it
+    env = {**os.environ, "GENRET_PORT": "eighty"}
+    env.pop("GENRET_DEFAULT_K")
+    done = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr == "service: GENRET_PORT='eighty': Input should be a valid " \
+        "integer, unable to parse string as an integer\n", done.stderr
+
+
 def test_locust_runs_only_under_the_load_profile_against_the_service(services):
     locust = services["locust"]
     assert locust["profiles"] == ["load"]
