@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("GENRET_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
 
 # A run's name spells out each lever it uses (below), so every setting starts from the plain
-# model, not from TrainConfig's defaults (the recipe the levers found: atomic+pq+qp+ai+fz).
-PLAIN = dict(query_tokens=0, pseudo_queries="none", id_embeddings="mean", freeze_id_rows=False)
+# model, not from TrainConfig's defaults (the recipe the levers found: atomic+pq+qp+ai+fz+dpi3).
+PLAIN = dict(query_tokens=0, pseudo_queries="none", id_embeddings="mean", freeze_id_rows=False, describe_per_image=1)
 # name -> (train, dev and test images, training config, evaluation beams)
 SETTINGS = {
     "cpu": dict(train_images=200, dev_images=50, test_images=50, beams=10, wide_beams=50, config=dict(
@@ -96,6 +96,7 @@ LEVERS = {
     "da": ("train describe and ask too, and measure them (the cpu setting leaves them out)", ("describe", "ask"), True),
     "dp": ("describe and ask also train on the uncaptioned images, their pseudo-queries as captions",
            "describe_pseudo", True),
+    "dpi": ("N describe examples per image and epoch, each with another of its captions", "describe_per_image", int),
     "ls": ("each batch as N length-sorted slices, their gradients summed (the same update, less padding)",
            "length_slices", int),
     "kd": ("share N of the first id token's target is the two-tower's distribution over the catalog",

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .decoding import EmbeddingReranker, Hit, PriorWeights, TransformersEngine, reranked, search_prior
 from .model_store import ModelStoreError
+from .prompts import normalize_caption
 from .trie import IdTrie
 
 KS = (1, 5, 10)
@@ -183,7 +184,8 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
                               seed: int = 0, batch_size: int = 16, words_per_image: int = 3,
                               progress: bool = True) -> dict:
     """How well the model speaks about images it knows only by id: the content-word F1 of its
-    description against the image's reference captions, and its accuracy on the yes/no
+    description against the image's reference captions (and the share that are one of them,
+    `describe_exact`: training saw each caption as written), and its accuracy on the yes/no
     questions training asks, about up to `words_per_image` words its captions mention and as
     many they do not (several per image: one pair each gave a standard error near 0.05)."""
     from .training import content_words, presence_question, presence_words
@@ -192,12 +194,14 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
     keys = [k for k, captions in references.items() if captions]
     words = {k: sorted({w for c in references[k] for w in content_words(c)}) for k in keys}
     vocabulary = sorted({w for ws in words.values() for w in ws})
-    prompts, f1s, correct, asked = engine.prompts, [], 0, 0
+    prompts, f1s, exact, correct, asked = engine.prompts, [], 0, 0, 0
     for start in tqdm(range(0, len(keys), batch_size), desc="describe/ask", disable=not progress):
         batch = keys[start : start + batch_size]
         ids = [engine.stored.id_tokens[k] for k in batch]
         descriptions = engine.generate([prompts.describe(i) for i in ids])
         f1s += [word_f1(d, references[k]) for d, k in zip(descriptions, batch)]
+        exact += sum(normalize_caption(d) in {normalize_caption(c) for c in references[k]}
+                     for d, k in zip(descriptions, batch))
         questions, expected = [], []
         for key, id_tokens in zip(batch, ids):
             present, absent = presence_words(rng, words[key], vocabulary, words_per_image)
@@ -208,7 +212,8 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
         correct += sum(a.lower().startswith(e) for a, e in zip(answers, expected))
         asked += len(questions)
     return {"images": len(keys), "describe_word_f1": float(sum(f1s) / max(1, len(f1s))),
-            "yes_no_accuracy": correct / max(1, asked), "questions": asked}
+            "describe_exact": exact / max(1, len(keys)), "yes_no_accuracy": correct / max(1, asked),
+            "questions": asked}
 
 
 def check_candidates(trie: IdTrie, queries: Sequence[tuple[str, str]]) -> None:

@@ -59,12 +59,13 @@ def test_frozen_id_rows_without_aligned_start_are_refused():
 
 
 def test_the_defaults_are_the_measured_recipe_and_freeze_only_atomic_aligned_rows():
-    """TrainConfig's defaults are what measured best on Flickr8k (atomic+pq+qp+ai+fz); frozen rows
+    """TrainConfig's defaults are what measured best on Flickr8k (atomic+pq+qp+ai+fz+dpi3); frozen rows
     follow the scheme unless set: an atomic id's aligned row is its image's own direction, while
     shared codes (and rows that start at the mean) must train."""
     config = TrainConfig()
     assert (config.scheme, config.id_embeddings, config.freeze_id_rows, config.pseudo_queries, config.query_tokens) \
         == ("atomic", "aligned", True, "neighbors", 4)
+    assert config.describe_per_image == 3
     assert TrainConfig(scheme="rq").freeze_id_rows is False
     assert TrainConfig(scheme="structured").freeze_id_rows is False
     assert TrainConfig(id_embeddings="mean").freeze_id_rows is False  # nothing to keep: rows train
@@ -138,6 +139,10 @@ def test_a_run_begun_before_an_option_existed_still_resumes():
     assert atomic.differences(before) == ["freeze_id_rows"]
     assert TrainConfig(**{**SHORT, "id_embeddings": "aligned"}).differences(recorded) == ["id_embeddings"]
     assert config.differences({**recorded, "an_option_since_removed": 1}) == []
+    # a run from before describe_per_image described each image once an epoch
+    before = {k: v for k, v in recorded.items() if k != "describe_per_image"}
+    assert config.differences(before) == ["describe_per_image"]
+    assert TrainConfig(**{**SHORT, "describe_per_image": 1}).differences(before) == []
 
 
 @pytest.mark.parametrize("mode,query_tokens", [("neighbors", 0), ("captioner", 0), ("captioner", 2)])
@@ -260,6 +265,36 @@ def test_describe_pseudo_trains_describe_and_ask_on_uncaptioned_images(tiny_cata
     assert len(answers) >= 3  # a description, an open question and a yes/no pair
     with pytest.raises(ValueError, match="describe_pseudo"):
         TrainConfig(**{**SHORT, "describe_pseudo": True})  # no pseudo-queries to train on
+
+
+def test_describe_per_image_describes_each_image_with_that_many_of_its_captions(tiny_catalog, tmp_path):
+    from transformers import AutoTokenizer
+
+    from genret.language_model import base_checkpoint
+    from genret.prompts import Prompts
+
+    prompts = Prompts(AutoTokenizer.from_pretrained(base_checkpoint()))
+    keys = tiny_catalog.keys()
+    ids = {k: prompts.encode(f" image {i}") for i, k in enumerate(keys)}
+
+    def described(per_image: int, epoch: int = 0) -> dict[str, list[str]]:
+        config = TrainConfig(**{**SHORT, "describe_per_image": per_image, "ask": False})
+        trainer = Trainer(tiny_catalog, config, tmp_path / "run", progress=False)
+        out = {k: [] for k in keys}
+        for example in trainer.examples("memorize", epoch, prompts, ids, {}):
+            if example.prompt[: len(prompts.encode("Describe image "))] == prompts.encode("Describe image "):
+                key = next(k for k in keys if prompts.describe(ids[k]) == example.prompt)
+                out[key].append(prompts.decode_answer(example.target))
+        return out
+
+    trainer = Trainer(tiny_catalog, TrainConfig(**SHORT), tmp_path / "run", progress=False)
+    for per_image in (1, 3, 99):
+        for key, captions in described(per_image).items():
+            assert len(captions) == len(set(captions)) == min(per_image, len(trainer.captions[key]))
+            assert set(captions) <= set(trainer.captions[key])
+    assert described(1, epoch=0) != described(1, epoch=1)  # another caption each epoch
+    with pytest.raises(ValueError, match="describe_per_image"):
+        TrainConfig(**{**SHORT, "describe_per_image": 0})
 
 
 def test_the_dense_teacher_gathers_the_catalog_distribution_onto_first_id_tokens():

@@ -1,0 +1,104 @@
+"""How well models trained on the demo catalog describe their images by id alone, by preset,
+describe examples per image and epoch, and seed.
+
+    python benchmarks/describe_demo.py                                  # tiny and cpu presets, 1 and 3, seeds 0-2
+    python benchmarks/describe_demo.py --presets tiny --per-image 3 --seeds 1 --out /tmp/d   # one model
+
+Each model is trained on the 18-image demo catalog (`genret demo`'s) into <out>/runs/, once:
+a rerun reuses what is there. For each it reports the share of descriptions that are one of the
+image's captions, their content-word F1 against the best one, yes/no accuracy
+(genret.evaluation.evaluate_describe_and_ask), the demo queries' R@1 and the training seconds,
+in <out>/results.json and <out>/results.md. A few minutes per model on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+METRICS = ("describe_exact", "describe_word_f1", "yes_no_accuracy", "R@1", "train_seconds")
+
+
+def measure(run_dir: Path, model_dir: Path, config, catalog) -> dict:
+    from genret.decoding import TransformersEngine
+    from genret.demo_catalog import demo_queries
+    from genret.evaluation import evaluate_describe_and_ask, recall
+    from genret.model_store import StoredModel
+    from genret.training import Trainer
+
+    started = time.perf_counter()
+    Trainer(catalog, config, run_dir, progress=False).train(model_dir)
+    seconds = time.perf_counter() - started
+    engine = TransformersEngine(StoredModel.open(model_dir))
+    queries = demo_queries()
+    hits = engine.search([q for q, _ in queries], k=1, beams=5)
+    spoken = evaluate_describe_and_ask(engine, {k: catalog[k].captions for k in catalog.keys()}, progress=False)
+    return {**spoken, "R@1": recall([[h.key for h in row] for row in hits], [t for _, t in queries], ks=(1,))["R@1"],
+            "train_seconds": round(seconds, 1)}
+
+
+def report(rows: list[dict]) -> str:
+    lines = ["| preset | describe_per_image | seed | exact descriptions | describe F1 | yes/no | demo R@1 | training s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['describe_per_image']} | {r['seed']} | "
+                     f"{round(r['describe_exact'] * r['images'])}/{r['images']} | {r['describe_word_f1']:.3f} | "
+                     f"{r['yes_no_accuracy']:.3f} | {r['R@1']:.3f} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "cpu"])
+    parser.add_argument("--per-image", type=int, nargs="+", default=[1, 3], help="describe_per_image values")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="another training config field, for all")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "describe-demo")
+    args = parser.parse_args(argv)
+
+    from genret.catalog import load_catalog
+    from genret.cli import PRESETS, UsageError, build_config
+    from genret.demo_catalog import write_demo_catalog
+
+    if unknown := sorted(set(args.presets) - set(PRESETS)):
+        parser.error(f"unknown preset(s) {', '.join(unknown)} (one of {', '.join(sorted(PRESETS))})")
+    if min(args.per_image) < 1:
+        parser.error("--per-image values must be at least 1")
+    catalog = load_catalog(*write_demo_catalog(args.out / "catalog"))
+    rows = []
+    for preset in args.presets:
+        for per_image in args.per_image:
+            for seed in args.seeds:
+                try:
+                    config = build_config(preset, None, [*(args.set or []), f"seed={seed}",
+                                                         f"describe_per_image={per_image}"])
+                except UsageError as e:
+                    parser.error(str(e))
+                name = f"{preset}-dpi{per_image}-seed{seed}"
+                result_path = args.out / "runs" / name / "result.json"
+                if result_path.exists():
+                    row = json.loads(result_path.read_text())
+                    if row["sets"] != (args.set or []):
+                        parser.error(f"{result_path} was measured with --set {row['sets']}: choose another --out")
+                else:
+                    row = {"preset": preset, "describe_per_image": per_image, "seed": seed, "sets": args.set or [],
+                           **measure(args.out / "runs" / name, args.out / "models" / name, config, catalog)}
+                    result_path.write_text(json.dumps(row, indent=1))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    machine = f"{platform.machine()}, {platform.processor() or 'CPU'}"
+    (args.out / "results.json").write_text(json.dumps({"machine": machine, "results": rows}, indent=1))
+    (args.out / "results.md").write_text(report(rows))
+    print(report(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
