@@ -23,9 +23,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-METRICS = ("describe_exact", "describe_word_f1", "yes_no_accuracy", "R@1", "train_seconds")
-
-
 def measure(run_dir: Path, model_dir: Path, config, catalog) -> dict:
     from genret.decoding import TransformersEngine
     from genret.demo_catalog import demo_queries

@@ -194,15 +194,23 @@ def _folder_images(images_dir: Path, named: Container[str], verify_images: bool)
     return images
 
 
-def _verify(path: Path, what: str) -> None:
-    # A full decode: Image.verify() reads only a JPEG's header, so a truncated file passed it and
-    # failed later, mid-training. JPEGs decode at 1/8 scale (draft), which still reads every byte.
+def read_image(path: str | os.PathLike, what: str | None = None, *, draft: bool = False) -> Image.Image:
+    """The image decoded in full, or a CatalogError naming it (`what`, default its path). With
+    `draft`, a JPEG decodes at 1/8 scale, which still reads every byte: enough to check it."""
     try:
         with Image.open(path) as im:
-            im.draft(None, (1, 1))
+            if draft:
+                im.draft(None, (1, 1))
             im.load()
+            return im
     except Exception as e:  # PIL raises a variety of types for corrupt files
-        raise CatalogError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
+        raise CatalogError(f"{what or path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _verify(path: Path, what: str) -> None:
+    # A full decode: Image.verify() reads only a JPEG's header, so a truncated file passed it and
+    # failed later, mid-training.
+    read_image(path, what, draft=True)
 
 
 def _repeat_is_dropped(seen: dict[tuple[str, str], str], pair: tuple[str, str], where: str, path: Path,

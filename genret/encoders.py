@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .catalog import read_image
+
 __all__ = ["ImageEncoder", "TextEncoder", "cached_features", "default_device"]
 
 
@@ -81,24 +83,11 @@ class ImageEncoder:
         paths = list(paths)
         out = [np.zeros((0, self.dim), np.float32)]
         for start in tqdm(range(0, len(paths), batch_size), desc="images", unit="batch", disable=not progress):
-            batch = []
-            for p in paths[start : start + batch_size]:
-                batch.append(_load_image(p))
+            # read_image: the catalog checked each file when it loaded, but one can change before
+            # training or an `add` reads it, and the error should still name it
+            batch = [read_image(p) for p in paths[start : start + batch_size]]
             out.append(self.encode_images(batch))
         return np.concatenate(out).astype(np.float32, copy=False)
-
-
-def _load_image(path: str | os.PathLike) -> Image.Image:
-    # The catalog decodes every image when it loads, but a file can change before training or
-    # an `add` reads it; the error should still name it.
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im
-    except Exception as e:  # PIL raises a variety of types for corrupt files
-        from .catalog import CatalogError
-
-        raise CatalogError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 class TextEncoder:

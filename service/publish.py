@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from .id_store import catalog_records, connect, publish
 
     async def run() -> str:
-        stored = StoredModel.open(load_settings(model=args.model).model_path)
+        stored = StoredModel.open(settings.model_copy(update={"model": args.model}).model_path)
         records = catalog_records(stored, args.url_template)
         redis = connect(args.redis_url)
         try:

@@ -3,9 +3,9 @@
 Nothing else in service/ reads os.environ: a setting that is not here does not exist, and a
 bad value (GENRET_MAX_K=lots) stops the server at startup with one line naming the variable
 (load_settings) instead of failing on the first request. An empty value counts as unset, so
-docker-compose.yml can pass a setting through as ${NAME:-} and leave its default here. (The vLLM engine writes one variable
-of vLLM's own, VLLM_USE_V2_MODEL_RUNNER=0, for the engine process it starts: see
-service.engine_vllm.)
+docker-compose.yml can pass a setting through as ${NAME:-} and leave its default here. (The
+vLLM engine writes one variable of vLLM's own, VLLM_USE_V2_MODEL_RUNNER=0, for the engine
+process it starts: see service.engine_vllm.)
 """
 
 from __future__ import annotations
