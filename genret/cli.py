@@ -308,6 +308,7 @@ def cmd_describe(args) -> None:
     from .decoding import TransformersEngine
 
     stored = open_model(args.model)
+    stored.require_trained_to("describe")
     print(TransformersEngine(stored, device=args.device).describe(_known_image(stored, args.image)))
 
 
@@ -315,6 +316,7 @@ def cmd_ask(args) -> None:
     from .decoding import TransformersEngine
 
     stored = open_model(args.model)
+    stored.require_trained_to("ask")
     print(TransformersEngine(stored, device=args.device).ask(_known_image(stored, args.image), args.question))
 
 
@@ -344,8 +346,10 @@ def cmd_demo(args) -> None:
         print(f"{mark} {query!r:60} -> {', '.join(h.key for h in row[:3])}")
     print(json.dumps(recall([[h.key for h in row] for row in hits], [t for _, t in queries], ks=(1, 5))))
     key = stored.catalog.keys()[0]
-    print(f"describe {key}: {engine.describe(key)}")
-    print(f"ask {key} 'What is in this image?': {engine.ask(key, 'What is in this image?')}")
+    if "describe" in stored.tasks:
+        print(f"describe {key}: {engine.describe(key)}")
+    if "ask" in stored.tasks:
+        print(f"ask {key} 'What is in this image?': {engine.ask(key, 'What is in this image?')}")
 
 
 def main(argv: list[str] | None = None) -> int:

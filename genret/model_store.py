@@ -54,6 +54,11 @@ class ModelStoreError(RuntimeError):
     pass
 
 
+class UntrainedTask(ModelStoreError):
+    """Describe or ask of a model trained without it (`--set describe=false`): its answer would
+    be the base LM's guess about an id it never learnt to speak of, so it is refused instead."""
+
+
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False))
 
@@ -212,6 +217,18 @@ class StoredModel:
             raise ModelStoreError(f"{self.path}: identifiers.json has {len(keys)} ids for a catalog of "
                                   f"{self.manifest['catalog_size']} images")
         return keys
+
+    @property
+    def tasks(self) -> list[str]:
+        """What training taught: search always, describe and ask unless its config left them out
+        (every model from before those options was taught both)."""
+        config = self.manifest.get("train_config", {})
+        return ["search", *(task for task in ("describe", "ask") if config.get(task, True))]
+
+    def require_trained_to(self, task: str) -> None:
+        if task not in self.tasks:
+            raise UntrainedTask(f"model {self.manifest['name']!r} was not trained to {task} (its training config "
+                                f"has {task}=false): retrain it without --set {task}=false")
 
     @property
     def trained_images(self) -> int:

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from genret.decoding import EmbeddingReranker
-from genret.model_store import ModelStoreError, StoredModel
+from genret.model_store import ModelStoreError, StoredModel, UntrainedTask
 
 from .engine import Engine, EngineError, InputTooLong, make_engine
 from .id_store import EmbeddedIdStore, IdStore, IdStoreUnavailable, RedisIdStore
@@ -87,6 +87,9 @@ class Services:
             if weight > 0 and not self.stored.has_image_hubness:
                 raise ModelStoreError(f"{self.stored.path}: {name}={weight:g} needs the model's image_hubness.npy, "
                                       "which models trained before it lack: retrain it")
+        if untrained := [task for task in ("describe", "ask") if task not in self.stored.tasks]:
+            log.warning("model %s was not trained to %s: such requests answer 409", self.model_name,
+                        " or ".join(untrained))
         if settings.added_id_bonus > 0 and not self.stored.has_added_images:
             log.warning("GENRET_ADDED_ID_BONUS=%g changes nothing: model %s has no images added after training",
                         settings.added_id_bonus, self.model_name)
@@ -197,6 +200,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     async def engine_unavailable(_: Request, e: EngineError):
         return JSONResponse({"detail": f"engine unavailable: {e}"}, status_code=503)
 
+    @app.exception_handler(UntrainedTask)
+    async def untrained_task(_: Request, e: UntrainedTask):
+        return JSONResponse({"detail": str(e)}, status_code=409)
+
     @app.exception_handler(InputTooLong)
     async def input_too_long(_: Request, e: InputTooLong):
         return JSONResponse({"detail": str(e)}, status_code=422)
@@ -234,6 +241,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     @app.post("/describe/{image_id:path}", response_model=DescribeResponse)
     async def describe(image_id: Annotated[str, Path(max_length=1000)]) -> DescribeResponse:
         """A description of a memorized image, generated from its id alone."""
+        services.stored.require_trained_to("describe")
         await services.require_known(image_id)
         engine = services.require_engine()
         return DescribeResponse(image_id=image_id, description=await services.deadline(engine.describe(image_id)))
@@ -241,6 +249,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     @app.post("/ask", response_model=AskResponse)
     async def ask(body: AskRequest) -> AskResponse:
         """An answer to a question about a memorized image, from its id alone."""
+        services.stored.require_trained_to("ask")
         await services.require_known(body.image_id)
         engine = services.require_engine()
         answer = await services.deadline(engine.ask(body.image_id, body.question))
@@ -263,7 +272,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
         except (IdStoreUnavailable, TimeoutError) as e:
             return JSONResponse({"status": "not ready", "reason": f"id store: {e or 'timed out'}"}, status_code=503)
         return {"status": "ready", "model": services.model_name, "engine": engine.name, "id_store": store,
-                "search": settings.search}
+                "search": settings.search, "tasks": services.stored.tasks}
 
     @app.get("/metrics")
     async def prometheus():

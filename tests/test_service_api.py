@@ -43,6 +43,7 @@ def test_healthz_and_readyz(run, client):
     # how searches rank, so an operator can see that the settings took
     assert ready.json()["search"] == {"beams": 3, "beam_hubness_weight": 0.0, "added_id_bonus": 0.0,
                                       "rerank_beams": 50, "rerank_weight": 0.0, "hubness_weight": 0.0}
+    assert ready.json()["tasks"] == ["search", "describe", "ask"]  # what the model was trained to do
 
 
 def test_search_returns_k_catalog_images_with_urls(run, client, tiny_catalog):
@@ -75,6 +76,34 @@ def test_describe_and_ask_answer_from_the_id(run, client, hf_engine):
     assert r.status_code == 200, r.text
     assert r.json()["question"] == "What is in this image?"
     assert r.json()["answer"] == run(hf_engine.ask("moon.jpg", "What is in this image?")) != ""
+
+
+def test_a_model_trained_without_describe_and_ask_refuses_them_with_409(run, tiny_catalog, tmp_path, capsys):
+    """Untrained, the LM would still write something about an id it never learnt to speak of."""
+    from genret.cli import main
+    from genret.training import TrainConfig, Trainer
+    from tests.conftest import TINY_CONFIG
+
+    catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
+    config = TrainConfig(**{**TINY_CONFIG, "memorize_epochs": 1, "retrieve_epochs": 1, "align_epochs": 2,
+                            "describe": False, "ask": False})
+    Trainer(catalog, config, tmp_path / "run", progress=False).train(tmp_path / "model")
+    key = catalog.keys()[0]
+    served = Served(run, create_app(Settings(**SETTINGS, model=str(tmp_path / "model"), engine="transformers")))
+    try:
+        assert run(served.client.get("/readyz")).json()["tasks"] == ["search"]
+        assert run(served.client.post("/search", json={"query": "a cat"})).status_code == 200
+        for r, task in [(run(served.client.post(f"/describe/{key}")), "describe"),
+                        (run(served.client.post("/ask", json={"image_id": key, "question": "What is it?"})), "ask")]:
+            assert r.status_code == 409
+            assert r.json()["detail"] == (f"model 'model' was not trained to {task} (its training config has "
+                                          f"{task}=false): retrain it without --set {task}=false")
+    finally:
+        served.close()
+    assert main(["describe", str(tmp_path / "model"), key]) == 2
+    assert "genret describe: model 'model' was not trained to describe" in capsys.readouterr().err
+    assert main(["ask", str(tmp_path / "model"), key, "What is it?"]) == 2
+    assert "genret ask: model 'model' was not trained to ask" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method,path,body", [
