@@ -6,9 +6,10 @@ describe examples per image and epoch, and seed.
 
 Each model is trained on the 18-image demo catalog (`genret demo`'s) into <out>/runs/, once:
 a rerun reuses what is there. For each it reports the share of descriptions that are one of the
-image's captions, their content-word F1 against the best one, yes/no accuracy
-(genret.evaluation.evaluate_describe_and_ask), the demo queries' R@1 and the training seconds,
-in <out>/results.json and <out>/results.md. A few minutes per model on a 2-core CPU.
+image's captions, their content-word F1 against the best one, yes/no accuracy and what word
+frequency alone scores on the same questions (genret.evaluation.evaluate_describe_and_ask), the
+demo queries' R@1 and the training seconds, in <out>/results.json and <out>/results.md. A few
+minutes per model on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ def measure(run_dir: Path, model_dir: Path, config, catalog) -> dict:
 
 
 def report(rows: list[dict]) -> str:
-    lines = ["| preset | describe_per_image | seed | exact descriptions | describe F1 | yes/no | demo R@1 | training s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset | describe_per_image | seed | exact descriptions | describe F1 | yes/no | word prior "
+             "| demo R@1 | training s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['describe_per_image']} | {r['seed']} | "
                      f"{round(r['describe_exact'] * r['images'])}/{r['images']} | {r['describe_word_f1']:.3f} | "
-                     f"{r['yes_no_accuracy']:.3f} | {r['R@1']:.3f} | {r['train_seconds']:.0f} |")
+                     f"{r['yes_no_accuracy']:.3f} | {r.get('yes_no_word_prior', float('nan')):.3f} | "
+                     f"{r['R@1']:.3f} | {r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

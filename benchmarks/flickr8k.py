@@ -97,6 +97,7 @@ LEVERS = {
     "dp": ("describe and ask also train on the uncaptioned images, their pseudo-queries as captions",
            "describe_pseudo", True),
     "dpi": ("N describe examples per image and epoch, each with another of its captions", "describe_per_image", int),
+    "api": ("N yes/no question pairs per image and epoch, each about other words", "ask_per_image", int),
     "ls": ("each batch as N length-sorted slices, their gradients summed (the same update, less padding)",
            "length_slices", int),
     "kd": ("share N of the first id token's target is the two-tower's distribution over the catalog",
@@ -540,13 +541,15 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
     spoken = {name: r for name, r in results.items() if "describe_captioned" in r}
     if spoken:
         lines += ["", "Describe and ask by id alone: content-word F1 of the description against the image's captions, "
-                  "and yes/no accuracy on whether they mention a word (half do). Captioned: images whose captions "
+                  "and yes/no accuracy on whether they mention a word (half do), beside what word frequency alone "
+                  "scores on the same questions (the control, genret.evaluation). Captioned: images whose captions "
                   "were trained on; uncaptioned: the test images, whose captions never were.", "",
-                  "| approach | captioned describe F1 | captioned yes/no | uncaptioned describe F1 | uncaptioned yes/no |",
-                  "|---|---|---|---|---|"]
+                  "| approach | captioned describe F1 | captioned yes/no | word prior | uncaptioned describe F1 "
+                  "| uncaptioned yes/no | word prior |",
+                  "|---|---|---|---|---|---|---|"]
         for name, r in spoken.items():
             cells = [_cell(r, scope, metric) for scope in SPOKEN_SCOPES
-                     for metric in ("describe_word_f1", "yes_no_accuracy")]
+                     for metric in ("describe_word_f1", "yes_no_accuracy", "yes_no_word_prior")]
             lines.append(f"| {_label(name, r)} | {' | '.join(cells)} |")
     if any("catalog_captioned" in r for r in results.values()):
         lines += ["", f"Queries for captioned images (`--captioned-queries`): one held-out caption of each of "

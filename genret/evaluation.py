@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
@@ -187,14 +188,20 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
     description against the image's reference captions (and the share that are one of them,
     `describe_exact`: training saw each caption as written), and its accuracy on the yes/no
     questions training asks, about up to `words_per_image` words its captions mention and as
-    many they do not (several per image: one pair each gave a standard error near 0.05)."""
+    many they do not (several per image: one pair each gave a standard error near 0.05).
+
+    The absent words are drawn from the whole vocabulary, most of it rare, and the present ones
+    from the image's captions, so word frequency alone beats chance: `yes_no_word_prior` is the
+    accuracy of "yes iff at least t of these images' captions mention the word" at its best t,
+    the control that yes/no accuracy has to beat to show knowledge of the image."""
     from .training import content_words, presence_question, presence_words
 
     rng = random.Random(seed)
     keys = [k for k, captions in references.items() if captions]
     words = {k: sorted({w for c in references[k] for w in content_words(c)}) for k in keys}
     vocabulary = sorted({w for ws in words.values() for w in ws})
-    prompts, f1s, exact, correct, asked = engine.prompts, [], 0, 0, 0
+    mentions = Counter(w for ws in words.values() for w in ws)
+    prompts, f1s, exact, correct, asked, mentioned = engine.prompts, [], 0, 0, 0, []
     for start in tqdm(range(0, len(keys), batch_size), desc="describe/ask", disable=not progress):
         batch = keys[start : start + batch_size]
         ids = [engine.stored.id_tokens[k] for k in batch]
@@ -208,11 +215,14 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
             for word, answer in [(w, "yes") for w in present] + [(w, "no") for w in absent]:
                 questions.append(prompts.ask(id_tokens, presence_question(word)))
                 expected.append(answer)
+                mentioned.append((mentions[word], answer == "yes"))
         answers = engine.generate(questions, max_new_tokens=4) if questions else []
         correct += sum(a.lower().startswith(e) for a, e in zip(answers, expected))
         asked += len(questions)
     return {"images": len(keys), "describe_word_f1": float(sum(f1s) / max(1, len(f1s))),
             "describe_exact": exact / max(1, len(keys)), "yes_no_accuracy": correct / max(1, asked),
+            "yes_no_word_prior": max((sum((n >= t) == yes for n, yes in mentioned) / max(1, asked)
+                                      for t in range(1, max(mentions.values(), default=0) + 2)), default=0.0),
             "questions": asked}
 
 

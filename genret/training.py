@@ -112,6 +112,10 @@ class TrainConfig(BaseModel):
         "on Flickr8k's reduced setting 3 instead of 1 took the content-word F1 of descriptions from 0.40 to "
         "0.94, for 11% more training time and no loss of recall"))
     ask: bool = True
+    ask_per_image: int = Field(1, ge=1, description=(
+        "yes/no question pairs per image and retrieve epoch, each about another word its captions mention "
+        "and another they do not: 4 lifted yes/no by 0.07-0.13, as much for images never captioned, so it "
+        "teaches which words are common more than what each image holds (benchmarks/RESULTS.md)"))
     batch_size: int = 32
     length_slices: int = Field(1, ge=1, description=(
         "each batch runs as this many forward and backward passes over its examples sorted by length, "
@@ -495,7 +499,8 @@ class Trainer:
                 continue
             caption = rng.choice(captions)
             out.append(Example(prompts.ask(ids[key], rng.choice(QUESTIONS_ABOUT_CONTENT)), prompts.answer(caption)))
-            present, absent = presence_words(rng, sorted({w for c in captions for w in content_words(c)}), vocabulary, 1)
+            present, absent = presence_words(rng, sorted({w for c in captions for w in content_words(c)}), vocabulary,
+                                             self.config.ask_per_image)
             out += [Example(prompts.ask(ids[key], presence_question(word)), prompts.answer(answer))
                     for word, answer in [(w, "Yes.") for w in present] + [(w, "No.") for w in absent]]
         return out

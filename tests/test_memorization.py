@@ -166,8 +166,18 @@ def test_descriptions_of_memorized_images_match_their_own_captions(engine, tiny_
     # three words each image's captions mention, and three they do not
     assert scores["images"] == len(keys) and scores["questions"] == 2 * 3 * len(keys)
     assert 0.0 <= scores["yes_no_accuracy"] <= 1.0
+    assert 0.5 <= scores["yes_no_word_prior"] <= 1.0  # "always yes" and "always no" are among its rules
     others = {k: tiny_catalog[keys[(i + 1) % len(keys)]].captions for i, k in enumerate(keys)}
     assert scores["describe_word_f1"] > evaluate_describe_and_ask(engine, others, progress=False)["describe_word_f1"] + 0.1
+
+
+def test_the_yes_no_word_prior_is_chance_where_no_word_is_commoner_than_another(engine, tiny_catalog):
+    """Each image's caption words its own: how many images mention a word cannot tell yes from no."""
+    words = ["alpha", "bravo", "charlie", "delta", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima",
+             "mike"]
+    references = {k: [" ".join(words[3 * i : 3 * i + 3])] for i, k in enumerate(tiny_catalog.keys()[:4])}
+    scores = evaluate_describe_and_ask(engine, references, progress=False)
+    assert scores["questions"] == 4 * 6 and scores["yes_no_word_prior"] == 0.5
 
 
 def test_word_f1_scores_content_words_against_the_best_reference():

@@ -297,6 +297,41 @@ def test_describe_per_image_describes_each_image_with_that_many_of_its_captions(
         TrainConfig(**{**SHORT, "describe_per_image": 0})
 
 
+def test_ask_per_image_asks_that_many_yes_no_pairs_about_each_image(tiny_catalog, tmp_path):
+    from transformers import AutoTokenizer
+
+    from genret.language_model import base_checkpoint
+    from genret.prompts import Prompts
+    from genret.training import content_words, presence_question
+
+    prompts = Prompts(AutoTokenizer.from_pretrained(base_checkpoint()))
+    keys = tiny_catalog.keys()
+    ids = {k: prompts.encode(f" image {i}") for i, k in enumerate(keys)}
+    trainer = Trainer(tiny_catalog, TrainConfig(**SHORT), tmp_path / "run", progress=False)
+    mentioned = {k: {w for c in trainer.captions[k] for w in content_words(c)} for k in keys}
+    words = set().union(*mentioned.values())
+    questions = {tuple(prompts.ask(ids[k], presence_question(w))): (k, w) for k in keys for w in words}
+
+    def verdicts(per_image: int) -> dict[str, list[tuple[str, str]]]:
+        config = TrainConfig(**{**SHORT, "ask_per_image": per_image, "describe": False})
+        out = {k: [] for k in keys}
+        examples = Trainer(tiny_catalog, config, tmp_path / "run", progress=False).examples("retrieve", 0, prompts, ids, {})
+        for example in examples:
+            if (asked := questions.get(tuple(example.prompt))) is not None:
+                out[asked[0]].append((asked[1], prompts.decode_answer(example.target)))
+        return out
+
+    for per_image in (1, 2):
+        for key, pairs in verdicts(per_image).items():
+            yes = [w for w, answer in pairs if answer == "Yes."]
+            no = [w for w, answer in pairs if answer == "No."]
+            assert len(yes) == len(set(yes)) == min(per_image, len(mentioned[key]))
+            assert len(no) == len(set(no)) == per_image
+            assert set(yes) <= mentioned[key] and not set(no) & mentioned[key]
+    with pytest.raises(ValueError, match="ask_per_image"):
+        TrainConfig(**{**SHORT, "ask_per_image": 0})
+
+
 def test_the_dense_teacher_gathers_the_catalog_distribution_onto_first_id_tokens():
     from genret.distillation import DenseTeacher
 
