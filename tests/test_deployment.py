@@ -353,7 +353,8 @@ class StubEngine:
     def __init__(self, keys: list[str]):
         self.keys = keys
         self.stored = SimpleNamespace(manifest={"name": "stub"}, id_tokens={k: [i] for i, k in enumerate(keys)},
-                                      catalog={})
+                                      catalog={}, tasks=["search", "describe", "ask"],
+                                      require_trained_to=lambda task: None)
 
     async def start(self):
         pass
