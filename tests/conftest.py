@@ -31,7 +31,7 @@ TINY_DEFAULT_SIZE = {**TINY_SIZE, "retrieve_epochs": 32}
 # structured ids and a text-only retrieve prompt, none of the defaults' levers (one description
 # per image and epoch too: at this size three left these shared, mean-started codes as unsure of
 # their captions as one did, mean F1 0.39 against 0.37 over seeds 0-2, and seed 0 described 7 of
-# its 8 images alike; benchmarks/RESULTS.md, top section)
+# its 8 images alike; benchmarks/RESULTS.md, "Three descriptions per image and epoch")
 TINY_CONFIG = dict(scheme="structured", scheme_options={"branching": 4}, **TINY_SIZE, query_tokens=0,
                    id_embeddings="mean", pseudo_queries="none", describe_per_image=1)
 # the same with the query's aligned embedding as a soft prefix (genret.model.QueryPrefix)
