@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # request_mix, whereve
 from locust import FastHttpUser, between, events, task  # noqa: E402
 from locust.stats import PERCENTILES_TO_REPORT, StatsCSV  # noqa: E402
 
-from request_mix import DEFAULT_MIX, KnownIds, RequestMix, check, env_int, load_ids, load_queries, parse_mix  # noqa: E402
+from request_mix import (  # noqa: E402
+    ALL_TASKS, DEFAULT_MIX, KnownIds, RequestMix, check, env_int, fetch_tasks, for_tasks, load_ids, load_queries,
+    parse_mix)
 
 QUERIES = load_queries()
 KNOWN = KnownIds(load_ids())  # shared by all users: grows with the ids searches return
@@ -34,6 +36,27 @@ MAX_K = env_int("LOADTEST_MAX_K", 100)
 SEED = os.environ.get("LOADTEST_SEED", "").strip()
 _user_numbers = itertools.count()
 _environment = None
+_tasks: tuple[str, ...] = ALL_TASKS  # what the served model was trained for: asked at the start
+
+
+@events.test_start.add_listener
+def _ask_what_the_model_was_trained_for(environment, **_):
+    """A model trained for search only refuses describe / ask (409): draw them only as bad requests."""
+    global _tasks
+    tasks = fetch_tasks(environment.host) if environment.host else None
+    if tasks is None:
+        print(f"loadtest: {environment.host}/readyz did not list the model's tasks; assuming {', '.join(ALL_TASKS)}")
+        return
+    try:
+        for_tasks(WEIGHTS, tasks)
+    except ValueError as e:  # nothing left to draw: stop here, once, rather than in every user
+        print(f"loadtest: {e}")
+        environment.process_exit_code = 2
+        environment.runner.quit()
+        return
+    _tasks = tasks
+    if set(ALL_TASKS) - set(tasks):
+        print(f"loadtest: the model is trained for {', '.join(tasks)} only; the others are sent as bad requests (409)")
 
 
 @events.init.add_listener
@@ -65,7 +88,7 @@ class GenretUser(FastHttpUser):
 
     def on_start(self):
         seed = int(SEED) * 1_000_003 + next(_user_numbers) if SEED else None
-        self.mix = RequestMix(QUERIES, KNOWN, WEIGHTS, MAX_K, random.Random(seed))
+        self.mix = RequestMix(QUERIES, KNOWN, WEIGHTS, MAX_K, random.Random(seed), tasks=_tasks)
 
     @task
     def request(self):

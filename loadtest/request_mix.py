@@ -11,6 +11,10 @@ directly.
 * about 4 % bad requests: unknown ids (404 expected) and an empty query, k=0, k over the
   maximum, an unknown field or malformed JSON (422 expected).
 
+A model trained for search only refuses describe and ask with 409 (its /readyz lists the
+tasks it was trained for): the mix then leaves those kinds out, renormalizing the rest, and
+its bad requests include a describe and an ask that must get that 409.
+
 A request counts as a success when the status is the expected one (a refused bad request is
 the service working), and as a failure on any other status: a 5xx, a 4xx for a valid request,
 or a 200 for a bad one. Requests are named by endpoint and expectation (`/describe/[id]`,
@@ -44,6 +48,7 @@ QUESTIONS = [
 
 DEFAULT_MIX = "search=80,describe=8,ask=8,bad=4"
 KINDS = ("search", "describe", "ask", "bad")
+ALL_TASKS = ("search", "describe", "ask")
 
 # Used only when neither LOADTEST_QUERIES nor genret is importable (a bare locust image).
 FALLBACK_QUERIES = [
@@ -93,6 +98,30 @@ def parse_mix(text: str) -> dict[str, float]:
     if total <= 0:
         raise ValueError(f"LOADTEST_MIX: the weights sum to {total}")
     return {k: v / total for k, v in weights.items()}
+
+
+def for_tasks(weights: dict[str, float], tasks) -> dict[str, float]:
+    """The mix without the kinds the model was not trained for, renormalized."""
+    kept = {k: (w if k == "bad" or k in tasks else 0.0) for k, w in weights.items()}
+    total = sum(kept.values())
+    if total <= 0:
+        raise ValueError(f"LOADTEST_MIX: the model is trained for {', '.join(tasks)} only, "
+                         f"and the mix weights nothing else")
+    return {k: w / total for k, w in kept.items()}
+
+
+def fetch_tasks(host: str, timeout_s: float = 10.0) -> tuple[str, ...] | None:
+    """The tasks the served model was trained for (its /readyz), or None if it does not say."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(host.rstrip("/") + "/readyz", timeout=timeout_s) as response:
+            tasks = json.loads(response.read()).get("tasks")
+    except (urllib.error.URLError, OSError, ValueError, AttributeError):
+        return None
+    return tuple(t for t in tasks if isinstance(t, str)) if isinstance(tasks, list) else None
 
 
 def load_queries(source: str | None = None) -> list[str]:
@@ -156,14 +185,16 @@ class KnownIds:
 
 class RequestMix:
     """Draws the next request. Describe / ask need a known id: until one is known (no
-    LOADTEST_IDS and no search answered yet) they fall back to a search."""
+    LOADTEST_IDS and no search answered yet) they fall back to a search. `tasks`: what the
+    model was trained for (its /readyz); the others are drawn only as bad requests (409)."""
 
     def __init__(self, queries: list[str], known: KnownIds, weights: dict[str, float] | None = None,
-                 max_k: int = 100, rng: random.Random | None = None):
+                 max_k: int = 100, rng: random.Random | None = None, tasks=ALL_TASKS):
         if not queries:
             raise ValueError("no queries to search with")
         self.queries, self.known, self.max_k = queries, known, max_k
-        self.weights = weights or parse_mix(DEFAULT_MIX)
+        self.tasks = tuple(tasks)
+        self.weights = for_tasks(weights or parse_mix(DEFAULT_MIX), self.tasks)
         self.rng = rng or random.Random()
         self._kinds = list(self.weights)
         self._weights = list(self.weights.values())
@@ -191,9 +222,11 @@ class RequestMix:
     def bad(self) -> Call:
         unknown = f"no-such-image-{uuid.UUID(int=self.rng.getrandbits(128)).hex[:12]}.jpg"
         query = self.rng.choice(self.queries)
+        # An untaught task is refused (409) before the id is looked up.
+        describe, ask = (404 if task in self.tasks else 409 for task in ("describe", "ask"))
         options = [
-            Call("POST", f"/describe/{unknown}", "/describe/[id] 404", 404, kind="bad"),
-            Call("POST", "/ask", "/ask 404", 404, json={"image_id": unknown, "question": QUESTIONS[0]}, kind="bad"),
+            Call("POST", f"/describe/{unknown}", f"/describe/[id] {describe}", describe, kind="bad"),
+            Call("POST", "/ask", f"/ask {ask}", ask, json={"image_id": unknown, "question": QUESTIONS[0]}, kind="bad"),
             Call("POST", "/search", "/search 422", 422, json={"query": "   ", "k": 5}, kind="bad"),
             Call("POST", "/search", "/search 422", 422, json={"query": query, "k": 0}, kind="bad"),
             Call("POST", "/search", "/search 422", 422, json={"query": query, "k": self.max_k + 1}, kind="bad"),

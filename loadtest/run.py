@@ -238,7 +238,9 @@ def markdown(report: dict) -> str:
         f"# Load test `{report['label']}`",
         "",
         f"{report['created']} · model `{s['model']}` · engine `{report['engine']}` · {s['users']} users "
-        f"(spawn rate {s['spawn_rate']}/s) · {s['duration']} · mix `{s['mix']}`",
+        f"(spawn rate {s['spawn_rate']}/s) · {s['duration']} · mix `{s['mix']}`"
+        + (f" · the model is not trained for {' or '.join(s['untrained_tasks'])}: sent only as bad requests (409)"
+           if s.get("untrained_tasks") else ""),
         "",
         f"Machine: {m.get('cpu_model', m['machine'])}, {m['cpu_count']} CPUs"
         + (f" ({m['cpus_usable']} usable)" if m.get("cpus_usable") not in (None, m["cpu_count"]) else "")
@@ -255,8 +257,8 @@ def markdown(report: dict) -> str:
         rate = "–" if e.get("error_rate") is None else f"{100 * e['error_rate']:.2f} %"
         lines.append(f"| {name} | {e['requests']} | {_fmt(e.get('rps'), 2)} | {_fmt(e.get('p50_ms'))} | "
                      f"{_fmt(e.get('p95_ms'))} | {_fmt(e.get('p99_ms'))} | {_fmt(e.get('max_ms'))} | {rate} |")
-    lines += ["", "Rows named `... 404` / `... 422` are deliberately bad requests: the expected refusal counts as a "
-              "success. Error rate = failures / requests (a 5xx, a timeout, or any unexpected status). Locust rounds "
+    lines += ["", "Rows named `... 404` / `... 409` / `... 422` are deliberately bad requests: the expected refusal "
+              "counts as a success. Error rate = failures / requests (a 5xx, a timeout, or any unexpected status). Locust rounds "
               "latencies over 100 ms to 2 significant digits."]
     if report["failures"]:
         lines += ["", "Failures:", "", "| request | error | count |", "|---|---|---:|"]
@@ -306,7 +308,7 @@ def run(args) -> int:
         old.unlink()
 
     sys.path.insert(0, str(LOCUSTFILE.parent))
-    from request_mix import DEFAULT_MIX, parse_mix
+    from request_mix import ALL_TASKS, DEFAULT_MIX, for_tasks, parse_mix
 
     mix = args.mix or os.environ.get("LOADTEST_MIX", DEFAULT_MIX)
     try:
@@ -336,6 +338,11 @@ def run(args) -> int:
         readyz = service.wait_ready(url, args.ready_timeout)
         ready_after = time.monotonic() - started
         print(f"ready after {ready_after:.0f} s: {readyz}", flush=True)
+        tasks = readyz.get("tasks") or list(ALL_TASKS)
+        try:
+            for_tasks(parse_mix(mix), tasks)
+        except ValueError as e:
+            raise LoadTestError(str(e)) from None
         run_locust(args, url, work, env)
         status_after, _ = http_json(url + "/healthz")
         if status_after != 200:
@@ -357,6 +364,7 @@ def run(args) -> int:
         "engine": readyz.get("engine", args.engine),
         "settings": {"model": readyz.get("model", args.model), "model_path": str(model_path), "engine": args.engine,
                      "users": args.users, "spawn_rate": args.spawn_rate, "duration": args.duration, "mix": mix,
+                     "tasks": tasks, "untrained_tasks": [t for t in ALL_TASKS if t not in tasks],
                      "locust": locust.__version__,
                      "service_env": {k: v for k, v in sorted(env.items()) if k.startswith("GENRET_")
                                      and k not in ("GENRET_PORT", "GENRET_PUBLIC_URL", "GENRET_MODEL")}},

@@ -350,11 +350,16 @@ class StubEngine:
     name = "stub"
     queue_depth = 0
 
-    def __init__(self, keys: list[str]):
+    def __init__(self, keys: list[str], tasks=("search", "describe", "ask")):
+        from genret.model_store import UntrainedTask
+
+        def require_trained_to(task):
+            if task not in tasks:
+                raise UntrainedTask(f"model 'stub' was not trained to {task}")
+
         self.keys = keys
         self.stored = SimpleNamespace(manifest={"name": "stub"}, id_tokens={k: [i] for i, k in enumerate(keys)},
-                                      catalog={}, tasks=["search", "describe", "ask"],
-                                      require_trained_to=lambda task: None)
+                                      catalog={}, tasks=list(tasks), require_trained_to=require_trained_to)
 
     async def start(self):
         pass
@@ -390,16 +395,19 @@ class StubIdStore:
         pass
 
 
-def test_every_call_of_the_mix_gets_its_expected_status_from_the_api():
-    """Valid calls answer 200 and each bad call the 404 / 422 the locustfile counts as a success."""
+@pytest.mark.parametrize("tasks", [("search", "describe", "ask"), ("search",)], ids=["all-tasks", "search-only"])
+def test_every_call_of_the_mix_gets_its_expected_status_from_the_api(tasks):
+    """Valid calls answer 200 and each bad call the 404 / 409 / 422 the locustfile counts as a
+    success. A model trained for search only gets no valid describe / ask, and must refuse them."""
     from service.app import create_app
     from service.settings import Settings
     from tests.service_helpers import serve
 
     keys = [f"img {i}.jpg" for i in range(12)]  # a space: describe paths must be URL-quoted
-    app = create_app(Settings(max_k=10, default_k=5, beams=5), engine=StubEngine(keys), id_store=StubIdStore())
+    app = create_app(Settings(max_k=10, default_k=5, beams=5), engine=StubEngine(keys, tasks),
+                     id_store=StubIdStore())
     known = request_mix.KnownIds()
-    mix = request_mix.RequestMix(request_mix.load_queries(""), known, max_k=10, rng=random.Random(3))
+    mix = request_mix.RequestMix(request_mix.load_queries(""), known, max_k=10, rng=random.Random(3), tasks=tasks)
     draws = [mix.next] * 150 + [mix.bad] * 60  # drawn as the run goes: describe / ask need ids searched
 
     async def drive():
@@ -418,7 +426,20 @@ def test_every_call_of_the_mix_gets_its_expected_status_from_the_api():
         return seen
 
     seen = asyncio.run(drive())
-    assert set(seen) == {"/search", "/describe/[id]", "/ask", "/search 422", "/describe/[id] 404", "/ask 404"}
+    if len(tasks) == 3:
+        assert set(seen) == {"/search", "/describe/[id]", "/ask", "/search 422", "/describe/[id] 404", "/ask 404"}
+    else:
+        assert set(seen) == {"/search", "/search 422", "/describe/[id] 409", "/ask 409"}
+
+
+def test_the_mix_leaves_out_what_the_model_was_not_trained_for():
+    weights = request_mix.parse_mix(request_mix.DEFAULT_MIX)
+    assert request_mix.for_tasks(weights, ("search", "describe", "ask")) == weights
+    search_only = request_mix.for_tasks(weights, ("search",))
+    assert search_only["describe"] == search_only["ask"] == 0
+    assert search_only["search"] == pytest.approx(80 / 84) and search_only["bad"] == pytest.approx(4 / 84)
+    with pytest.raises(ValueError, match="trained for search only"):
+        request_mix.for_tasks(request_mix.parse_mix("describe=1,ask=1"), ("search",))
 
 
 def test_check_counts_wrong_statuses_and_empty_answers_as_failures():
