@@ -5,7 +5,8 @@ describe examples per image and epoch, and seed.
     python benchmarks/describe_demo.py --presets tiny --per-image 3 --seeds 1 --out /tmp/d   # one model
 
 Each model is trained on the 18-image demo catalog (`genret demo`'s) into <out>/runs/, once:
-a rerun reuses what is there. For each it reports the share of descriptions that are one of the
+a rerun reuses what is there when it was trained with the same config (it refuses another), and
+the report names the commits that measured it. For each it reports the share of descriptions that are one of the
 image's captions, their content-word F1 against the best one, yes/no accuracy and what word
 frequency alone scores on the same questions (genret.evaluation.evaluate_describe_and_ask), the
 demo queries' R@1 and the training seconds, in <out>/results.json and <out>/results.md. A few
@@ -21,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from vllm_search import REPO, git_commit  # also puts the repo on sys.path
+
 
 def measure(run_dir: Path, model_dir: Path, config, catalog) -> dict:
     from genret.decoding import TransformersEngine
@@ -42,6 +43,11 @@ def measure(run_dir: Path, model_dir: Path, config, catalog) -> dict:
             "train_seconds": round(seconds, 1)}
 
 
+def config_differences(measured: dict, config: dict) -> list[str]:
+    return [f"{k}={measured.get(k)!r} (now {config.get(k)!r})" for k in sorted(set(measured) | set(config))
+            if measured.get(k) != config.get(k)]
+
+
 def report(rows: list[dict]) -> str:
     lines = ["| preset | describe_per_image | seed | exact descriptions | describe F1 | yes/no | word prior "
              "| demo R@1 | training s |",
@@ -51,7 +57,8 @@ def report(rows: list[dict]) -> str:
                      f"{round(r['describe_exact'] * r['images'])}/{r['images']} | {r['describe_word_f1']:.3f} | "
                      f"{r['yes_no_accuracy']:.3f} | {r.get('yes_no_word_prior', float('nan')):.3f} | "
                      f"{r['R@1']:.3f} | {r['train_seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+    commits = sorted({r["commit"] for r in rows})
+    return "\n".join(lines) + f"\n\nMeasured at commit{'s' * (len(commits) > 1)} {', '.join(commits)}.\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.per_image) < 1:
         parser.error("--per-image values must be at least 1")
     catalog = load_catalog(*write_demo_catalog(args.out / "catalog"))
-    rows = []
+    rows, commit = [], git_commit()
     for preset in args.presets:
         for per_image in args.per_image:
             for seed in args.seeds:
@@ -85,16 +92,21 @@ def main(argv: list[str] | None = None) -> int:
                 result_path = args.out / "runs" / name / "result.json"
                 if result_path.exists():
                     row = json.loads(result_path.read_text())
-                    if row["sets"] != (args.set or []):
-                        parser.error(f"{result_path} was measured with --set {row['sets']}: choose another --out")
+                    if changed := config_differences(row.get("config", {}), config.model_dump(mode="json")):
+                        parser.error(f"{result_path} was measured with another training config "
+                                     f"({'; '.join(changed[:4])}): choose another --out")
+                    if row["commit"] != commit:
+                        print(f"note: reusing {result_path}, measured at commit {row['commit']} (now {commit})",
+                              file=sys.stderr)
                 else:
                     row = {"preset": preset, "describe_per_image": per_image, "seed": seed, "sets": args.set or [],
-                           **measure(args.out / "runs" / name, args.out / "models" / name, config, catalog)}
+                           **measure(args.out / "runs" / name, args.out / "models" / name, config, catalog),
+                           "config": config.model_dump(mode="json"), "commit": commit}
                     result_path.write_text(json.dumps(row, indent=1))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     machine = f"{platform.machine()}, {platform.processor() or 'CPU'}"
-    (args.out / "results.json").write_text(json.dumps({"machine": machine, "results": rows}, indent=1))
+    (args.out / "results.json").write_text(json.dumps({"machine": machine, "commit": commit, "results": rows}, indent=1))
     (args.out / "results.md").write_text(report(rows))
     print(report(rows))
     return 0

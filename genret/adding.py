@@ -26,16 +26,16 @@ import numpy as np
 import torch
 
 from .catalog import Catalog
-from .model_store import (ATOMIC_TOKEN, MANIFEST, ModelStoreError, StoredModel, copy_unchanged, images_root,
-                          staged_model_dir, write_json)
+from .model_store import (ATOMIC_TOKEN, HUBNESS_BANK, MANIFEST, REMOVED_TRAINED_CAPTIONS, ModelStoreError,
+                          StoredModel, copy_unchanged, images_root, staged_model_dir, write_json)
 from .prompts import Prompts
 from .training import id_row_projection
 
 FIT_SAMPLE = 4096  # trained rows the placement is fit on (two would do; more guard against a moved row)
-HUBNESS_BANK = "hubness_bank.npy"  # kept by the first addition (see hubness_bank)
 FIT_TOLERANCE = 1e-4  # relative misfit above which the rows are taken to have moved since they were placed
-# what add_images rewrites; every other file of the model is copied unchanged
-REWRITTEN = ("lm", "catalog.json", "identifiers.json", "image_embeddings.npy", "image_hubness.npy", MANIFEST)
+# what add_images rewrites (the removed images' captions go into the bank); every other file is copied unchanged
+REWRITTEN = ("lm", "catalog.json", "identifiers.json", "image_embeddings.npy", "image_hubness.npy",
+             REMOVED_TRAINED_CAPTIONS, MANIFEST)
 
 
 @dataclass(frozen=True)
@@ -85,25 +85,20 @@ def row_placement(stored: StoredModel, rows: torch.Tensor) -> Callable[[np.ndarr
     return lambda new: base + scale * (torch.from_numpy(np.asarray(new, dtype=np.float64)) @ projection)
 
 
-def trained_captions(stored: StoredModel) -> list[str]:
-    """The captions training read: the hubness bank (genret.alignment.hubness). Added images'
-    captions are stored for display, never trained on, so they stay out of it."""
-    trained = stored.trained_caption_keys
-    return [c for image in stored.catalog if image.key in trained for c in image.captions]
-
-
 def hubness_bank(stored: StoredModel, tower, device: str | None, progress: bool) -> np.ndarray:
     """The trained captions' aligned embeddings, which a new image's hubness is measured against.
     Encoding them is most of an addition's cost (MiniLM: about 330 captions/s on 2 CPU cores, so
     90 s for Flickr8k's 30,000), so the first addition keeps them in the model (HUBNESS_BANK,
-    1 KB a caption) and later ones read them back; a retrain writes a new folder without it."""
+    1 KB a caption) and later ones read them back; a retrain writes a new folder without it.
+    Added images' captions are stored for display, never trained on, so they stay out of it;
+    removed images' trained captions stay in (StoredModel.trained_captions)."""
     from .alignment import text_embeddings
     from .encoders import TextEncoder
 
     path = stored.path / HUBNESS_BANK
     if path.exists():
         return np.load(path)
-    return text_embeddings(tower, TextEncoder(device=device).encode(trained_captions(stored), progress=progress))
+    return text_embeddings(tower, TextEncoder(device=device).encode(stored.trained_captions(), progress=progress))
 
 
 def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = None, progress: bool = True) -> Added:

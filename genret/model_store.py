@@ -40,6 +40,9 @@ from .model import QueryPrefix, SoftPrefix
 from .trie import IdTrie
 
 MANIFEST = "manifest.json"
+HUBNESS_BANK = "hubness_bank.npy"  # the trained captions' aligned embeddings, kept by the first `genret add`
+# the trained captions of images `genret remove` took out before that bank was kept (genret.adding.hubness_bank)
+REMOVED_TRAINED_CAPTIONS = "removed_trained_captions.json"
 FORMAT_VERSION = 1
 ATOMIC_TOKEN = re.compile(r"<img_(\d+)>")  # the atomic scheme's id token (genret.identifiers)
 
@@ -257,6 +260,14 @@ class StoredModel:
         after training (whose captions are stored for display only). The model and its two-tower
         pull queries towards these, so recall differs for queries that seek them and for the rest."""
         return frozenset(image.key for image in self.catalog if image.captions and image.key not in self.added_keys)
+
+    def trained_captions(self) -> list[str]:
+        """Every caption training read, those of images removed since included: the queries the
+        model was pulled towards, which hubness is measured against (genret.adding.hubness_bank)."""
+        trained = self.trained_caption_keys
+        removed = self.path / REMOVED_TRAINED_CAPTIONS
+        return [c for image in self.catalog if image.key in trained for c in image.captions] + \
+            (json.loads(removed.read_text()) if removed.exists() else [])
 
     @property
     def end_token(self) -> int:

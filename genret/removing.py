@@ -9,9 +9,9 @@ kept unchanged (hard-linked into the new folder), its tokens included, so `genre
 new atomic ids past the removed ones and an old id never comes to name another image. To take
 an image out of the weights as well, retrain without it (`genret train`).
 
-One trace stays behind where no image has been added yet: the first `genret add` measures new
-images' hubness against the trained captions still in the catalog, without the removed images'
-(`genret.adding.hubness_bank`, kept from then on).
+The removed images' trained captions stay, as the LM's memory of them does: the first `genret add`
+measures new images' hubness against every caption training read (`genret.adding.hubness_bank`),
+so until that bank is kept, removal keeps them aside (REMOVED_TRAINED_CAPTIONS).
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .model_store import MANIFEST, ModelStoreError, StoredModel, copy_unchanged, staged_model_dir, write_json
+from .model_store import (HUBNESS_BANK, MANIFEST, REMOVED_TRAINED_CAPTIONS, ModelStoreError, StoredModel,
+                          copy_unchanged, staged_model_dir, write_json)
 
 # what remove_images rewrites; every other file of the model (the LM among them) is linked unchanged
-REWRITTEN = ("catalog.json", "identifiers.json", "image_embeddings.npy", "image_hubness.npy", MANIFEST)
+REWRITTEN = ("catalog.json", "identifiers.json", "image_embeddings.npy", "image_hubness.npy",
+             REMOVED_TRAINED_CAPTIONS, MANIFEST)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,15 @@ class Removed:
     keys: list[str]  # the images removed, in key order
     not_there: list[str]  # keys asked for that the model does not hold (removed before, or never added)
     seconds: float
+
+
+def removed_trained_captions(stored: StoredModel, gone: list[str]) -> list[str]:
+    """The trained captions the hubness bank would lose with these images, added to those kept
+    aside by earlier removals."""
+    gone_trained = [stored.catalog[key] for key in gone if key in stored.trained_caption_keys]
+    earlier = stored.path / REMOVED_TRAINED_CAPTIONS
+    return (json.loads(earlier.read_text()) if earlier.exists() else []) + \
+        [c for image in gone_trained for c in image.captions]
 
 
 def remove_images(model_dir: str | Path, keys: Iterable[str]) -> Removed:
@@ -73,4 +84,7 @@ def remove_images(model_dir: str | Path, keys: Iterable[str]) -> Removed:
         write_json(staging / "catalog.json", records)
         write_json(staging / "identifiers.json", identifiers)
         write_json(staging / MANIFEST, manifest)
+        if stored.has_image_hubness and not (dest / HUBNESS_BANK).exists() and \
+                (aside := removed_trained_captions(stored, gone)):
+            write_json(staging / REMOVED_TRAINED_CAPTIONS, aside)
     return Removed(gone, not_there, time.perf_counter() - started)

@@ -183,3 +183,22 @@ def test_hold_out_keys_missing_from_the_catalog_are_named(capsys, tmp_path):
                          "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"), "--time-budget", "0")
     assert code == 0 and "stopped at the time budget" in out
     assert "1 of the 2 keys in" in err and "not-in-the-catalog.jpg" in err and "the other 1 are held out" in err
+
+
+@pytest.mark.parametrize("reranked", [False, True], ids=["beam only", "re-ranked"])
+def test_the_settings_evaluate_recommends_are_the_ones_the_service_reads(reranked, monkeypatch):
+    """genret does not import the service, so `genret evaluate` spells its variables itself: the
+    service must read each one, as the value evaluated."""
+    from genret.cli import serving_settings
+    from service.settings import load_settings
+
+    chosen = {"beam_hubness_weight": 0.5, "added_bonus": 2.0, **({"rerank_weight": 4.0, "hubness_weight": 1.5}
+                                                                  if reranked else {})}
+    line = serving_settings(chosen, beams=7)
+    for assignment in line.split():
+        name, value = assignment.split("=")
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    expected = {"beam_hubness_weight": 0.5, "added_id_bonus": 2.0,
+                **({"rerank_beams": 7, "rerank_weight": 4.0, "hubness_weight": 1.5} if reranked else {"beams": 7})}
+    assert {name: settings.search[name] for name in expected} == expected and len(line.split()) == len(expected)

@@ -29,10 +29,13 @@ def test_describe_demo_trains_measures_and_reuses(tmp_path):
     assert all(0.0 <= row[m] <= 1.0 for m in ("describe_exact", "describe_word_f1", "yes_no_accuracy", "R@1"))
     manifest = json.loads((tmp_path / "models" / "tiny-dpi2-seed0" / "manifest.json").read_text())
     assert (manifest["train_config"]["describe_per_image"], manifest["train_config"]["retrieve_epochs"]) == (2, 2)
-    assert "| tiny | 2 | 0 |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "| tiny | 2 | 0 |" in report and f"Measured at commit {row['commit']}." in report
+    assert row["config"] == manifest["train_config"]
     again = run(*args)  # measured already: reported again without training
     assert again.returncode == 0 and json.loads(again.stdout.splitlines()[0]) == row
     other = run(*args[:-2], "--set", "memorize_epochs=2", "--out", str(tmp_path))
     assert other.returncode == 2 and "choose another --out" in other.stderr
+    assert "another training config (memorize_epochs=1 (now 2))" in other.stderr
     bad = run("--presets", "huge", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "unknown preset(s) huge" in bad.stderr

@@ -14,7 +14,7 @@ import pytest
 from genret.adding import add_images
 from genret.cli import main
 from genret.decoding import PriorWeights, TransformersEngine, search_prior
-from genret.model_store import ModelStoreError, StoredModel
+from genret.model_store import HUBNESS_BANK, REMOVED_TRAINED_CAPTIONS, ModelStoreError, StoredModel
 from genret.removing import remove_images
 
 from .conftest import TINY_IMAGES
@@ -104,6 +104,30 @@ def test_an_id_freed_by_removal_never_names_another_image(tiny_default_model_dir
     remove_images(dest, sorted(stored.added_keys))
     stored = StoredModel.open(dest)
     assert not stored.has_added_images and search_prior(stored, PriorWeights(added_bonus=3.0)) is None
+
+
+def test_images_added_after_a_removal_measure_hubness_against_every_trained_caption(tiny_default_model_dir,
+                                                                                  demo_catalog, tmp_path):
+    """The removed images' captions were trained on, and the model still leans towards them: the
+    first addition after a removal measures hubness as it would have without the removal."""
+    removed_first, untouched = tmp_path / "removed first", tmp_path / "untouched"
+    for dest in (removed_first, untouched):
+        shutil.copytree(tiny_default_model_dir, dest)
+    trained = StoredModel.open(untouched).catalog
+    remove_images(removed_first, GONE[:1])
+    remove_images(removed_first, GONE[1:])  # the second removal adds to what the first kept aside
+    aside = json.loads((removed_first / REMOVED_TRAINED_CAPTIONS).read_text())
+    assert sorted(aside) == sorted(c for k in GONE for c in trained[k].captions)
+    new = demo_catalog.subset(["brick.jpg", "clock.jpg"])
+    for dest in (removed_first, untouched):
+        add_images(dest, new, progress=False)
+    assert not (removed_first / REMOVED_TRAINED_CAPTIONS).exists()  # in the bank now
+    banks = [np.load(dest / HUBNESS_BANK) for dest in (removed_first, untouched)]
+    assert len(banks[0]) == len(banks[1]) == sum(len(trained[k].captions) for k in TINY_IMAGES)
+    hubness = [dict(zip(s.keys, s.image_hubness())) for s in map(StoredModel.open, (removed_first, untouched))]
+    assert [hubness[0][k] for k in new.keys()] == pytest.approx([hubness[1][k] for k in new.keys()], abs=1e-6)
+    remove_images(removed_first, ["brick.jpg", "coffee.jpg"])  # with the bank kept, nothing is set aside
+    assert not (removed_first / REMOVED_TRAINED_CAPTIONS).exists()
 
 
 def test_the_cli_removes_keys_given_and_listed(tiny_model_dir, tmp_path, capsys):
