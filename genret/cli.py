@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import genret
+
 from .identifiers import SCHEMES
 
 if TYPE_CHECKING:
@@ -26,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_STORE = Path(os.environ.get("GENRET_MODEL_STORE", REPO / "model_store"))
+MODEL_STORE = genret.MODEL_STORE  # a module global, so tests can point it elsewhere
 RUNS = Path(os.environ.get("GENRET_RUNS", REPO / "runs"))
 
 # Named starting points; any field can still be changed with --set key=value.
@@ -128,10 +130,7 @@ def build_config(preset: str, scheme: str | None, sets: list[str]):
 def open_model(name_or_path: str):
     from .model_store import StoredModel
 
-    path = Path(name_or_path)
-    if not path.exists():
-        path = MODEL_STORE / name_or_path
-    return StoredModel.open(path)
+    return StoredModel.find(name_or_path, MODEL_STORE)
 
 
 def read_queries(path: Path) -> list[tuple[str, str]]:
@@ -298,26 +297,20 @@ def cmd_search(args) -> None:
         print(f"{hit.score:9.3f}  {hit.key}  {stored.identifiers.ids[hit.key]}")
 
 
-def _known_image(stored, key: str) -> str:
-    if key not in stored.id_tokens:
-        raise UsageError(f"unknown image {key!r} in model {stored.manifest['name']}")
-    return key
-
-
 def cmd_describe(args) -> None:
     from .decoding import TransformersEngine
 
     stored = open_model(args.model)
-    stored.require_trained_to("describe")
-    print(TransformersEngine(stored, device=args.device).describe(_known_image(stored, args.image)))
+    stored.require_trained_to("describe"), stored.image_id_tokens(args.image)  # before loading the LM
+    print(TransformersEngine(stored, device=args.device).describe(args.image))
 
 
 def cmd_ask(args) -> None:
     from .decoding import TransformersEngine
 
     stored = open_model(args.model)
-    stored.require_trained_to("ask")
-    print(TransformersEngine(stored, device=args.device).ask(_known_image(stored, args.image), args.question))
+    stored.require_trained_to("ask"), stored.image_id_tokens(args.image)  # before loading the LM
+    print(TransformersEngine(stored, device=args.device).ask(args.image, args.question))
 
 
 def cmd_demo(args) -> None:

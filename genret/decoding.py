@@ -72,6 +72,8 @@ class TransformersEngine:
                trie: IdTrie | None = None, prior: IdPrior | None = None) -> list[list[Hit]]:
         """Top-k catalog images per query, best first, by constrained beam search; with a prior
         (over the same trie), each id's score includes its offset and the beam searches by it."""
+        if isinstance(queries, str):  # it would search each character
+            raise TypeError(f"search takes a list of queries, not one string: search([{queries!r}])")
         trie = trie or self.trie
         if prior is not None and prior.trie is not trie:
             raise ValueError("the prior was built over another trie")
@@ -128,10 +130,13 @@ class TransformersEngine:
         return [self.prompts.decode_answer(_until_end(row, self.prompts.end)) for row in out[:, ids.shape[1]:].tolist()]
 
     def describe(self, key: str) -> str:
-        return self.generate([self.prompts.describe(self.stored.id_tokens[key])])[0]
+        """The memorized image's caption, from its id alone (UnknownImage, UntrainedTask)."""
+        self.stored.require_trained_to("describe")
+        return self.generate([self.prompts.describe(self.stored.image_id_tokens(key))])[0]
 
     def ask(self, key: str, question: str) -> str:
-        return self.generate([self.prompts.ask(self.stored.id_tokens[key], question)])[0]
+        self.stored.require_trained_to("ask")
+        return self.generate([self.prompts.ask(self.stored.image_id_tokens(key), question)])[0]
 
 
 class TrieMask(LogitsProcessor):

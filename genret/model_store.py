@@ -57,6 +57,13 @@ class ModelStoreError(RuntimeError):
     pass
 
 
+class UnknownImage(ModelStoreError, KeyError):
+    """An image key the model has no id for (never memorized, or removed since)."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0])
+
+
 class UntrainedTask(ModelStoreError):
     """Describe or ask of a model trained without it (`--set describe=false`): its answer would
     be the base LM's guess about an id it never learnt to speak of, so it is refused instead."""
@@ -188,6 +195,14 @@ class StoredModel:
             raise ModelStoreError(f"{manifest_path}: format {manifest.get('format_version')} is not {FORMAT_VERSION}")
         return cls(path, manifest, Path(images_dir) if images_dir is not None else None)
 
+    @classmethod
+    def find(cls, name_or_path: str | Path, store: Path | None = None) -> "StoredModel":
+        """A model by path, or by name under the model store (GENRET_MODEL_STORE, else model_store/)."""
+        from . import MODEL_STORE  # read when called, so it can be pointed elsewhere
+
+        path = Path(name_or_path)
+        return cls.open(path if path.exists() else (store or MODEL_STORE) / name_or_path)
+
     @property
     def lm_path(self) -> Path:
         return self.path / "lm"
@@ -209,6 +224,13 @@ class StoredModel:
     @property
     def id_tokens(self) -> dict[str, list[int]]:
         return self._identifiers_json["tokens"]
+
+    def image_id_tokens(self, key: str) -> list[int]:
+        """The id tokens of one image, or UnknownImage naming the model."""
+        try:
+            return self.id_tokens[key]
+        except KeyError:
+            raise UnknownImage(f"unknown image {key!r} in model {self.manifest['name']}") from None
 
     @cached_property
     def keys(self) -> list[str]:

@@ -1,0 +1,53 @@
+"""`genret.load`: what the README's Python example does, on the tiny model, and the errors a
+Python caller gets (a ModelStoreError naming the model or image, never a bare KeyError)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import genret
+from genret.decoding import TransformersEngine
+from genret.model_store import ModelStoreError, StoredModel, UnknownImage, UntrainedTask
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return genret.load(tiny_model_dir, device="cpu")
+
+
+def test_load_searches_describes_and_asks_as_the_engine_does(model, tiny_model_dir, tiny_catalog):
+    query = tiny_catalog["rocket.jpg"].captions[0]
+    [hits] = model.search([query], k=3)
+    [expected] = TransformersEngine(StoredModel.open(tiny_model_dir), device="cpu").search([query], k=3)
+    assert hits == expected and len(hits) == 3 and {h.key for h in hits} <= set(tiny_catalog.keys())
+    assert isinstance(model.describe("rocket.jpg"), str) and isinstance(model.ask("rocket.jpg", "Is it red?"), str)
+
+
+def test_load_finds_a_model_by_name_in_the_model_store(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(genret, "MODEL_STORE", tiny_model_dir.parent)
+    assert genret.load(tiny_model_dir.name, device="cpu").stored.path == tiny_model_dir
+    with pytest.raises(ModelStoreError, match=r"nope: not a trained model \(no manifest.json\)"):
+        genret.load("nope")
+
+
+def test_python_callers_get_errors_that_say_what_is_wrong(model, tiny_model_dir, tmp_path):
+    with pytest.raises(UnknownImage, match=r"^unknown image 'nope.jpg' in model model$") as raised:
+        model.describe("nope.jpg")
+    assert isinstance(raised.value, KeyError)  # what a dict lookup would raise, with a message
+    with pytest.raises(UnknownImage, match="nope.jpg"):
+        model.ask("nope.jpg", "Is it red?")
+    with pytest.raises(TypeError, match=r"a list of queries, not one string: search\(\['a rocket'\]\)"):
+        model.search("a rocket")  # not 8 searches, one per character
+    search_only = tmp_path / "search-only"
+    shutil.copytree(tiny_model_dir, search_only)
+    manifest = json.loads((search_only / "manifest.json").read_text())
+    manifest["train_config"].update(describe=False, ask=False)  # as `--set describe=false --set ask=false` records
+    (search_only / "manifest.json").write_text(json.dumps(manifest))
+    trained_to_search = genret.load(search_only, device="cpu")
+    with pytest.raises(UntrainedTask, match="was not trained to describe"):
+        trained_to_search.describe("rocket.jpg")
+    with pytest.raises(UntrainedTask, match="was not trained to ask"):
+        trained_to_search.ask("rocket.jpg", "Is it red?")
