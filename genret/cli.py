@@ -59,6 +59,14 @@ def weight_arg(text: str) -> float:
     return weight
 
 
+def model_name_arg(text: str) -> str:
+    """An argparse type: a model's name, one folder under the model store (--out takes a path)."""
+    if text in ("", ".", "..") or text.startswith(".") or Path(text).name != text or "\\" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a model name: a folder name under the model store, not a "
+                                         "path (--out takes a path)")
+    return text
+
+
 def count_arg(text: str) -> int:
     """An argparse type: a count of results, beams or queries, an integer >= 1."""
     try:
@@ -356,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="auto", choices=["auto", "csv", "coco"])
     p.add_argument("--duplicates", default="error", choices=["error", "keep", "drop"],
                    help="what to do with repeated (image, caption) rows")
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", required=True, type=model_name_arg)
     p.add_argument("--scheme", choices=list(SCHEMES),
                    help="identifier scheme (default: atomic, with rows aligned and frozen; see README)")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
@@ -440,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("demo", help="train the demo model if needed, then retrieve with it")
-    p.add_argument("--name", default="demo")
+    p.add_argument("--name", default="demo", type=model_name_arg)
     p.add_argument("--scheme", choices=list(SCHEMES), help="identifier scheme (default: atomic)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--retrain", action="store_true", help="train from scratch even where the model exists")

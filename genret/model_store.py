@@ -121,11 +121,25 @@ def save_model(
     return dest
 
 
+def check_model_destination(dest: Path) -> None:
+    """A ModelStoreError where a model written to `dest` would replace something that is not a
+    model: it is swapped in whole, so what the folder held would be deleted (`--out ~/photos`)."""
+    if not dest.exists() or (dest / MANIFEST).is_file():
+        return
+    if not dest.is_dir():
+        raise ModelStoreError(f"{dest} is a file, and a model is a folder: choose another destination")
+    if held := sorted(p.name for p in dest.iterdir())[:3]:
+        raise ModelStoreError(f"{dest} is not a trained model (no {MANIFEST}) and holds files ({', '.join(held)}"
+                              f"{' ...' if len(held) == 3 else ''}), which a model written there would replace: "
+                              "choose a new or empty folder, or a model to replace")
+
+
 @contextmanager
 def staged_model_dir(dest: Path) -> Iterator[Path]:
     """A hidden folder beside `dest` to write a model into. When the block ends it replaces
     `dest` (if any) by renames, so readers see the old model or the new one, never a mix; if the
     block raises, it is removed and `dest` is left as it was."""
+    check_model_destination(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:

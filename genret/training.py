@@ -36,7 +36,7 @@ from .distillation import DenseTeacher
 from .identifiers import SCHEMES, STOP_WORDS, IdentifierAssignment, make_scheme
 from .language_model import add_tokens, keep_first_layers, load_base, prune_vocabulary
 from .model import Example, MultimodalLM, QueryPrefix, SoftPrefix
-from .model_store import save_model, write_json
+from .model_store import check_model_destination, save_model, write_json
 from .prompts import PROMPT_TEXTS, Prompts, normalize_caption
 
 log = logging.getLogger(__name__)
@@ -563,6 +563,7 @@ class Trainer:
         checkpoint, and returns None: the same call later resumes (GPU calls have time limits).
         """
         started = time.monotonic()
+        check_model_destination(Path(dest))  # now, not after hours of training
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.prepared.mkdir(exist_ok=True)
         config_path, catalog_path = self.run_dir / "config.json", self.run_dir / "catalog.json"
@@ -698,5 +699,17 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
+RUN_FILES = {"config.json", "catalog.json", "checkpoint.pt", "prepared"}  # all a run folder holds
+
+
 def clear_run(run_dir: Path) -> None:
-    shutil.rmtree(run_dir, ignore_errors=True)
+    """Delete a training run's files (--fresh, --retrain), refusing a folder that holds anything
+    else: a mistyped --run-dir (or --name ..) must not delete what is there."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir() or (others := sorted({p.name for p in run_dir.iterdir()} - RUN_FILES)):
+        what = "is a file" if not run_dir.is_dir() else f"holds files a training run does not write ({', '.join(others[:3])})"
+        raise ValueError(f"{run_dir} {what}: it is not a run folder, so it is not deleted; choose another --run-dir")
+    for name in RUN_FILES:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)

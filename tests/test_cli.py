@@ -202,3 +202,28 @@ def test_the_settings_evaluate_recommends_are_the_ones_the_service_reads(reranke
     expected = {"beam_hubness_weight": 0.5, "added_id_bonus": 2.0,
                 **({"rerank_beams": 7, "rerank_weight": 4.0, "hubness_weight": 1.5} if reranked else {"beams": 7})}
     assert {name: settings.search[name] for name in expected} == expected and len(line.split()) == len(expected)
+
+
+def test_training_never_deletes_what_is_not_a_model_or_a_run(capsys, tmp_path):
+    """A model is swapped into its folder whole, and --fresh deletes a run folder: pointed at a
+    folder that holds anything else (a mistyped --out or --run-dir), training refuses at once."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.jpg")
+    (tmp_path / "captions.csv").write_text("image,caption\na.jpg,a black square\n")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"not a model")
+    train = ["train", "--images", str(tmp_path / "images"), "--captions", str(tmp_path / "captions.csv")]
+    code, _, err = run(capsys, *train, "--name", "x", "--run-dir", str(tmp_path / "run"), "--out", str(photos))
+    assert code == 2 and f"{photos} is not a trained model (no manifest.json) and holds files (holiday.jpg)" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    code, _, err = run(capsys, *train, "--name", "x", "--run-dir", str(photos), "--fresh",
+                       "--out", str(tmp_path / "model"))
+    assert code == 2 and "holds files a training run does not write (holiday.jpg)" in err
+    assert (photos / "holiday.jpg").read_bytes() == b"not a model"
+    for name in ("..", ".", "", "team/model", ".hidden"):  # model_store/.. is the repository
+        with pytest.raises(SystemExit) as exited:
+            main([*train, "--name", name])
+        assert exited.value.code == 2 and f"{name!r} is not a model name" in capsys.readouterr().err
