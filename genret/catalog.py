@@ -157,6 +157,8 @@ def load_catalog(
     for key, (where, caps) in entries.items():
         if not caps and not include_uncaptioned:
             continue
+        if Path(key).is_absolute() or ".." in Path(key).parts:  # the service would serve it as a catalog image
+            raise CatalogError(f"{captions_file}: {where}: image {key!r} is not a path inside {images_dir}")
         path = images_dir / key
         if not path.is_file():
             raise CatalogError(f"{captions_file}: {where}: image {key!r} not found in {images_dir}")

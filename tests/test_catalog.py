@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,17 @@ def test_csv_missing_image(folder, tmp_path):
     caps = write_csv(tmp_path / "captions.csv", CSV_ROWS + [("gone.jpg", "x"), ("gone.jpg", "y")])
     with pytest.raises(CatalogError, match=r"captions\.csv: row 5: image 'gone.jpg' not found"):
         load_catalog(folder, caps)
+
+
+@pytest.mark.parametrize("key", ["../outside.jpg", "sub/../../outside.jpg", "{absolute}"])
+def test_an_image_outside_the_images_directory_is_refused(folder, tmp_path, key):
+    """Named by a path that leaves the folder, an image would be trained on and served from
+    wherever it is: a slip in the captions file, named as one."""
+    key = key.format(absolute=make_image(tmp_path / "outside.jpg"))
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS + [(key, "a red square")])
+    with pytest.raises(CatalogError, match=rf"captions\.csv: row 5: image '{re.escape(key)}' is not a path inside"):
+        load_catalog(folder, caps)
+    assert load_catalog(folder, write_csv(tmp_path / "sub.csv", [("sub/deep.jpg", "a red square")]))["sub/deep.jpg"]
 
 
 def test_csv_unreadable_image(folder, tmp_path):
