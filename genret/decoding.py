@@ -74,6 +74,10 @@ class TransformersEngine:
         (over the same trie), each id's score includes its offset and the beam searches by it."""
         if isinstance(queries, str):  # it would search each character
             raise TypeError(f"search takes a list of queries, not one string: search([{queries!r}])")
+        if k < 1 or (beams is not None and beams < 1):
+            raise ValueError(f"k={k}, beams={beams}: search for at least one image with at least one beam")
+        if not queries:
+            return []
         trie = trie or self.trie
         if prior is not None and prior.trie is not trie:
             raise ValueError("the prior was built over another trie")

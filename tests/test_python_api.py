@@ -41,6 +41,10 @@ def test_python_callers_get_errors_that_say_what_is_wrong(model, tiny_model_dir,
         model.ask("nope.jpg", "Is it red?")
     with pytest.raises(TypeError, match=r"a list of queries, not one string: search\(\['a rocket'\]\)"):
         model.search("a rocket")  # not 8 searches, one per character
+    for bad in (dict(k=0), dict(k=-1), dict(k=3, beams=0)):
+        with pytest.raises(ValueError, match="at least one image with at least one beam"):
+            model.search(["a rocket"], **bad)
+    assert model.search([], k=3) == []
     search_only = tmp_path / "search-only"
     shutil.copytree(tiny_model_dir, search_only)
     manifest = json.loads((search_only / "manifest.json").read_text())
