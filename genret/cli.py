@@ -235,6 +235,9 @@ def cmd_evaluate(args) -> None:
     from .evaluation import check_candidates, chosen_weights, evaluate_generative
 
     stored = open_model(args.model)
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):  # known now, not after the searches
+        raise UsageError(f"--out {args.out}: " + ("a folder; name the JSON file to write" if Path(args.out).is_dir()
+                                                  else "its folder does not exist"))
     queries = read_queries(Path(args.queries))
     if args.limit:
         queries = queries[: args.limit]

@@ -135,6 +135,11 @@ def test_evaluate_names_what_is_wrong_with_its_files(capsys, tiny_model_dir, tin
              "none.txt": "", "latin1.csv": f"image,caption\n{key},caf\xe9\n", "latin1.txt": f"{key}\ncaf\xe9.jpg\n"}
     for name, text in files.items():
         (tmp_path / name).write_text(text, encoding="latin-1")
+    for out, says in [(tmp_path, "a folder; name the JSON file to write"),
+                      (tmp_path / "nope" / "r.json", "its folder does not exist")]:
+        code, _, err = run(capsys, "evaluate", str(tiny_model_dir), "--queries", str(tmp_path / "queries.csv"),
+                           "--out", str(out))
+        assert code == 2 and f"--out {out}: {says}" in err
     for queries, candidates, says in [("empty.csv", None, "empty.csv: no queries"),
                                       ("latin1.csv", None, "latin1.csv: line 2: not UTF-8 text"),
                                       ("queries.csv", "latin1.txt", "latin1.txt: line 2: not UTF-8 text"),
