@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (UsageError, CatalogError, ModelStoreError, ValueError, FileNotFoundError) as e:
+    except (UsageError, CatalogError, ModelStoreError, ValueError, OSError) as e:  # OSError: a path it cannot use
         print(f"genret {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

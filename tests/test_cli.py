@@ -228,6 +228,9 @@ def test_training_never_deletes_what_is_not_a_model_or_a_run(capsys, tmp_path):
                        "--out", str(tmp_path / "model"))
     assert code == 2 and "holds files a training run does not write (holiday.jpg)" in err
     assert (photos / "holiday.jpg").read_bytes() == b"not a model"
+    code, _, err = run(capsys, *train, "--name", "x", "--run-dir", str(photos / "holiday.jpg"),
+                       "--out", str(tmp_path / "model"))  # an OSError, one line like the rest (was a traceback)
+    assert code == 2 and "File exists" in err and "holiday.jpg" in err and "Traceback" not in err
     for name in ("..", ".", "", "team/model", ".hidden"):  # model_store/.. is the repository
         with pytest.raises(SystemExit) as exited:
             main([*train, "--name", name])
