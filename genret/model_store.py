@@ -301,9 +301,13 @@ class StoredModel:
         """Every caption training read, those of images removed since included: the queries the
         model was pulled towards, which hubness is measured against (genret.adding.hubness_bank)."""
         trained = self.trained_caption_keys
-        removed = self.path / REMOVED_TRAINED_CAPTIONS
         return [c for image in self.catalog if image.key in trained for c in image.captions] + \
-            (json.loads(removed.read_text()) if removed.exists() else [])
+            self.removed_trained_captions()
+
+    def removed_trained_captions(self) -> list[str]:
+        """The trained captions of images `genret remove` took out before the hubness bank was kept."""
+        path = self.path / REMOVED_TRAINED_CAPTIONS
+        return json.loads(path.read_text()) if path.exists() else []
 
     @property
     def end_token(self) -> int:

@@ -43,9 +43,7 @@ def removed_trained_captions(stored: StoredModel, gone: list[str]) -> list[str]:
     """The trained captions the hubness bank would lose with these images, added to those kept
     aside by earlier removals."""
     gone_trained = [stored.catalog[key] for key in gone if key in stored.trained_caption_keys]
-    earlier = stored.path / REMOVED_TRAINED_CAPTIONS
-    return (json.loads(earlier.read_text()) if earlier.exists() else []) + \
-        [c for image in gone_trained for c in image.captions]
+    return stored.removed_trained_captions() + [c for image in gone_trained for c in image.captions]
 
 
 def remove_images(model_dir: str | Path, keys: Iterable[str]) -> Removed:
