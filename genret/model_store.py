@@ -11,6 +11,8 @@
     image_embeddings.npy   aligned image embeddings, row order = identifiers order
     image_hubness.npy      each image's mean similarity to its nearest training captions, same order
                            (re-ranking subtracts a multiple: see genret.alignment.hubness)
+    hubness_bank.npy       the trained captions' aligned embeddings (kept by the first `genret add`)
+    removed_trained_captions.json   removed images' trained captions, until that bank is kept
 
 A model is written into a hidden staging folder and renamed into place, so a crash never
 leaves a half-written model and a re-train replaces the old one in one step.
