@@ -312,7 +312,8 @@ def cmd_describe(args) -> None:
     from .decoding import TransformersEngine
 
     stored = open_model(args.model)
-    stored.require_trained_to("describe"), stored.image_id_tokens(args.image)  # before loading the LM
+    stored.require_trained_to("describe")  # both checked before the LM loads
+    stored.image_id_tokens(args.image)
     print(TransformersEngine(stored, device=args.device).describe(args.image))
 
 
@@ -320,7 +321,8 @@ def cmd_ask(args) -> None:
     from .decoding import TransformersEngine
 
     stored = open_model(args.model)
-    stored.require_trained_to("ask"), stored.image_id_tokens(args.image)  # before loading the LM
+    stored.require_trained_to("ask")  # both checked before the LM loads
+    stored.image_id_tokens(args.image)
     print(TransformersEngine(stored, device=args.device).ask(args.image, args.question))
 
 

@@ -130,9 +130,9 @@ def check_model_destination(dest: Path) -> None:
         return
     if not dest.is_dir():
         raise ModelStoreError(f"{dest} is a file, and a model is a folder: choose another destination")
-    if held := sorted(p.name for p in dest.iterdir())[:3]:
-        raise ModelStoreError(f"{dest} is not a trained model (no {MANIFEST}) and holds files ({', '.join(held)}"
-                              f"{' ...' if len(held) == 3 else ''}), which a model written there would replace: "
+    if held := sorted(p.name for p in dest.iterdir()):
+        raise ModelStoreError(f"{dest} is not a trained model (no {MANIFEST}) and holds files ({', '.join(held[:3])}"
+                              f"{' ...' if len(held) > 3 else ''}), which a model written there would replace: "
                               "choose a new or empty folder, or a model to replace")
 
 
