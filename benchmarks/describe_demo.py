@@ -43,11 +43,6 @@ def measure(run_dir: Path, model_dir: Path, config, catalog) -> dict:
             "train_seconds": round(seconds, 1)}
 
 
-def config_differences(measured: dict, config: dict) -> list[str]:
-    return [f"{k}={measured.get(k)!r} (now {config.get(k)!r})" for k in sorted(set(measured) | set(config))
-            if measured.get(k) != config.get(k)]
-
-
 def report(rows: list[dict]) -> str:
     lines = ["| preset | describe_per_image | seed | exact descriptions | describe F1 | yes/no | word prior "
              "| demo R@1 | training s |",
@@ -92,9 +87,14 @@ def main(argv: list[str] | None = None) -> int:
                 result_path = args.out / "runs" / name / "result.json"
                 if result_path.exists():
                     row = json.loads(result_path.read_text())
-                    if changed := config_differences(row.get("config", {}), config.model_dump(mode="json")):
-                        parser.error(f"{result_path} was measured with another training config "
-                                     f"({'; '.join(changed[:4])}): choose another --out")
+                    if "config" not in row:
+                        parser.error(f"{result_path} was measured before results recorded their training config: "
+                                     "choose another --out")
+                    if changed := config.differences(row["config"]):  # as a resumed training run compares them
+                        now = config.model_dump(mode="json")
+                        parser.error(f"{result_path} was measured with another training config ("
+                                     + "; ".join(f"{k}={row['config'].get(k)!r} (now {now[k]!r})" for k in changed[:4])
+                                     + "): choose another --out")
                     if row["commit"] != commit:
                         print(f"note: reusing {result_path}, measured at commit {row['commit']} (now {commit})",
                               file=sys.stderr)
