@@ -140,7 +140,8 @@ class TransformersEngine:
 
     def ask(self, key: str, question: str) -> str:
         self.stored.require_trained_to("ask")
-        return self.generate([self.prompts.ask(self.stored.image_id_tokens(key), question)])[0]
+        description = self.describe(key) if self.stored.asks_from_description else None
+        return self.generate([self.prompts.ask(self.stored.image_id_tokens(key), question, description)])[0]
 
 
 class TrieMask(LogitsProcessor):

@@ -190,16 +190,16 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
     questions training asks, about up to `words_per_image` words its captions mention and as
     many they do not (several per image: one pair each gave a standard error near 0.05).
 
-    The absent words are drawn from the whole vocabulary, most of it rare, and the present ones
-    from the image's captions, so word frequency alone beats chance: `yes_no_word_prior` is the
-    accuracy of "yes iff at least t of these images' captions mention the word" at its best t,
-    the control that yes/no accuracy has to beat to show knowledge of the image."""
-    from .training import content_words, presence_question, presence_words
+    The absent words are drawn as often as images mention them (`presence_words`), so word
+    frequency alone scores near chance. `yes_no_word_prior`, the accuracy of "yes iff at least t
+    of these images' captions mention the word" at its best t, measures what is left of it: the
+    control that yes/no accuracy has to beat to show knowledge of the image."""
+    from .training import content_words, presence_question, presence_words, word_occurrences
 
     rng = random.Random(seed)
     keys = [k for k, captions in references.items() if captions]
     words = {k: sorted({w for c in references[k] for w in content_words(c)}) for k in keys}
-    vocabulary = sorted({w for ws in words.values() for w in ws})
+    occurrences = word_occurrences({k: references[k] for k in keys})
     mentions = Counter(w for ws in words.values() for w in ws)
     prompts, f1s, exact, correct, asked, mentioned = engine.prompts, [], 0, 0, 0, []
     for start in tqdm(range(0, len(keys), batch_size), desc="describe/ask", disable=not progress):
@@ -210,10 +210,11 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
         exact += sum(normalize_caption(d) in {normalize_caption(c) for c in references[k]}
                      for d, k in zip(descriptions, batch))
         questions, expected = [], []
-        for key, id_tokens in zip(batch, ids):
-            present, absent = presence_words(rng, words[key], vocabulary, words_per_image)
+        for key, id_tokens, description in zip(batch, ids, descriptions):
+            context = description if engine.stored.asks_from_description else None
+            present, absent = presence_words(rng, words[key], occurrences, words_per_image)
             for word, answer in [(w, "yes") for w in present] + [(w, "no") for w in absent]:
-                questions.append(prompts.ask(id_tokens, presence_question(word)))
+                questions.append(prompts.ask(id_tokens, presence_question(word), context))
                 expected.append(answer)
                 mentioned.append((mentions[word], answer == "yes"))
         answers = engine.generate(questions, max_new_tokens=4) if questions else []

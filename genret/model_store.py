@@ -266,6 +266,11 @@ class StoredModel:
         config = self.manifest.get("train_config", {})
         return ["search", *(task for task in ("describe", "ask") if config.get(task, True))]
 
+    @property
+    def asks_from_description(self) -> bool:
+        """Whether an ask follows the model's own description of the image (ask_from_description)."""
+        return bool(self.manifest.get("train_config", {}).get("ask_from_description", False))
+
     def require_trained_to(self, task: str) -> None:
         if task not in self.tasks:
             raise UntrainedTask(f"model {self.manifest['name']!r} was not trained to {task} (its training config "

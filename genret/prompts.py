@@ -17,8 +17,10 @@ MEMORIZE = "Image id:"  # after the visual prefix
 CAPTION = "Caption:"  # after the visual prefix
 DESCRIBE = ("Describe image ", ":")  # around the identifier
 ASK = ("Image ", ". Question: {question}\nAnswer:")  # around the identifier
+ASK_AFTER_DESCRIPTION = "\nQuestion: {question}\nAnswer:"  # after the describe prompt and a description
 
-PROMPT_TEXTS = [RETRIEVE.format(query=""), MEMORIZE, CAPTION, *DESCRIBE, ASK[0], ASK[1].format(question="")]
+PROMPT_TEXTS = [RETRIEVE.format(query=""), MEMORIZE, CAPTION, *DESCRIBE, ASK[0], ASK[1].format(question=""),
+                ASK_AFTER_DESCRIPTION.format(question="")]
 
 
 def normalize_caption(text: str) -> str:
@@ -53,8 +55,13 @@ class Prompts:
     def describe(self, id_tokens: list[int]) -> list[int]:
         return self.encode(DESCRIBE[0]) + list(id_tokens) + self.encode(DESCRIBE[1])
 
-    def ask(self, id_tokens: list[int], question: str) -> list[int]:
-        return self.encode(ASK[0]) + list(id_tokens) + self.encode(ASK[1].format(question=question.strip()))
+    def ask(self, id_tokens: list[int], question: str, description: str | None = None) -> list[int]:
+        """With a description (a model trained with ask_from_description), the question follows the
+        describe prompt and that description, as a conversation about the image would."""
+        if description is None:
+            return self.encode(ASK[0]) + list(id_tokens) + self.encode(ASK[1].format(question=question.strip()))
+        return (self.describe(id_tokens) + self.encode(" " + description.strip())
+                + self.encode(ASK_AFTER_DESCRIPTION.format(question=question.strip())))
 
     def answer(self, text: str) -> list[int]:
         """A generated continuation: leading space, then the end token."""

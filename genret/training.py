@@ -21,7 +21,7 @@ import random
 import shutil
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -116,6 +116,10 @@ class TrainConfig(BaseModel):
         "yes/no question pairs per image and retrieve epoch, each about another word its captions mention "
         "and another they do not: 4 lifted yes/no by 0.07-0.13, as much for images never captioned, so it "
         "teaches which words are common more than what each image holds (benchmarks/RESULTS.md)"))
+    ask_from_description: bool = Field(False, description=(
+        "ask examples put one of the image's captions between its id and the question, and the engines "
+        "describe the image before they ask: answers then read a description the model has memorized "
+        "instead of recalling each answer from the id alone, and yes/no asks about that caption's words"))
     batch_size: int = 32
     length_slices: int = Field(1, ge=1, description=(
         "each batch runs as this many forward and backward passes over its examples sorted by length, "
@@ -160,6 +164,12 @@ class TrainConfig(BaseModel):
             raise ValueError("describe_pseudo trains describe/ask on pseudo-queries: set pseudo_queries and describe or ask")
         return self
 
+    @model_validator(mode="after")
+    def _asking_from_a_description_needs_describe(self):
+        if self.ask_from_description and not (self.ask and self.describe):
+            raise ValueError("ask_from_description asks after the model's own description: set ask and describe")
+        return self
+
     def differences(self, recorded: dict) -> list[str]:
         """The fields on which a run folder's recorded config differs from this one. A field it
         does not record (an option added since that run began) counts as at its default, so a
@@ -202,12 +212,23 @@ def presence_question(word: str) -> str:
     return f"Is there a {word} in this image?"
 
 
-def presence_words(rng: random.Random, mentioned: list[str], vocabulary: list[str], n: int) -> tuple[list[str], list[str]]:
-    """Up to n words an image's captions mention and n from `vocabulary` they do not: the
-    subjects of its yes/no questions, in training and in evaluation alike."""
-    present = rng.sample(mentioned, min(len(mentioned), n))
-    absent = [w for w in rng.sample(vocabulary, min(len(vocabulary), 20 + n)) if w not in mentioned][:n]
+def presence_words(rng: random.Random, mentioned: list[str], occurrences: list[str], n: int,
+                   asked: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Up to n words an image's captions mention (drawn from `asked`, a part of them, when given)
+    and n they do not: the subjects of its yes/no questions, in training and in evaluation alike.
+    `occurrences` holds each image's words once per image that mentions them, so an absent word is
+    drawn as often as images mention it, as a present one is: how common a word is then cannot
+    tell yes from no, only the image can."""
+    asked = mentioned if asked is None else asked
+    present = rng.sample(asked, min(len(asked), n))
+    drawn = rng.sample(occurrences, min(len(occurrences), 20 + 4 * n))
+    absent = list(dict.fromkeys(w for w in drawn if w not in mentioned))[:n]
     return present, absent
+
+
+def word_occurrences(captions: Mapping[str, Sequence[str]]) -> list[str]:
+    """Each image's content words, once per image whose captions mention them (see presence_words)."""
+    return sorted(w for cs in captions.values() for w in {w for c in cs for w in content_words(c)})
 
 
 def pick_device(name: str) -> torch.device:
@@ -488,20 +509,24 @@ class Trainer:
         return out
 
     def ask_examples(self, rng, prompts, ids, described) -> list[Example]:
-        """Questions built from the captions: an open one answered by a caption, and a yes/no pair,
-        one about a word the captions mention and one about a word they do not. Asked about the
-        same id in the same epoch, the pair cannot be answered from the id alone, only by reading
-        the word."""
-        vocabulary = sorted({w for cs in described.values() for c in cs for w in content_words(c)})
+        """Questions built from the captions: an open one answered by a caption, and yes/no pairs,
+        about words the captions mention and words they do not. Asked about the same id in the same
+        epoch, a pair cannot be answered from the id alone, only by reading the word. With
+        ask_from_description the caption is the description the question follows, and the words
+        asked "yes" about are its own, so the answer can be read there."""
+        occurrences = word_occurrences(described)
         out = []
         for key, captions in described.items():
             if not captions:
                 continue
             caption = rng.choice(captions)
-            out.append(Example(prompts.ask(ids[key], rng.choice(QUESTIONS_ABOUT_CONTENT)), prompts.answer(caption)))
-            present, absent = presence_words(rng, sorted({w for c in captions for w in content_words(c)}), vocabulary,
-                                             self.config.ask_per_image)
-            out += [Example(prompts.ask(ids[key], presence_question(word)), prompts.answer(answer))
+            context = caption if self.config.ask_from_description else None
+            out.append(Example(prompts.ask(ids[key], rng.choice(QUESTIONS_ABOUT_CONTENT), context),
+                               prompts.answer(caption)))
+            mentioned = sorted({w for c in captions for w in content_words(c)})
+            present, absent = presence_words(rng, mentioned, occurrences, self.config.ask_per_image,
+                                             asked=sorted(set(content_words(caption))) if context else None)
+            out += [Example(prompts.ask(ids[key], presence_question(word), context), prompts.answer(answer))
                     for word, answer in [(w, "Yes.") for w in present] + [(w, "No.") for w in absent]]
         return out
 

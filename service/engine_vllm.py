@@ -218,7 +218,8 @@ class VLLMEngine:
         return await self._greedy(self.prompts.describe(self.stored.id_tokens[key]))
 
     async def ask(self, key: str, question: str) -> str:
-        return await self._greedy(self.prompts.ask(self.stored.id_tokens[key], question))
+        description = await self.describe(key) if self.stored.asks_from_description else None
+        return await self._greedy(self.prompts.ask(self.stored.id_tokens[key], question, description))
 
 
 def use_model_runner_v1() -> None:
