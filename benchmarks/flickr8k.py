@@ -98,6 +98,8 @@ LEVERS = {
            "describe_pseudo", True),
     "dpi": ("N describe examples per image and epoch, each with another of its captions", "describe_per_image", int),
     "api": ("N yes/no question pairs per image and epoch, each about other words", "ask_per_image", int),
+    "ad": ("ask after the model's own description: questions follow one of the image's captions in training",
+           "ask_from_description", True),
     "ls": ("each batch as N length-sorted slices, their gradients summed (the same update, less padding)",
            "length_slices", int),
     "kd": ("share N of the first id token's target is the two-tower's distribution over the catalog",

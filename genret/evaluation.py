@@ -186,43 +186,38 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
                               progress: bool = True) -> dict:
     """How well the model speaks about images it knows only by id: the content-word F1 of its
     description against the image's reference captions (and the share that are one of them,
-    `describe_exact`: training saw each caption as written), and its accuracy on the yes/no
-    questions training asks, about up to `words_per_image` words its captions mention and as
-    many they do not (several per image: one pair each gave a standard error near 0.05).
+    `describe_exact`: training saw each caption as written), and its accuracy on yes/no
+    questions built as training builds them (`yes_no_questions`): up to `words_per_image` words
+    each image's captions mention, each also asked of an image whose captions do not (several
+    per image: one pair each gave a standard error near 0.05). A model that asks from its
+    description is asked after its own.
 
-    The absent words are drawn as often as images mention them (`presence_words`), so word
-    frequency alone scores near chance. `yes_no_word_prior`, the accuracy of "yes iff at least t
-    of these images' captions mention the word" at its best t, measures what is left of it: the
-    control that yes/no accuracy has to beat to show knowledge of the image."""
-    from .training import content_words, presence_question, presence_words, word_occurrences
+    `yes_no_word_prior` is the accuracy of "yes iff at least t of these images' captions mention
+    the word" at its best t: the control that yes/no accuracy has to beat to show knowledge of
+    the image. Every word is asked as often with yes as with no, so it is 0.5."""
+    from .training import content_words, presence_question, yes_no_questions
 
-    rng = random.Random(seed)
     keys = [k for k, captions in references.items() if captions]
-    words = {k: sorted({w for c in references[k] for w in content_words(c)}) for k in keys}
-    occurrences = word_occurrences({k: references[k] for k in keys})
-    mentions = Counter(w for ws in words.values() for w in ws)
-    prompts, f1s, exact, correct, asked, mentioned = engine.prompts, [], 0, 0, 0, []
-    for start in tqdm(range(0, len(keys), batch_size), desc="describe/ask", disable=not progress):
+    prompts, descriptions = engine.prompts, {}
+    for start in tqdm(range(0, len(keys), batch_size), desc="describe", disable=not progress):
         batch = keys[start : start + batch_size]
-        ids = [engine.stored.id_tokens[k] for k in batch]
-        descriptions = engine.generate([prompts.describe(i) for i in ids])
-        f1s += [word_f1(d, references[k]) for d, k in zip(descriptions, batch)]
-        exact += sum(normalize_caption(d) in {normalize_caption(c) for c in references[k]}
-                     for d, k in zip(descriptions, batch))
-        questions, expected = [], []
-        for key, id_tokens, description in zip(batch, ids, descriptions):
-            context = description if engine.stored.asks_from_description else None
-            present, absent = presence_words(rng, words[key], occurrences, words_per_image)
-            for word, answer in [(w, "yes") for w in present] + [(w, "no") for w in absent]:
-                questions.append(prompts.ask(id_tokens, presence_question(word), context))
-                expected.append(answer)
-                mentioned.append((mentions[word], answer == "yes"))
-        answers = engine.generate(questions, max_new_tokens=4) if questions else []
-        correct += sum(a.lower().startswith(e) for a, e in zip(answers, expected))
-        asked += len(questions)
+        descriptions.update(zip(batch, engine.generate([prompts.describe(engine.stored.id_tokens[k]) for k in batch])))
+    f1s = [word_f1(descriptions[k], references[k]) for k in keys]
+    exact = sum(normalize_caption(descriptions[k]) in {normalize_caption(c) for c in references[k]} for k in keys)
+
+    words = {k: {w for c in references[k] for w in content_words(c)} for k in keys}
+    questions = yes_no_questions(random.Random(seed), words, words_per_image)
+    mentions = Counter(w for ws in words.values() for w in ws)
+    context = descriptions if engine.stored.asks_from_description else dict.fromkeys(keys)
+    prompts_asked = [prompts.ask(engine.stored.id_tokens[k], presence_question(w), context[k]) for k, w, _ in questions]
+    answers = []
+    for start in tqdm(range(0, len(questions), 4 * batch_size), desc="ask", disable=not progress):
+        answers += engine.generate(prompts_asked[start : start + 4 * batch_size], max_new_tokens=4)
+    correct = sum(a.lower().startswith("yes" if yes else "no") for a, (_, _, yes) in zip(answers, questions))
+    asked = len(questions)
     return {"images": len(keys), "describe_word_f1": float(sum(f1s) / max(1, len(f1s))),
             "describe_exact": exact / max(1, len(keys)), "yes_no_accuracy": correct / max(1, asked),
-            "yes_no_word_prior": max((sum((n >= t) == yes for n, yes in mentioned) / max(1, asked)
+            "yes_no_word_prior": max((sum((mentions[w] >= t) == yes for _, w, yes in questions) / max(1, asked)
                                       for t in range(1, max(mentions.values(), default=0) + 2)), default=0.0),
             "questions": asked}
 

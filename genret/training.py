@@ -21,7 +21,7 @@ import random
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -212,23 +212,23 @@ def presence_question(word: str) -> str:
     return f"Is there a {word} in this image?"
 
 
-def presence_words(rng: random.Random, mentioned: list[str], occurrences: list[str], n: int,
-                   asked: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """Up to n words an image's captions mention (drawn from `asked`, a part of them, when given)
-    and n they do not: the subjects of its yes/no questions, in training and in evaluation alike.
-    `occurrences` holds each image's words once per image that mentions them, so an absent word is
-    drawn as often as images mention it, as a present one is: how common a word is then cannot
-    tell yes from no, only the image can."""
-    asked = mentioned if asked is None else asked
-    present = rng.sample(asked, min(len(asked), n))
-    drawn = rng.sample(occurrences, min(len(occurrences), 20 + 4 * n))
-    absent = list(dict.fromkeys(w for w in drawn if w not in mentioned))[:n]
-    return present, absent
-
-
-def word_occurrences(captions: Mapping[str, Sequence[str]]) -> list[str]:
-    """Each image's content words, once per image whose captions mention them (see presence_words)."""
-    return sorted(w for cs in captions.values() for w in {w for c in cs for w in content_words(c)})
+def yes_no_questions(rng: random.Random, mentioned: Mapping[str, Collection[str]], n: int,
+                     asked: Mapping[str, Collection[str]] | None = None) -> list[tuple[str, str, bool]]:
+    """Yes/no questions as (image key, word, answer), in training and in evaluation alike: up to n
+    about words each image's captions mention (words of `asked[key]`, a part of them, when given),
+    each paired with the same word asked of another image whose captions do not mention it. Every
+    word is then asked as often with "yes" as with "no", so how common a word is cannot answer;
+    only knowing the image can. (Drawn from the whole vocabulary, the "no" words were mostly rare
+    ones, and word frequency alone beat every model: benchmarks/RESULTS.md.)"""
+    keys = list(mentioned)
+    out = []
+    for key in keys:
+        pool = sorted(mentioned[key] if asked is None else asked[key])
+        for word in rng.sample(pool, min(len(pool), n)):
+            other = next((k for k in (rng.choice(keys) for _ in range(100)) if word not in mentioned[k]), None)
+            if other is not None:  # a word every image mentions has no "no"
+                out += [(key, word, True), (other, word, False)]
+    return out
 
 
 def pick_device(name: str) -> torch.device:
@@ -509,25 +509,19 @@ class Trainer:
         return out
 
     def ask_examples(self, rng, prompts, ids, described) -> list[Example]:
-        """Questions built from the captions: an open one answered by a caption, and yes/no pairs,
-        about words the captions mention and words they do not. Asked about the same id in the same
-        epoch, a pair cannot be answered from the id alone, only by reading the word. With
-        ask_from_description the caption is the description the question follows, and the words
-        asked "yes" about are its own, so the answer can be read there."""
-        occurrences = word_occurrences(described)
-        out = []
-        for key, captions in described.items():
-            if not captions:
-                continue
-            caption = rng.choice(captions)
-            context = caption if self.config.ask_from_description else None
-            out.append(Example(prompts.ask(ids[key], rng.choice(QUESTIONS_ABOUT_CONTENT), context),
-                               prompts.answer(caption)))
-            mentioned = sorted({w for c in captions for w in content_words(c)})
-            present, absent = presence_words(rng, mentioned, occurrences, self.config.ask_per_image,
-                                             asked=sorted(set(content_words(caption))) if context else None)
-            out += [Example(prompts.ask(ids[key], presence_question(word), context), prompts.answer(answer))
-                    for word, answer in [(w, "Yes.") for w in present] + [(w, "No.") for w in absent]]
+        """Questions built from the captions: an open one answered by a caption, and yes/no pairs
+        (`yes_no_questions`). With ask_from_description each image's questions follow one of its
+        captions, as the description the engines generate first, and it is asked "yes" about that
+        caption's words, so the answer can be read there."""
+        captioned = [k for k, captions in described.items() if captions]
+        chosen = {k: rng.choice(described[k]) for k in captioned}
+        context = chosen if self.config.ask_from_description else dict.fromkeys(captioned)
+        out = [Example(prompts.ask(ids[k], rng.choice(QUESTIONS_ABOUT_CONTENT), context[k]), prompts.answer(chosen[k]))
+               for k in captioned]
+        mentioned = {k: {w for c in described[k] for w in content_words(c)} for k in captioned}
+        asked = {k: set(content_words(c)) for k, c in chosen.items()} if self.config.ask_from_description else None
+        out += [Example(prompts.ask(ids[k], presence_question(word), context[k]), prompts.answer("Yes." if yes else "No."))
+                for k, word, yes in yes_no_questions(rng, mentioned, self.config.ask_per_image, asked)]
         return out
 
     def pseudo_queries(self, model: MultimodalLM, prompts: Prompts, tower, embeddings) -> dict[str, list[str]]:

@@ -322,14 +322,79 @@ def test_ask_per_image_asks_that_many_yes_no_pairs_about_each_image(tiny_catalog
         return out
 
     for per_image in (1, 2):
+        asked_no = []
         for key, pairs in verdicts(per_image).items():
             yes = [w for w, answer in pairs if answer == "Yes."]
             no = [w for w, answer in pairs if answer == "No."]
             assert len(yes) == len(set(yes)) == min(per_image, len(mentioned[key]))
-            assert len(no) == len(set(no)) == per_image
             assert set(yes) <= mentioned[key] and not set(no) & mentioned[key]
+            asked_no += no
+        # each "yes" word also asked, answered "no", of an image that does not mention it
+        assert sorted(asked_no) == sorted(w for pairs in verdicts(per_image).values() for w, a in pairs if a == "Yes.")
     with pytest.raises(ValueError, match="ask_per_image"):
         TrainConfig(**{**SHORT, "ask_per_image": 0})
+
+
+def test_every_yes_no_word_is_asked_as_often_with_yes_as_with_no():
+    """How common a word is cannot answer a question (drawn from the whole vocabulary, the "no"
+    words were mostly rare ones, and word frequency alone beat every model)."""
+    from collections import Counter
+
+    from genret.training import yes_no_questions
+
+    rng = random.Random(0)
+    common = ["dog", "man", "grass", "ball", "water"]
+    rare = [f"rare{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(200)]
+    mentioned = {f"image{i}": {*rng.sample(common, 3), *rng.sample(rare, 3)} for i in range(100)}
+    mentioned["everywhere"] = set(common)
+    for image in mentioned.values():
+        image.add("thing")  # every image mentions it: never asked
+    questions = yes_no_questions(rng, mentioned, 3)
+    assert all((word in mentioned[key]) == yes for key, word, yes in questions)
+    yes, no = (Counter(w for _, w, answer in questions if answer == verdict) for verdict in (True, False))
+    assert yes == no and "thing" not in yes  # "thing", picked, found no image to be asked of with "no"
+    assert max(Counter(k for k, _, answer in questions if answer).values()) == 3
+    assert yes["dog"] > 10 and sum(yes.values()) > 2 * len(mentioned)
+    asked = {k: {sorted(words)[0]} for k, words in mentioned.items()}  # one word each may be asked "yes"
+    assert all(word in asked[k] for k, word, answer in yes_no_questions(rng, mentioned, 3, asked) if answer)
+
+
+def test_ask_from_description_asks_after_one_of_the_captions_about_its_words(tiny_catalog, tmp_path):
+    import re
+
+    from transformers import AutoTokenizer
+
+    from genret.language_model import base_checkpoint
+    from genret.prompts import Prompts
+    from genret.training import content_words
+
+    prompts = Prompts(AutoTokenizer.from_pretrained(base_checkpoint()))
+    keys = tiny_catalog.keys()
+    ids = {k: prompts.encode(f" image {i}") for i, k in enumerate(keys)}
+    config = TrainConfig(**{**SHORT, "ask_from_description": True, "ask_per_image": 2})
+    trainer = Trainer(tiny_catalog, config, tmp_path / "run", progress=False)
+    examples = trainer.examples("retrieve", 0, prompts, ids, {})
+    yes_words, no_words = [], []
+    for k in keys:
+        after = {c: prompts.describe(ids[k]) + prompts.encode(" " + c) for c in trainer.captions[k]}
+        asked = [(c, e) for c, context in after.items() for e in examples
+                 if e.prompt[: len(context)] == context and len(e.prompt) > len(context)]
+        [caption] = {c for c, _ in asked}  # one caption per image and epoch
+        answers = {}
+        for _, e in asked:
+            question = prompts.decode_answer(e.prompt).rsplit("Question:", 1)[1]
+            answers[question.strip()] = prompts.decode_answer(e.target)
+        assert answers.pop(next(q for q in answers if q.startswith("What"))) == caption  # the open question
+        verdicts = {re.fullmatch(r"Is there a (\w+) in this image\?\nAnswer:", q).group(1): a for q, a in answers.items()}
+        yes = {w for w, a in verdicts.items() if a == "Yes."}
+        no = {w for w, a in verdicts.items() if a == "No."}
+        assert len(yes) == min(2, len(set(content_words(caption)))) and yes <= set(content_words(caption))
+        assert not no & {w for c in trainer.captions[k] for w in content_words(c)}
+        yes_words += yes
+        no_words += no
+    assert sorted(yes_words) == sorted(no_words)  # each also asked of an image that does not mention it
+    with pytest.raises(ValueError, match="ask_from_description"):
+        TrainConfig(**{**SHORT, "ask_from_description": True, "describe": False})
 
 
 def test_the_dense_teacher_gathers_the_catalog_distribution_onto_first_id_tokens():
