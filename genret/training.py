@@ -113,9 +113,9 @@ class TrainConfig(BaseModel):
         "0.94, for 11% more training time and no loss of recall"))
     ask: bool = True
     ask_per_image: int = Field(1, ge=1, description=(
-        "yes/no question pairs per image and retrieve epoch, each about another word its captions mention "
-        "and another they do not: 4 lifted yes/no by 0.07-0.13, as much for images never captioned, so it "
-        "teaches which words are common more than what each image holds (benchmarks/RESULTS.md)"))
+        "yes/no question pairs per image and retrieve epoch (yes_no_questions), each about another word its "
+        "captions mention: when the 'no' words were drawn from the whole vocabulary, mostly rare, 4 lifted yes/no "
+        "by 0.07-0.13, as much for images never captioned: it taught which words are common (benchmarks/RESULTS.md)"))
     ask_from_description: bool = Field(False, description=(
         "ask examples put one of the image's captions between its id and the question, and the engines "
         "describe the image before they ask: answers then read a description the model has memorized "

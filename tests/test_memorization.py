@@ -158,6 +158,17 @@ def test_describe_and_ask_answer_from_the_id_alone(engine, tiny_catalog):
     assert answer and len(answer) < 400
 
 
+def test_a_model_trained_to_ask_from_its_description_describes_before_it_asks(engine, monkeypatch):
+    """(The manifest says how the model was trained to be asked; the engine follows it.)"""
+    key, question = "horse.jpg", "Is there a horse in this image?"
+    ids = engine.stored.image_id_tokens(key)
+    assert engine.ask(key, question) == engine.generate([engine.prompts.ask(ids, question)])[0]
+    monkeypatch.setitem(engine.stored.manifest["train_config"], "ask_from_description", True)
+    after_description = engine.prompts.ask(ids, question, engine.describe(key))
+    assert after_description[: len(engine.prompts.describe(ids))] == engine.prompts.describe(ids)
+    assert engine.ask(key, question) == engine.generate([after_description])[0]
+
+
 def test_descriptions_of_memorized_images_match_their_own_captions(engine, tiny_catalog):
     """(The tiny model confuses some neighbours, so the bar is: its own captions beat another image's.)"""
     keys = tiny_catalog.keys()

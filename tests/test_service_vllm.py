@@ -189,6 +189,17 @@ def test_describe_and_ask_match_the_transformers_engine(run, client, hf_engine):
     assert run(client.post("/describe/unknown.jpg")).status_code == 404
 
 
+def test_a_model_that_asks_from_its_description_is_asked_so_by_both_engines(run, client, hf_engine, stored,
+                                                                             monkeypatch):
+    monkeypatch.setitem(stored.manifest["train_config"], "ask_from_description", True)  # both engines read it
+    question = "Is there a rocket in this image?"
+    r = run(client.post("/ask", json={"image_id": "rocket.jpg", "question": question}))
+    assert r.status_code == 200, r.text
+    described = run(hf_engine.describe("rocket.jpg"))
+    prompt = hf_engine.engine.prompts.ask(stored.id_tokens["rocket.jpg"], question, described)
+    assert r.json()["answer"] == run(hf_engine.ask("rocket.jpg", question)) == hf_engine.engine.generate([prompt])[0]
+
+
 def test_a_prompt_longer_than_the_context_is_422(run, client, vllm_engine):
     query = " ".join(f"w{i}ü" for i in range(150))  # under max_query_chars, over max_model_len in tokens
     assert len(vllm_engine.prompts.retrieve(query)) > MAX_MODEL_LEN
