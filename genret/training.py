@@ -515,11 +515,13 @@ class Trainer:
         caption's words, so the answer can be read there."""
         captioned = [k for k, captions in described.items() if captions]
         chosen = {k: rng.choice(described[k]) for k in captioned}
-        context = chosen if self.config.ask_from_description else dict.fromkeys(captioned)
+        if self.config.ask_from_description:
+            context, asked = chosen, {k: set(content_words(c)) for k, c in chosen.items()}
+        else:
+            context, asked = dict.fromkeys(captioned), None
         out = [Example(prompts.ask(ids[k], rng.choice(QUESTIONS_ABOUT_CONTENT), context[k]), prompts.answer(chosen[k]))
                for k in captioned]
         mentioned = {k: {w for c in described[k] for w in content_words(c)} for k in captioned}
-        asked = {k: set(content_words(c)) for k, c in chosen.items()} if self.config.ask_from_description else None
         out += [Example(prompts.ask(ids[k], presence_question(word), context[k]), prompts.answer("Yes." if yes else "No."))
                 for k, word, yes in yes_no_questions(rng, mentioned, self.config.ask_per_image, asked)]
         return out
