@@ -43,15 +43,22 @@ def measure(run_dir: Path, model_dir: Path, config, catalog) -> dict:
             "train_seconds": round(seconds, 1)}
 
 
+def stated_cell(row: dict) -> str:
+    """Only a model that asks after its own description has questions that description answers."""
+    if "yes_no_stated_accuracy" not in row:
+        return ""
+    return f"{row['yes_no_stated_accuracy']:.3f} ({row['questions_stated']}/{row['questions']})"
+
+
 def report(rows: list[dict]) -> str:
     lines = ["| preset | describe_per_image | seed | exact descriptions | describe F1 | yes/no | word prior "
-             "| demo R@1 | training s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| yes/no the description answers | demo R@1 | training s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['describe_per_image']} | {r['seed']} | "
                      f"{round(r['describe_exact'] * r['images'])}/{r['images']} | {r['describe_word_f1']:.3f} | "
                      f"{r['yes_no_accuracy']:.3f} | {r.get('yes_no_word_prior', float('nan')):.3f} | "
-                     f"{r['R@1']:.3f} | {r['train_seconds']:.0f} |")
+                     f"{stated_cell(r)} | {r['R@1']:.3f} | {r['train_seconds']:.0f} |")
     commits = sorted({r["commit"] for r in rows})
     return "\n".join(lines) + f"\n\nMeasured at commit{'s' * (len(commits) > 1)} {', '.join(commits)}.\n"
 

@@ -194,7 +194,11 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
 
     `yes_no_word_prior` is the accuracy of "yes iff at least t of these images' captions mention
     the word" at its best t: the control that yes/no accuracy has to beat to show knowledge of
-    the image. Every word is asked as often with yes as with no, so it is 0.5."""
+    the image. Every word is asked as often with yes as with no, so it is 0.5.
+
+    A model that asks from its description also gets `yes_no_stated_accuracy`: its accuracy on
+    the questions that description answers (the words it mentions asked "yes", those it does not
+    asked "no"), which tells how well it reads apart from how much one description covers."""
     from .training import content_words, presence_question, yes_no_questions
 
     keys = [k for k, captions in references.items() if captions]
@@ -213,13 +217,19 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
     answers = []
     for start in tqdm(range(0, len(questions), 4 * batch_size), desc="ask", disable=not progress):
         answers += engine.generate(prompts_asked[start : start + 4 * batch_size], max_new_tokens=4)
-    correct = sum(a.lower().startswith("yes" if yes else "no") for a, (_, _, yes) in zip(answers, questions))
+    right = [a.lower().startswith("yes" if yes else "no") for a, (_, _, yes) in zip(answers, questions)]
     asked = len(questions)
-    return {"images": len(keys), "describe_word_f1": float(sum(f1s) / max(1, len(f1s))),
-            "describe_exact": exact / max(1, len(keys)), "yes_no_accuracy": correct / max(1, asked),
-            "yes_no_word_prior": max((sum((mentions[w] >= t) == yes for _, w, yes in questions) / max(1, asked)
-                                      for t in range(1, max(mentions.values(), default=0) + 2)), default=0.0),
-            "questions": asked}
+    scores = {"images": len(keys), "describe_word_f1": float(sum(f1s) / max(1, len(f1s))),
+              "describe_exact": exact / max(1, len(keys)), "yes_no_accuracy": sum(right) / max(1, asked),
+              "yes_no_word_prior": max((sum((mentions[w] >= t) == yes for _, w, yes in questions) / max(1, asked)
+                                        for t in range(1, max(mentions.values(), default=0) + 2)), default=0.0),
+              "questions": asked}
+    if engine.stored.asks_from_description:
+        # the questions its description answers: a perfect reader of it scores 1 here, and the rest
+        # ask about words that one description leaves out
+        stated = [ok for ok, (k, w, yes) in zip(right, questions) if (w in content_words(descriptions[k])) == yes]
+        scores |= {"yes_no_stated_accuracy": sum(stated) / max(1, len(stated)), "questions_stated": len(stated)}
+    return scores
 
 
 def check_candidates(trie: IdTrie, queries: Sequence[tuple[str, str]]) -> None:

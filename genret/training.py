@@ -120,6 +120,11 @@ class TrainConfig(BaseModel):
         "ask examples put one of the image's captions between its id and the question, and the engines "
         "describe the image before they ask: answers then read a description the model has memorized "
         "instead of recalling each answer from the id alone, and yes/no asks about that caption's words"))
+    reading_pairs_per_epoch: int | None = Field(None, ge=0, description=(
+        "with ask_from_description, the fewest yes/no pairs a retrieve epoch asks (unset: 400): while there are "
+        "fewer, every image is asked again after another of its captions. Reading is one skill for the whole "
+        "catalog, learnt from a few thousand pairs, so a small catalog needs many per image: on the 18-image demo "
+        "1 seed in 4 learnt it from ~140 pairs per epoch (benchmarks/RESULTS.md)"))
     batch_size: int = 32
     length_slices: int = Field(1, ge=1, description=(
         "each batch runs as this many forward and backward passes over its examples sorted by length, "
@@ -165,9 +170,14 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _asking_from_a_description_needs_describe(self):
+    def _asking_from_a_description(self):
         if self.ask_from_description and not (self.ask and self.describe):
             raise ValueError("ask_from_description asks after the model's own description: set ask and describe")
+        if self.reading_pairs_per_epoch is not None and not self.ask_from_description:
+            raise ValueError("reading_pairs_per_epoch counts questions asked after a description: "
+                             "set ask_from_description")
+        if self.ask_from_description and self.reading_pairs_per_epoch is None:
+            self.reading_pairs_per_epoch = 400
         return self
 
     def differences(self, recorded: dict) -> list[str]:
@@ -512,19 +522,25 @@ class Trainer:
         """Questions built from the captions: an open one answered by a caption, and yes/no pairs
         (`yes_no_questions`). With ask_from_description each image's questions follow one of its
         captions, as the description the engines generate first, and it is asked "yes" about that
-        caption's words, so the answer can be read there."""
+        caption's words, so the answer can be read there; rounds after other captions follow until
+        the epoch has reading_pairs_per_epoch pairs."""
+        cfg = self.config
         captioned = [k for k, captions in described.items() if captions]
         chosen = {k: rng.choice(described[k]) for k in captioned}
-        if self.config.ask_from_description:
-            context, asked = chosen, {k: set(content_words(c)) for k, c in chosen.items()}
-        else:
-            context, asked = dict.fromkeys(captioned), None
+        context = chosen if cfg.ask_from_description else dict.fromkeys(captioned)
         out = [Example(prompts.ask(ids[k], rng.choice(QUESTIONS_ABOUT_CONTENT), context[k]), prompts.answer(chosen[k]))
                for k in captioned]
         mentioned = {k: {w for c in described[k] for w in content_words(c)} for k in captioned}
-        out += [Example(prompts.ask(ids[k], presence_question(word), context[k]), prompts.answer("Yes." if yes else "No."))
-                for k, word, yes in yes_no_questions(rng, mentioned, self.config.ask_per_image, asked)]
-        return out
+        pairs = 0
+        while True:
+            asked = {k: set(content_words(c)) for k, c in context.items()} if cfg.ask_from_description else None
+            questions = yes_no_questions(rng, mentioned, cfg.ask_per_image, asked)
+            out += [Example(prompts.ask(ids[k], presence_question(word), context[k]),
+                            prompts.answer("Yes." if yes else "No.")) for k, word, yes in questions]
+            pairs += len(questions) // 2
+            if not cfg.ask_from_description or pairs >= cfg.reading_pairs_per_epoch or not questions:
+                return out
+            context = {k: rng.choice(described[k]) for k in captioned}  # another round, after other captions
 
     def pseudo_queries(self, model: MultimodalLM, prompts: Prompts, tower, embeddings) -> dict[str, list[str]]:
         """Queries for images without captions, so retrieval is trained for every image."""

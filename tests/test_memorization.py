@@ -169,6 +169,23 @@ def test_a_model_trained_to_ask_from_its_description_describes_before_it_asks(en
     assert engine.ask(key, question) == engine.generate([after_description])[0]
 
 
+def test_a_model_asking_from_its_description_is_also_scored_on_the_questions_that_description_answers(
+        engine, tiny_catalog, monkeypatch):
+    monkeypatch.setitem(engine.stored.manifest["train_config"], "ask_from_description", True)
+    keys = tiny_catalog.keys()[:4]
+    described = engine.generate([engine.prompts.describe(engine.stored.id_tokens[k]) for k in keys])
+    own = dict(zip(keys, ([d] for d in described)))  # each image's one caption is its description
+    scores = evaluate_describe_and_ask(engine, own, words_per_image=50, progress=False)
+    assert scores["describe_exact"] == 1.0
+    assert scores["questions_stated"] == scores["questions"] > 0
+    assert scores["yes_no_stated_accuracy"] == scores["yes_no_accuracy"]
+    more = {**own, keys[0]: [*own[keys[0]], "Zebras and giraffes."]}  # words its description does not say
+    scores = evaluate_describe_and_ask(engine, more, words_per_image=50, progress=False)
+    assert 0 < scores["questions_stated"] < scores["questions"]
+    monkeypatch.setitem(engine.stored.manifest["train_config"], "ask_from_description", False)
+    assert "yes_no_stated_accuracy" not in evaluate_describe_and_ask(engine, own, progress=False)
+
+
 def test_descriptions_of_memorized_images_match_their_own_captions(engine, tiny_catalog):
     """(The tiny model confuses some neighbours, so the bar is: its own captions beat another image's.)"""
     keys = tiny_catalog.keys()

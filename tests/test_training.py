@@ -358,28 +358,41 @@ def test_every_yes_no_word_is_asked_as_often_with_yes_as_with_no():
     assert all(word in asked[k] for k, word, answer in yes_no_questions(rng, mentioned, 3, asked) if answer)
 
 
-def test_ask_from_description_asks_after_one_of_the_captions_about_its_words(tiny_catalog, tmp_path, prompts):
+def asked_after_captions(examples, prompts, ids, captions) -> list[tuple[str, str, str, str]]:
+    """(image, the caption its question follows, question, answer) of each example asked after one."""
+    out = []
+    for k, cs in captions.items():
+        for c in cs:
+            context = prompts.describe(ids[k]) + prompts.encode(" " + c)
+            for e in examples:
+                if e.prompt[: len(context)] == context and len(e.prompt) > len(context):
+                    question = prompts.decode_answer(e.prompt).rsplit("Question:", 1)[1].strip()
+                    out.append((k, c, question, prompts.decode_answer(e.target)))
+    return out
+
+
+def presence_verdicts(asked) -> list[tuple[str, str, str, str]]:
+    """(image, caption, word, answer) of the yes/no questions among `asked_after_captions`'s."""
     import re
 
+    return [(k, c, re.fullmatch(r"Is there a (\w+) in this image\?\nAnswer:", q).group(1), a)
+            for k, c, q, a in asked if q.startswith("Is there")]
+
+
+def test_ask_from_description_asks_after_one_of_the_captions_about_its_words(tiny_catalog, tmp_path, prompts):
     from genret.training import content_words
 
     keys = tiny_catalog.keys()
     ids = spelled_ids(prompts, keys)
-    config = TrainConfig(**{**SHORT, "ask_from_description": True, "ask_per_image": 2})
+    config = TrainConfig(**{**SHORT, "ask_from_description": True, "ask_per_image": 2, "reading_pairs_per_epoch": 0})
     trainer = Trainer(tiny_catalog, config, tmp_path / "run", progress=False)
-    examples = trainer.examples("retrieve", 0, prompts, ids, {})
+    asked = asked_after_captions(trainer.examples("retrieve", 0, prompts, ids, {}), prompts, ids, trainer.captions)
     yes_words, no_words = [], []
     for k in keys:
-        after = {c: prompts.describe(ids[k]) + prompts.encode(" " + c) for c in trainer.captions[k]}
-        asked = [(c, e) for c, context in after.items() for e in examples
-                 if e.prompt[: len(context)] == context and len(e.prompt) > len(context)]
-        [caption] = {c for c, _ in asked}  # one caption per image and epoch
-        answers = {}
-        for _, e in asked:
-            question = prompts.decode_answer(e.prompt).rsplit("Question:", 1)[1]
-            answers[question.strip()] = prompts.decode_answer(e.target)
-        assert answers.pop(next(q for q in answers if q.startswith("What"))) == caption  # the open question
-        verdicts = {re.fullmatch(r"Is there a (\w+) in this image\?\nAnswer:", q).group(1): a for q, a in answers.items()}
+        [caption] = {c for key, c, _, _ in asked if key == k}  # one caption per image and epoch
+        [open_answer] = [a for key, _, q, a in asked if key == k and q.startswith("What")]
+        assert open_answer == caption
+        verdicts = {w: a for key, _, w, a in presence_verdicts(asked) if key == k}
         yes = {w for w, a in verdicts.items() if a == "Yes."}
         no = {w for w, a in verdicts.items() if a == "No."}
         assert len(yes) == min(2, len(set(content_words(caption)))) and yes <= set(content_words(caption))
@@ -389,6 +402,30 @@ def test_ask_from_description_asks_after_one_of_the_captions_about_its_words(tin
     assert sorted(yes_words) == sorted(no_words)  # each also asked of an image that does not mention it
     with pytest.raises(ValueError, match="ask_from_description"):
         TrainConfig(**{**SHORT, "ask_from_description": True, "describe": False})
+
+
+def test_a_small_catalog_is_asked_again_after_other_captions_until_the_epoch_has_its_reading_pairs(
+        tiny_catalog, tmp_path, prompts):
+    """Reading a description is learnt from a few thousand pairs, however few images there are."""
+    from genret.training import content_words
+
+    keys = tiny_catalog.keys()
+    ids = spelled_ids(prompts, keys)
+    config = TrainConfig(**{**SHORT, "ask_from_description": True, "reading_pairs_per_epoch": 12 * len(keys)})
+    trainer = Trainer(tiny_catalog, config, tmp_path / "run", progress=False)
+    asked = asked_after_captions(trainer.examples("retrieve", 0, prompts, ids, {}), prompts, ids, trainer.captions)
+    verdicts = presence_verdicts(asked)
+    assert 2 * 12 * len(keys) <= len(verdicts) <= 2 * 13 * len(keys)  # whole rounds of a pair per image at most
+    for k, caption, word, answer in verdicts:
+        mentioned = {w for c in trainer.captions[k] for w in content_words(c)}
+        assert word in content_words(caption) if answer == "Yes." else word not in mentioned
+    assert all(len({c for key, c, _, _ in verdicts if key == k}) > 1 for k in keys)  # after other captions
+    assert sum(q.startswith("What") for _, _, q, _ in asked) == len(keys)  # the open question is not repeated
+
+    assert TrainConfig(**{**SHORT, "ask_from_description": True}).reading_pairs_per_epoch == 400
+    assert TrainConfig(**SHORT).reading_pairs_per_epoch is None  # not asked after a description: no reading
+    with pytest.raises(ValueError, match="reading_pairs_per_epoch .* set ask_from_description"):
+        TrainConfig(**{**SHORT, "reading_pairs_per_epoch": 10})
 
 
 def test_the_dense_teacher_gathers_the_catalog_distribution_onto_first_id_tokens():
