@@ -100,6 +100,8 @@ LEVERS = {
     "api": ("N yes/no question pairs per image and epoch, each about other words", "ask_per_image", int),
     "ad": ("ask after the model's own description: questions follow one of the image's captions in training",
            "ask_from_description", True),
+    "rp": ("with ad: each retrieve epoch asks at least N yes/no pairs, images asked again after other captions",
+           "reading_pairs_per_epoch", int),
     "ls": ("each batch as N length-sorted slices, their gradients summed (the same update, less padding)",
            "length_slices", int),
     "kd": ("share N of the first id token's target is the two-tower's distribution over the catalog",
@@ -437,6 +439,13 @@ def _cell(row: dict, scope: str, metric: str, part: str | None = None) -> str:
     return f"{value:.3f}" + ("" if spread is None else f" ± {spread:.3f}")
 
 
+def _stated(row: dict, scope: str, metric: str) -> str:
+    """The yes/no cell's addition for a model that reads its own description."""
+    if metric != "yes_no_accuracy" or not (stated := _cell(row, scope, "yes_no_stated_accuracy")):
+        return ""
+    return f" ({stated} stated)"
+
+
 def _label(name: str, row: dict) -> str:
     return name + (f" ({len(row['seeds'])} seeds)" if "seeds" in row else "")
 
@@ -550,9 +559,12 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
                   "| uncaptioned yes/no | word prior |",
                   "|---|---|---|---|---|---|---|"]
         for name, r in spoken.items():
-            cells = [_cell(r, scope, metric) for scope in SPOKEN_SCOPES
+            cells = [_cell(r, scope, metric) + _stated(r, scope, metric) for scope in SPOKEN_SCOPES
                      for metric in ("describe_word_f1", "yes_no_accuracy", "yes_no_word_prior")]
             lines.append(f"| {_label(name, r)} | {' | '.join(cells)} |")
+        if any(_stated(r, scope, "yes_no_accuracy") for r in spoken.values() for scope in SPOKEN_SCOPES):
+            lines += ["", "In brackets: yes/no accuracy of a model that asks after its own description, on the "
+                      "questions that description answers (genret.evaluation)."]
     if any("catalog_captioned" in r for r in results.values()):
         lines += ["", f"Queries for captioned images (`--captioned-queries`): one held-out caption of each of "
                   f"{meta.get('captioned_queries')} train images, whose other captions were trained on, searched over "

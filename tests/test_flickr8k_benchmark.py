@@ -56,7 +56,7 @@ def test_every_default_run_and_lever_makes_a_valid_config(bench):
             TrainConfig(**{**setting["config"], **bench.run_config(name)})
         for word, (_, _, value) in bench.LEVERS.items():
             lever = word + ("1" if isinstance(value, type) else "")  # 1: valid for every numeric lever (kd is a share)
-            TrainConfig(**{**setting["config"], **bench.run_config(f"rq+pq+qp+ai+da+{lever}")})
+            TrainConfig(**{**setting["config"], **bench.run_config(f"rq+pq+qp+ai+da+ad+{lever}")})
 
 
 @pytest.mark.parametrize("name, message", [("rq+bogus", "unknown lever 'bogus'"),
@@ -117,6 +117,21 @@ def test_the_beam_hubness_weight_is_the_one_best_on_the_dev_queries_and_reported
            "0.550 ± 0.050 |  | 0.100 ± 0.000 / 0.500 ± 0.000 / 0.800 ± 0.000 | 5 / 5; 20 / 40 | 1000, 1000 / 1000, 1000 |" \
            in report
     assert report.count("| dense |") == 1  # the dense rows have no prior table row
+
+
+def test_the_spoken_table_adds_the_questions_a_models_own_description_answers(bench, tmp_path):
+    spoken = {"describe_word_f1": 0.9, "yes_no_accuracy": 0.6, "yes_no_word_prior": 0.5}
+    recalls = {"R@1": 0.1, "R@5": 0.5, "R@10": 0.8, "seconds_per_query": 0.01}
+    reader = {scope: {**spoken, "yes_no_stated_accuracy": 0.95} for scope in bench.SPOKEN_SCOPES}
+    results = {"atomic": {"test": recalls, **{scope: spoken for scope in bench.SPOKEN_SCOPES}},
+               "atomic+ad": {"test": recalls, **reader}}
+    meta = {"setting": "cpu", "catalog_images": 300, "train_captions": 1000, "queries": 250, "test_images": 50,
+            "dev_queries": 250, "dev_images": 50, "beams": 10, "wide_beams": 50, "machine": "CPU", "command": "x"}
+    bench.write_report(tmp_path, results, meta)
+    report = (tmp_path / "results.md").read_text()
+    assert "| atomic | 0.900 | 0.600 | 0.500 | 0.900 | 0.600 | 0.500 |" in report
+    assert "| atomic+ad | 0.900 | 0.600 (0.950 stated) | 0.500 | 0.900 | 0.600 (0.950 stated) | 0.500 |" in report
+    assert "the questions that description answers" in report
 
 
 @pytest.mark.skipif(not (FLICKR8K / "captions.csv").exists(), reason="Flickr8k is not present")
