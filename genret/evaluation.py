@@ -227,7 +227,8 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
     if engine.stored.asks_from_description:
         # the questions its description answers: a perfect reader of it scores 1 here, and the rest
         # ask about words that one description leaves out
-        stated = [ok for ok, (k, w, yes) in zip(right, questions) if (w in content_words(descriptions[k])) == yes]
+        said = {k: set(content_words(d)) for k, d in descriptions.items()}
+        stated = [ok for ok, (k, w, yes) in zip(right, questions) if (w in said[k]) == yes]
         scores |= {"yes_no_stated_accuracy": sum(stated) / max(1, len(stated)), "questions_stated": len(stated)}
     return scores
 

@@ -20,6 +20,9 @@ from tests.conftest import load_script
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "flickr8k.py"
 FLICKR8K = Path(os.environ.get("GENRET_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
+# a reduced-setting run's meta, for the report tests
+CPU_META = {"setting": "cpu", "catalog_images": 300, "train_captions": 1000, "queries": 250, "test_images": 50,
+            "dev_queries": 250, "dev_images": 50, "beams": 10, "wide_beams": 50, "machine": "CPU", "command": "x"}
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +112,7 @@ def test_the_beam_hubness_weight_is_the_one_best_on_the_dev_queries_and_reported
     row = bench.over_seeds([run, {**run, "catalog_prior": recalls(0.5, h=40.0)}])
     assert row["beam_hubness_weights"] == {"test_prior": [5.0, 5.0], "catalog_prior": [20.0, 40.0]}
     assert row["catalog_prior"]["R@10"] == pytest.approx(0.55)
-    meta = {"setting": "cpu", "catalog_images": 300, "train_captions": 1000, "queries": 250, "test_images": 50,
-            "dev_queries": 250, "dev_images": 50, "beams": 10, "wide_beams": 50, "machine": "CPU", "command": "x"}
-    bench.write_report(tmp_path, {"dense": {"test": recalls(0.9), "catalog": recalls(0.5)}, "atomic": row}, meta)
+    bench.write_report(tmp_path, {"dense": {"test": recalls(0.9), "catalog": recalls(0.5)}, "atomic": row}, CPU_META)
     report = (tmp_path / "results.md").read_text()
     assert "| atomic (2 seeds) | 0.100 ± 0.000 | 0.500 ± 0.000 | 0.850 ± 0.000 | 0.100 ± 0.000 | 0.500 ± 0.000 | " \
            "0.550 ± 0.050 |  | 0.100 ± 0.000 / 0.500 ± 0.000 / 0.800 ± 0.000 | 5 / 5; 20 / 40 | 1000, 1000 / 1000, 1000 |" \
@@ -125,9 +126,7 @@ def test_the_spoken_table_adds_the_questions_a_models_own_description_answers(be
     reader = {scope: {**spoken, "yes_no_stated_accuracy": 0.95} for scope in bench.SPOKEN_SCOPES}
     results = {"atomic": {"test": recalls, **{scope: spoken for scope in bench.SPOKEN_SCOPES}},
                "atomic+ad": {"test": recalls, **reader}}
-    meta = {"setting": "cpu", "catalog_images": 300, "train_captions": 1000, "queries": 250, "test_images": 50,
-            "dev_queries": 250, "dev_images": 50, "beams": 10, "wide_beams": 50, "machine": "CPU", "command": "x"}
-    bench.write_report(tmp_path, results, meta)
+    bench.write_report(tmp_path, results, CPU_META)
     report = (tmp_path / "results.md").read_text()
     assert "| atomic | 0.900 | 0.600 | 0.500 | 0.900 | 0.600 | 0.500 |" in report
     assert "| atomic+ad | 0.900 | 0.600 (0.950 stated) | 0.500 | 0.900 | 0.600 (0.950 stated) | 0.500 |" in report
@@ -200,9 +199,7 @@ def test_the_captioned_table_reports_both_kinds_of_queries_at_each_choice(bench,
     corrected = {"test": recalls(0.9, hubness_beta=0.5), "catalog": recalls(0.6, hubness_beta=1.0),
                  "catalog_captioned": recalls(0.8, hubness_beta=1.0), "catalog_fair": recalls(0.55, hubness_beta=0.25),
                  "catalog_captioned_fair": recalls(0.93, hubness_beta=0.25)}
-    meta = {"setting": "cpu", "catalog_images": 300, "train_captions": 1000, "queries": 250, "test_images": 50,
-            "dev_queries": 250, "dev_images": 50, "beams": 10, "wide_beams": 50, "machine": "CPU", "command": "x",
-            "captioned_queries": 50, "dev_captioned_queries": 50}
+    meta = {**CPU_META, "captioned_queries": 50, "dev_captioned_queries": 50}
     bench.write_report(tmp_path, {"dense": dense, "dense, corrected": corrected, "atomic": run}, meta)
     report = (tmp_path / "results.md").read_text()
     assert "one held-out caption of each of 50 train images" in report
