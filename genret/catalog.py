@@ -190,6 +190,11 @@ def _folder_images(images_dir: Path, named: Container[str], verify_images: bool)
     images = []
     for path in sorted(images_dir.iterdir()):
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.name not in named:
+            try:  # a name the file system's encoding could not decode holds lone surrogates
+                path.name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CatalogError(f"{images_dir}: image file name {path.name!r} is not UTF-8: rename it (the "
+                                   "name becomes the image's key, in JSON, URLs and Redis)") from None
             if verify_images:
                 _verify(path, f"{path}")
             images.append(CatalogImage(path.name, path, ()))

@@ -82,6 +82,10 @@ def text_arg(text: str) -> str:
     """An argparse type: a query or question, not blank (the service refuses one too)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("it is empty")
+    try:  # bytes the locale could not decode arrive as lone surrogates, which the tokenizer refuses
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("it is not valid UTF-8 text") from None
     return text
 
 

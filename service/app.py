@@ -6,12 +6,15 @@ with a reason; a dependency that is down is a 503 with a reason; a slow request 
 """
 
 import asyncio
+import json
 import logging
 import time
 from contextlib import asynccontextmanager, suppress
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Path, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -53,6 +56,14 @@ class AskResponse(BaseModel):
     image_id: str
     question: str
     answer: str
+
+
+class EscapedJSONResponse(JSONResponse):
+    """JSON with everything past ASCII escaped. A validation error echoes the request's input,
+    and a lone surrogate ("\\ud800" is valid JSON, but no string pydantic accepts) has no UTF-8."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 class Metrics:
@@ -191,6 +202,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
             endpoint = getattr(route, "path", "unmatched")
             metrics.requests.labels(endpoint, request.method, str(status)).inc()
             metrics.latency.labels(endpoint).observe(time.perf_counter() - t)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, e: RequestValidationError):
+        return EscapedJSONResponse({"detail": jsonable_encoder(e.errors())}, status_code=422)
 
     @app.exception_handler(IdStoreUnavailable)
     async def id_store_unavailable(_: Request, e: IdStoreUnavailable):

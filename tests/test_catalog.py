@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from genret.catalog import Catalog, CatalogError, CatalogImage, load_catalog, read_split
+from genret.catalog import Catalog, CatalogError, CatalogImage, load_catalog, load_image_folder, read_split
 from genret.demo_catalog import DEMO_CAPTIONS, demo_queries, write_demo_catalog
 
 
@@ -179,6 +179,14 @@ def test_unreadable_uncaptioned_image(folder, tmp_path):
     with pytest.raises(CatalogError, match=r"bad\.png: not a readable image"):
         load_catalog(folder, caps)
     assert "bad.png" not in load_catalog(folder, caps, include_uncaptioned=False)
+
+
+def test_an_image_file_name_that_is_not_utf8_is_named(folder, tmp_path):
+    make_image(folder / b"r\xffd.png".decode("utf-8", "surrogateescape"))
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS)
+    for load in (lambda: load_catalog(folder, caps), lambda: load_image_folder(folder)):
+        with pytest.raises(CatalogError, match=r"image file name 'r\\udcffd\.png' is not UTF-8: rename it"):
+            load()
 
 
 def test_each_image_verified_once(folder, tmp_path, monkeypatch):

@@ -155,6 +155,19 @@ def test_malformed_bodies_are_4xx_never_500(run, client, content, headers):
     assert r.json()["detail"]
 
 
+@pytest.mark.parametrize("path,content", [
+    ("/search", b'{"query": "a \\ud800 dog"}'),
+    ("/ask", b'{"image_id": "moon.jpg", "question": "is it \\udfff?"}'),
+    ("/ask", b'{"image_id": "\\ud800", "question": "why?"}'),
+])
+def test_a_lone_surrogate_is_422_with_a_reason(run, client, path, content):
+    """Valid JSON, yet no string: the error that echoes it back must still be writable."""
+    r = run(client.post(path, content=content, headers={"content-type": "application/json"}))
+    assert r.status_code == 422, r.text
+    [error] = r.json()["detail"]
+    assert "unicode" in error["msg"] and {"\ud800", "\udfff"} & set(error["input"])
+
+
 def test_a_request_over_the_time_limit_is_504(run, hf_engine):
     slow = Served(run, create_app(Settings(**SETTINGS, request_timeout_s=0.001), engine=hf_engine))
     try:
