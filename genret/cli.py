@@ -59,6 +59,17 @@ def weight_arg(text: str) -> float:
     return weight
 
 
+def seconds_arg(text: str) -> float:
+    """An argparse type: a time budget, a finite number of seconds >= 0 (0: one epoch)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):  # also refuses nan, which no clock ever passes
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time budget (a finite number of seconds >= 0)")
+    return seconds
+
+
 def model_name_arg(text: str) -> str:
     """An argparse type: a model's name, one folder under the model store (--out takes a path)."""
     if text in ("", ".", "..") or text.startswith(".") or Path(text).name != text or "\\" in text:
@@ -382,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", help="checkpoint folder (default runs/<name>); rerun to resume")
     p.add_argument("--out", help="model folder (default model_store/<name>)")
     p.add_argument("--fresh", action="store_true", help="discard an earlier run's checkpoints")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+    p.add_argument("--time-budget", type=seconds_arg, metavar="SECONDS",
                    help="stop at the first epoch boundary after this long (resume by rerunning)")
     p.set_defaults(func=cmd_train)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from .encoders import usable_device
 from .model_store import ModelStoreError, StoredModel
 from .prompts import Prompts
 from .trie import IdPrior, IdTrie
@@ -30,7 +31,7 @@ class TransformersEngine:
         """`cache_prompts=False` lets beam search recompute each prompt once per beam, as HF's
         generate does on its own: the path the prompt cache is checked and timed against."""
         self.stored, self.cache_prompts = stored, cache_prompts
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = usable_device(device)
         self.lm = stored.load_lm(self.device)
         self.tokenizer = stored.load_tokenizer()
         self.prompts = Prompts(self.tokenizer)

@@ -23,11 +23,19 @@ from tqdm.auto import tqdm
 
 from .catalog import read_image
 
-__all__ = ["ImageEncoder", "TextEncoder", "cached_features", "default_device"]
+__all__ = ["ImageEncoder", "TextEncoder", "cached_features", "usable_device"]
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def usable_device(name: str | None = None) -> str:
+    """`name`, or (None, "auto") cuda where there is one, else cpu. A device this machine lacks
+    fails here, with its name, instead of as torch's AssertionError halfway through loading."""
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"device {name!r} is not usable on this machine ({e})") from None
+    return name
 
 
 class ImageEncoder:
@@ -41,7 +49,7 @@ class ImageEncoder:
     mean, std = 127.0, 128.0
 
     def __init__(self, device: str | None = None):
-        self.device = device or default_device()
+        self.device = usable_device(device)
         self._model = None
 
     @property
@@ -98,7 +106,7 @@ class TextEncoder:
     max_length = 256  # the model's sentence_bert_config max_seq_length
 
     def __init__(self, device: str | None = None):
-        self.device = device or default_device()
+        self.device = usable_device(device)
         self._tokenizer = None
         self._model = None
 

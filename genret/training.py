@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .alignment import hubness, load_two_tower, save_two_tower, train_two_tower, validated_epochs
 from .catalog import Catalog
 from .distillation import DenseTeacher
+from .encoders import usable_device
 from .identifiers import SCHEMES, STOP_WORDS, IdentifierAssignment, make_scheme
 from .language_model import add_tokens, keep_first_layers, load_base, prune_vocabulary
 from .model import Example, MultimodalLM, QueryPrefix, SoftPrefix
@@ -59,9 +60,10 @@ class TrainConfig(BaseModel):
     # prefix, and neighbour pseudo-queries for images without captions.
     scheme: str = "atomic"
     scheme_options: dict = Field(default_factory=dict)
-    num_layers: int | None = Field(None, description="keep the first N decoder layers (None: all 30)")
+    num_layers: int | None = Field(None, ge=1, description="keep the first N decoder layers (None, or more "
+                                                           "than it has: all 30)")
     prune_vocab: bool = True
-    visual_tokens: int = 4
+    visual_tokens: int = Field(4, ge=1)
     query_tokens: int = Field(4, ge=0, description="soft tokens carrying the query's aligned embedding before the "
                                              "retrieve prompt (0: the query is text only)")
     query_text_dropout: float = Field(0.0, ge=0.0, le=1.0, description=(
@@ -96,13 +98,13 @@ class TrainConfig(BaseModel):
         "this share of the captioned images has its captions held out of a first two-tower run, which "
         "picks the epoch count at which they are best retrieved (genret.alignment.validated_epochs); the "
         "two-tower then trains on every caption for that many. 0, or a share under 10 images: align_epochs"))
-    align_dim: int = 256
-    memorize_epochs: int = 4
-    retrieve_epochs: int = 8
+    align_dim: int = Field(256, ge=1)
+    memorize_epochs: int = Field(4, ge=0)
+    retrieve_epochs: int = Field(8, ge=0)
     pseudo_queries: Literal["none", "captioner", "neighbors"] = Field("neighbors", description=(
         "queries for images without captions (held-out ones too), so retrieval trains on every image: "
         "their nearest training captions in the aligned space, or the model's own descriptions"))
-    pseudo_per_image: int = 3
+    pseudo_per_image: int = Field(3, ge=1)
     describe_pseudo: bool = Field(False, description=(
         "describe and ask also train on images without captions, with their pseudo-queries standing in "
         "for captions (pseudo_queries='captioner' always does)"))
@@ -125,17 +127,17 @@ class TrainConfig(BaseModel):
         "fewer, every image is asked again after another of its captions. Reading is one skill for the whole "
         "catalog, learnt from a few thousand pairs, so a small catalog needs many per image: on the 18-image demo "
         "1 seed in 4 learnt it from ~140 pairs per epoch, 4 in 4 from 400 (benchmarks/RESULTS.md)"))
-    batch_size: int = 32
+    batch_size: int = Field(32, ge=1)
     length_slices: int = Field(1, ge=1, description=(
         "each batch runs as this many forward and backward passes over its examples sorted by length, "
         "their gradients summed: the same update with less padding (a batch pads to its longest example, "
         "and 9-token memorize examples share batches with 30-token captions)"))
-    lr: float = 5e-4
-    prefix_lr: float = 1e-3
+    lr: float = Field(5e-4, ge=0)
+    prefix_lr: float = Field(1e-3, ge=0)
     # New id tokens start far from what the query states predict; a faster embedding/head
     # escapes the "predict the id prior" plateau in tens of steps instead of hundreds.
-    embedding_lr: float = 1e-2
-    warmup_steps: int = 20
+    embedding_lr: float = Field(1e-2, ge=0)
+    warmup_steps: int = Field(20, ge=0)
     seed: int = 0
     device: str = "auto"
 
@@ -241,12 +243,6 @@ def yes_no_questions(rng: random.Random, mentioned: Mapping[str, Collection[str]
     return out
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def content_words(text: str) -> list[str]:
     words = [w for w in text.lower().replace(".", " ").replace(",", " ").split() if w.isalpha()]
     return [w for w in words if w not in STOP_WORDS and len(w) > 2]
@@ -296,7 +292,7 @@ class Trainer:
         self.catalog, self.config, self.run_dir, self.progress = catalog, config, Path(run_dir), progress
         self.keys = catalog.keys()
         self.captions = {k: [normalize_caption(c) for c in cs] for k, cs in catalog.captions().items()}
-        self.device = pick_device(config.device)
+        self.device = torch.device(usable_device(config.device))
         self._image_features, self._caption_features = image_features, caption_features
         self.rng = random.Random(config.seed)
         torch.manual_seed(config.seed)

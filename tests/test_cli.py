@@ -51,6 +51,8 @@ def test_bad_training_option_is_reported(capsys, tmp_path):
 def test_unknown_model_and_unknown_image(capsys, tiny_model_dir):
     code, _, err = run(capsys, "search", "no-such-model", "a dog")
     assert code == 2 and "no-such-model" in err
+    code, _, err = run(capsys, "search", str(tiny_model_dir), "a dog", "--device", "banana")  # torch's own error
+    assert code == 2 and "device 'banana' is not usable on this machine" in err
     code, _, err = run(capsys, "describe", str(tiny_model_dir), "not-an-image.jpg")
     assert code == 2 and "not-an-image.jpg" in err
 
@@ -123,8 +125,10 @@ def test_evaluate_reports_recall_at_each_rerank_weight(capsys, tiny_model_dir, t
     (["search", "{model}", "a rocket \udcff"], "argument query: it is not valid UTF-8 text"),
     (["ask", "{model}", "rocket.jpg", "is it \udcff?"], "argument question: it is not valid UTF-8 text"),
     (["evaluate", "{model}", "--queries", "{queries}", "--limit", "0"], "'0' is not a count"),
+    (["train", "--time-budget", "nan"], "'nan' is not a time budget"),  # no clock passed it: it never stopped
+    (["train", "--time-budget", "-5"], "'-5' is not a time budget"),
 ], ids=["blank query", "k 0", "negative beams", "blank question", "undecodable query", "undecodable question",
-        "limit 0"])
+        "limit 0", "nan time budget", "negative time budget"])
 def test_counts_and_texts_are_checked_before_loading_the_model(capsys, tiny_model_dir, tmp_path, argv, says):
     with pytest.raises(SystemExit) as exited:
         main([a.format(model=tiny_model_dir, queries=tmp_path / "q.csv") for a in argv])

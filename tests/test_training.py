@@ -64,6 +64,24 @@ def test_query_options_without_a_query_prefix_are_refused():
         TrainConfig(**{**SHORT, "query_tokens": 0, "query_residuals": 2})
 
 
+@pytest.mark.parametrize("field,value", [("batch_size", 0), ("retrieve_epochs", -1), ("memorize_epochs", -1),
+                                         ("pseudo_per_image", 0), ("num_layers", 0), ("visual_tokens", 0),
+                                         ("lr", -1e-3), ("lr", float("nan")), ("warmup_steps", -1)])
+def test_counts_and_rates_out_of_range_are_refused(field, value):
+    """batch_size=0 was a ZeroDivisionError mid-training; a negative epoch count trained nothing, silently."""
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{**SHORT, field: value})
+
+
+def test_a_device_this_machine_lacks_is_named_before_anything_loads():
+    from genret.encoders import usable_device
+
+    assert usable_device("cpu") == "cpu" and usable_device(None) == usable_device("auto")
+    for device in ["banana", *([] if torch.cuda.is_available() else ["cuda"])]:
+        with pytest.raises(ValueError, match=f"device '{device}' is not usable on this machine"):
+            usable_device(device)
+
+
 def test_frozen_id_rows_without_aligned_start_are_refused():
     with pytest.raises(ValueError, match="id_embeddings='aligned'"):
         TrainConfig(**{**SHORT, "scheme": "atomic", "embedding_lr": 0})
