@@ -177,9 +177,11 @@ def read_queries(path: Path) -> list[tuple[str, str]]:
 
 def cmd_train(args) -> None:
     from .catalog import load_catalog, read_split
+    from .encoders import usable_device
     from .training import Trainer, clear_run
 
     config = build_config(args.preset, args.scheme, args.set)
+    usable_device(config.device)  # before a big catalog is read, or --fresh clears a run
     catalog = load_catalog(args.images, args.captions, fmt=args.format, duplicates=args.duplicates)
     if args.hold_out:
         held = read_split(args.hold_out)

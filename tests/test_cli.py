@@ -46,6 +46,13 @@ def test_bad_training_option_is_reported(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--images", str(tmp_path), "--captions", str(tmp_path / "c.csv"),
                        "--name", "x", "--set", "retreive_epochs=2")
     assert code == 2 and "unknown training option 'retreive_epochs' (did you mean retrieve_epochs" in err
+    # a device this machine lacks is named before --fresh clears the run it would have resumed
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"an earlier run")
+    code, _, err = run(capsys, "train", "--images", str(tmp_path), "--captions", str(tmp_path / "c.csv"),
+                       "--name", "x", "--set", "device=banana", "--run-dir", str(tmp_path / "run"), "--fresh")
+    assert code == 2 and "device 'banana' is not usable on this machine" in err
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_unknown_model_and_unknown_image(capsys, tiny_model_dir):
