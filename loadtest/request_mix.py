@@ -9,7 +9,7 @@ directly.
   one id a line, or a comma-separated list) if set, else the ids the service itself returned
   in earlier searches (so any model works without configuration);
 * about 4 % bad requests: unknown ids (404 expected) and an empty query, k=0, k over the
-  maximum, an unknown field or malformed JSON (422 expected).
+  maximum, an unknown field, malformed JSON or a lone surrogate (422 expected).
 
 A model trained for search only refuses describe and ask with 409 (its /readyz lists the
 tasks it was trained for): the mix then leaves those kinds out, renormalizing the rest, and
@@ -232,6 +232,8 @@ class RequestMix:
             Call("POST", "/search", "/search 422", 422, json={"query": query, "k": self.max_k + 1}, kind="bad"),
             Call("POST", "/search", "/search 422", 422, json={"query": query, "top": 5}, kind="bad"),
             Call("POST", "/search", "/search 422", 422, data=b'{"query": "unterminated', kind="bad"),
+            # valid JSON, but no string: a lone surrogate (the 422 that echoed it was once a 500)
+            Call("POST", "/search", "/search 422", 422, data=b'{"query": "a \\ud800 dog"}', kind="bad"),
         ]
         return self.rng.choice(options)
 
