@@ -23,6 +23,14 @@ def url_template(text: str) -> str:
     return text
 
 
+def namespace_arg(text: str) -> str:
+    """An argparse type: the Redis keys' prefix, as GENRET_ID_STORE_NAMESPACE takes it."""
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a namespace: a word, no spaces (the servers read it "
+                                         "from GENRET_ID_STORE_NAMESPACE)")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
@@ -32,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.publish", description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=settings.model, help="a name under model_store/ or a model folder")
     parser.add_argument("--redis-url", default=settings.redis_url or "redis://127.0.0.1:6379/0")
-    parser.add_argument("--namespace", default=settings.id_store_namespace)
+    parser.add_argument("--namespace", type=namespace_arg, default=settings.id_store_namespace)
     parser.add_argument("--url-template", type=url_template, default=settings.public_url + "/images/{key}",
                         help="image URL; {key} is the image key, {name} its file name (both URL-quoted)")
     args = parser.parse_args(argv)

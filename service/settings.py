@@ -62,7 +62,8 @@ class Settings(BaseSettings):
 
     # --- id store
     redis_url: str | None = Field(None, description="None = the id map comes from the model's catalog.json")
-    id_store_namespace: str = "genret"
+    id_store_namespace: str = Field("genret", min_length=1, pattern=r"^\S+$", description="the Redis keys' "
+                                    "prefix (namespace:...): a word, no spaces")
     redis_timeout_s: float = Field(2.0, gt=0, description="a Redis call that takes longer is a 503, not a hang")
     public_url: str | None = Field(None, description="base of the image URLs the service serves itself; None = "
                                    "http://localhost:<port>, or http://<host>:<port> for a host not on all or "

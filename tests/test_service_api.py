@@ -352,6 +352,10 @@ def test_settings_come_from_the_environment_typed(monkeypatch, tmp_path):
     monkeypatch.setenv("GENRET_MAX_K", "lots")
     with pytest.raises(ValidationError, match="max_k"):
         Settings()
+    monkeypatch.delenv("GENRET_MAX_K")
+    monkeypatch.setenv("GENRET_ID_STORE_NAMESPACE", "my catalog")
+    with pytest.raises(ValidationError, match="id_store_namespace"):
+        Settings()
 
 
 def test_image_urls_follow_the_port_unless_a_public_url_is_set(monkeypatch):

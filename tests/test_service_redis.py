@@ -125,6 +125,9 @@ def test_publish_cli(stored, namespace, capsys):
     with pytest.raises(SystemExit) as exited:  # refused before the model is read or Redis is called
         main([str(stored.path), "--namespace", namespace, "--url-template", "https://x/{nope}"])
     assert exited.value.code == 2 and "{nope}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # "" wrote ":active", ":v:1", ... at the top of the keyspace
+        main([str(stored.path), "--namespace", ""])
+    assert exited.value.code == 2 and "'' is not a namespace" in capsys.readouterr().err
     assert r.get(f"{namespace}:active") == version
 
 
