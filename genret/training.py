@@ -126,7 +126,8 @@ class TrainConfig(BaseModel):
         "with ask_from_description, the fewest yes/no pairs a retrieve epoch asks (unset: 400): while there are "
         "fewer, every image is asked again after another of its captions. Reading is one skill for the whole "
         "catalog, learnt from a few thousand pairs, so a small catalog needs many per image: on the 18-image demo "
-        "1 seed in 4 learnt it from ~140 pairs per epoch, 4 in 4 from 400 (benchmarks/RESULTS.md)"))
+        "1 seed in 4 learnt it from ~140 pairs per epoch, 4 in 4 from 400; Flickr8k's reduced setting (2 layers, "
+        "busier epochs) needed 2000 (benchmarks/RESULTS.md)"))
     batch_size: int = Field(32, ge=1)
     length_slices: int = Field(1, ge=1, description=(
         "each batch runs as this many forward and backward passes over its examples sorted by length, "
