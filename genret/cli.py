@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,26 +49,25 @@ class UsageError(Exception):
     pass
 
 
-def weight_arg(text: str) -> float:
-    """An argparse type: a re-ranking or hubness weight, a finite number >= 0."""
-    try:
-        weight = float(text)
-    except ValueError:
-        weight = -1.0
-    if not 0 <= weight < float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a weight (a finite number >= 0)")
-    return weight
+def number_arg(kind: type, minimum: float, what: str) -> Callable[[str], float]:
+    """An argparse type: a finite number of `kind` (int or float), at least `minimum`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not minimum <= value < float("inf"):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
 
 
-def seconds_arg(text: str) -> float:
-    """An argparse type: a time budget, a finite number of seconds >= 0 (0: one epoch)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):  # also refuses nan, which no clock ever passes
-        raise argparse.ArgumentTypeError(f"{text!r} is not a time budget (a finite number of seconds >= 0)")
-    return seconds
+# re-ranking and hubness weights; counts of results, beams or queries; --time-budget (0: one epoch)
+weight_arg = number_arg(float, 0, "a weight (a finite number >= 0)")
+count_arg = number_arg(int, 1, "a count (an integer >= 1)")
+seconds_arg = number_arg(float, 0, "a time budget (a finite number of seconds >= 0)")
 
 
 def model_name_arg(text: str) -> str:
@@ -76,17 +76,6 @@ def model_name_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a model name: a folder name under the model store, not a "
                                          "path (--out takes a path)")
     return text
-
-
-def count_arg(text: str) -> int:
-    """An argparse type: a count of results, beams or queries, an integer >= 1."""
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (an integer >= 1)")
-    return count
 
 
 def text_arg(text: str) -> str:
