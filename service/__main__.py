@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
 from .settings import SettingsError, load_settings
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why uvicorn could not listen there (a port in use, say), found before the model loads:
+    vLLM takes a minute, and its shutdown logs would bury uvicorn's one line."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            return e
+    return None
 
 
 def main() -> int:
@@ -19,6 +32,10 @@ def main() -> int:
         settings = load_settings()
     except SettingsError as e:
         print(f"service: {e}", file=sys.stderr)
+        return 2
+    if error := bind_error(settings.host, settings.port):
+        print(f"service: cannot listen on {settings.host}:{settings.port} (GENRET_HOST, GENRET_PORT): "
+              f"{error.strerror or error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -188,6 +188,22 @@ def test_a_bad_setting_is_named_as_its_variable_by_every_entry_point(monkeypatch
         "integer, unable to parse string as an integer\n", done.stderr
 
 
+def test_a_port_in_use_is_one_line_before_the_model_loads():
+    """uvicorn's own "address already in use" came after vLLM had started loading, above a page of its shutdown."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "GENRET_PORT": str(port), "GENRET_HOST": "127.0.0.1"}
+        done = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"service: cannot listen on 127.0.0.1:{port} (GENRET_HOST, GENRET_PORT): " \
+        "Address already in use\n"
+
+
 def test_locust_runs_only_under_the_load_profile_against_the_service(services):
     locust = services["locust"]
     assert locust["profiles"] == ["load"]
