@@ -476,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CatalogError, ModelStoreError, ValueError, OSError) as e:  # OSError: a path it cannot use
         print(f"genret {args.command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C; training writes its run folder and the model atomically
+        resume = "; run the same command to resume after the last finished epoch" if args.command == "train" else ""
+        print(f"\ngenret {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -17,11 +17,13 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -193,6 +195,23 @@ class TrainConfig(BaseModel):
         return sorted(name for name, value in current.items() if recorded.get(name, defaults[name]) != value)
 
 
+def temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")  # np.save would add a missing .npy
+
+
+@contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """A hidden sibling of `path` to write, renamed over it when the block ends: a run killed
+    mid-write (Ctrl-C, a GPU call's time limit) leaves the old file or the new one, never half of
+    one, which the next run would fail to read (a checkpoint cut off so lost every epoch)."""
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def id_token_vectors(ids: list[list[int]], tokens: set[int], embeddings: np.ndarray) -> dict[int, np.ndarray]:
     """Where each id token's images sit in the aligned space. Position by position, a token's
     vector is the mean of what its images' centred embeddings leave unexplained by their earlier
@@ -314,7 +333,8 @@ class Trainer:
 
                 feats = ImageEncoder(device=str(self.device)).encode_paths(
                     [self.catalog[k].path for k in self.keys], progress=self.progress)
-                np.save(path, feats)
+                with written_atomically(path) as tmp:
+                    np.save(tmp, feats)
                 self._image_features = feats
         return self._image_features
 
@@ -334,7 +354,8 @@ class Trainer:
         from .encoders import TextEncoder
 
         feats = TextEncoder(device=str(self.device)).encode(texts, progress=self.progress)
-        np.save(path, feats)
+        with written_atomically(path) as tmp:
+            np.save(tmp, feats)
         return feats
 
     def align(self):
@@ -352,8 +373,10 @@ class Trainer:
                                   held_out_share=self.config.align_validation, **options)
         epochs = chosen["epochs"] if chosen else self.config.align_epochs
         tower = train_two_tower(image_feats, text_feats, rows, epochs=epochs, **options)
-        write_json(self.prepared / "alignment.json", {"epochs": epochs, "validation": chosen})
-        save_two_tower(tower, path)
+        with written_atomically(self.prepared / "alignment.json") as tmp:
+            write_json(tmp, {"epochs": epochs, "validation": chosen})
+        with written_atomically(path) as tmp:
+            save_two_tower(tower, tmp)
         return tower
 
     def alignment_record(self) -> dict | None:
@@ -372,7 +395,8 @@ class Trainer:
             return IdentifierAssignment.from_json(json.loads(path.read_text()))
         scheme = make_scheme(self.config.scheme, **self.config.scheme_options)
         assignment = scheme.assign(self.keys, self.captions, embeddings)
-        path.write_text(json.dumps(assignment.to_json()))
+        with written_atomically(path) as tmp:
+            tmp.write_text(json.dumps(assignment.to_json()))
         return assignment
 
     def initial_lm(self, identifiers: IdentifierAssignment):
@@ -570,7 +594,8 @@ class Trainer:
                     if text:
                         out[self.keys[i]] = [normalize_caption(text)]
             model.train()
-        path.write_text(json.dumps(out))
+        with written_atomically(path) as tmp:
+            tmp.write_text(json.dumps(out))
         return out
 
     # ---- the loop
@@ -611,8 +636,9 @@ class Trainer:
             raise ValueError(f"{self.run_dir} holds a run on another catalog ({begun['images']} images and "
                              f"{begun['captions']} captions then, {catalog['images']} and {catalog['captions']} now, "
                              "or other keys or captions); use another run dir or --fresh")
-        config_path.write_text(json.dumps(self.config.model_dump(), indent=1))
-        catalog_path.write_text(json.dumps(catalog, indent=1))
+        for path, record in ((config_path, self.config.model_dump()), (catalog_path, catalog)):
+            with written_atomically(path) as tmp:
+                tmp.write_text(json.dumps(record, indent=1))
 
         tower = self.align().to(self.device).eval()
         embeddings = self.aligned_image_embeddings(tower)
@@ -662,7 +688,11 @@ class Trainer:
         checkpoint = self.run_dir / "checkpoint.pt"
         done, step, history = 0, 0, []
         if checkpoint.exists():
-            state = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            try:
+                state = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            except Exception as e:  # cut off mid-write by a version that wrote it in place
+                raise ValueError(f"{checkpoint} is unreadable ({type(e).__name__}): delete it to train from the "
+                                 "prepared inputs again, or start over with --fresh") from None
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             done, step, history = state["epochs_done"], state["step"], state["history"]
@@ -696,8 +726,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{torch.stack(losses[-LOSS_EVERY:]).mean().item():.3f}")
             history.append({"stage": stage, "epoch": epoch, "loss": torch.stack(losses).mean().item(),
                             "examples": len(examples)})
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epochs_done": index + 1,
-                        "step": step, "history": history}, checkpoint)
+            with written_atomically(checkpoint) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "epochs_done": index + 1, "step": step, "history": history}, tmp)
             if time_budget_s is not None and time.monotonic() - started > time_budget_s and index + 1 < len(schedule):
                 log.warning("time budget spent after %d of %d epochs; run again to resume", index + 1, len(schedule))
                 return None
@@ -734,6 +765,7 @@ def _versions() -> dict[str, str]:
 
 
 RUN_FILES = {"config.json", "catalog.json", "checkpoint.pt", "prepared"}  # all a run folder holds
+RUN_FILES |= {temporary_sibling(Path(name)).name for name in RUN_FILES if name != "prepared"}  # a killed run's
 
 
 def clear_run(run_dir: Path) -> None:

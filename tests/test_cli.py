@@ -205,6 +205,37 @@ def test_hold_out_keys_missing_from_the_catalog_are_named(capsys, tmp_path):
     assert "1 of the 2 keys in" in err and "not-in-the-catalog.jpg" in err and "the other 1 are held out" in err
 
 
+def test_ctrl_c_while_training_says_how_to_resume(tmp_path):
+    """Ctrl-C printed a traceback, from inside torch.save, which had cut the checkpoint off."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from genret.demo_catalog import write_demo_catalog
+
+    images, captions = write_demo_catalog(tmp_path / "demo")
+    run_dir = tmp_path / "run"
+    training = subprocess.Popen(
+        [sys.executable, "-m", "genret.cli", "train", "--images", str(images), "--captions", str(captions),
+         "--name", "x", "--preset", "tiny", "--set", "align_epochs=1", "--run-dir", str(run_dir),
+         "--out", str(tmp_path / "model")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoint.pt").exists() and training.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    training.send_signal(signal.SIGINT)
+    _, err = training.communicate(timeout=120)
+    assert training.returncode == 130, err
+    assert err.rstrip().endswith("genret train: interrupted; run the same command to resume after the last "
+                                 "finished epoch") and "Traceback" not in err
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epochs_done"] >= 1
+    assert not (tmp_path / "model").exists()
+
+
 @pytest.mark.parametrize("reranked", [False, True], ids=["beam only", "re-ranked"])
 def test_the_settings_evaluate_recommends_are_the_ones_the_service_reads(reranked, monkeypatch):
     """genret does not import the service, so `genret evaluate` spells its variables itself: the

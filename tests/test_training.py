@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from genret.catalog import Catalog
 from genret.identifiers import ResidualQuantizationIds
 from genret.model_store import StoredModel
 from genret.prompts import normalize_caption
-from genret.training import TrainConfig, Trainer, id_token_vectors
+from genret.training import TrainConfig, Trainer, clear_run, id_token_vectors
 
 from .conftest import TINY_CONFIG
 
@@ -136,6 +137,36 @@ def test_the_two_tower_trains_for_the_epochs_its_held_out_captions_chose(demo_ca
     small.prepared.mkdir(parents=True)
     small.align()
     assert small.alignment_record() == {"epochs": 3, "validation": None}
+
+
+def test_a_run_stopped_while_writing_its_checkpoint_resumes_from_the_last_one(tiny_catalog, tmp_path, monkeypatch):
+    """torch.save wrote checkpoint.pt in place: Ctrl-C (or a GPU call's time limit) during it left a
+    truncated file, which the next run could not read, and every epoch was lost."""
+    catalog, run = tiny_catalog.subset(tiny_catalog.keys()[:4]), tmp_path / "run"
+    real_save, saves = torch.save, []
+
+    def cut_off_at_the_second(state, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt
+        real_save(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", cut_off_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(catalog, TrainConfig(**SHORT), run, progress=False).train(tmp_path / "m")
+    monkeypatch.undo()
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epochs_done"] == 1
+    assert sorted(p.name for p in run.iterdir()) == ["catalog.json", "checkpoint.pt", "config.json", "prepared"]
+    resumed = Trainer(catalog, TrainConfig(**SHORT), run, progress=False).train(tmp_path / "m")
+    assert len(StoredModel.open(resumed).manifest["history"]) == 3
+    # one an older version cut off is named, with the way out
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt is unreadable .*delete it .* or start over with --fresh"):
+        Trainer(catalog, TrainConfig(**SHORT), run, progress=False).train(tmp_path / "m")
+    (run / ".checkpoint.tmp.pt").write_bytes(b"what a killed run leaves")
+    clear_run(run)  # --fresh still recognizes the folder as a run's
+    assert not any(run.iterdir())
 
 
 def test_a_run_folder_refuses_a_different_config(tiny_catalog, tmp_path):
