@@ -477,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genret {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C; training writes its run folder and the model atomically
-        resume = "; run the same command to resume after the last finished epoch" if args.command == "train" else ""
+        resume = {"train": "; run the same command to resume after the last finished epoch",
+                  "demo": "; `genret demo` resumes its training after the last finished epoch"}.get(args.command, "")
         print(f"\ngenret {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
     return 0
