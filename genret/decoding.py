@@ -77,6 +77,9 @@ class TransformersEngine:
             raise TypeError(f"search takes a list of queries, not one string: search([{queries!r}])")
         if k < 1 or (beams is not None and beams < 1):
             raise ValueError(f"k={k}, beams={beams}: search for at least one image with at least one beam")
+        if blank := [i for i, query in enumerate(queries) if not query.strip()]:
+            raise ValueError(f"queries {blank[:5]} are blank: with no words, a search returns whatever ids the "
+                             "model favours (the CLI and the service refuse them too)")
         if not queries:
             return []
         trie = trie or self.trie
@@ -140,6 +143,8 @@ class TransformersEngine:
         return self.generate([self.prompts.describe(self.stored.image_id_tokens(key))])[0]
 
     def ask(self, key: str, question: str) -> str:
+        if not question.strip():
+            raise ValueError("the question is blank")
         self.stored.require_trained_to("ask")
         description = self.describe(key) if self.stored.asks_from_description else None
         return self.generate([self.prompts.ask(self.stored.image_id_tokens(key), question, description)])[0]

@@ -45,6 +45,10 @@ def test_python_callers_get_errors_that_say_what_is_wrong(model, tiny_model_dir,
         with pytest.raises(ValueError, match="at least one image with at least one beam"):
             model.search(["a rocket"], **bad)
     assert model.search([], k=3) == []
+    with pytest.raises(ValueError, match=r"queries \[1\] are blank"):  # it returned the ids the model favours
+        model.search(["a rocket", "  "])
+    with pytest.raises(ValueError, match="the question is blank"):
+        model.ask(model.stored.keys[0], "")
     search_only = tmp_path / "search-only"
     shutil.copytree(tiny_model_dir, search_only)
     manifest = json.loads((search_only / "manifest.json").read_text())
