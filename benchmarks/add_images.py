@@ -38,6 +38,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flickr8k import DEFAULT_DATA, REPO, SETTINGS, build_catalog, protocol_of, run_config  # noqa: E402
 
+from genret.model_store import write_json  # noqa: E402
+
 RUN = "atomic+pq+qp+ai+fz+da"  # genret train's defaults, describe and ask included
 BEAM_HUBNESS_WEIGHTS = (0.0, 20.0, 40.0, 80.0)  # each reported: there are no added dev images to choose on
 BONUSES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)  # nats favouring added ids, measured on the added model (GENRET_ADDED_ID_BONUS)
@@ -64,7 +66,7 @@ def grow(base: Path, added, dest: Path) -> tuple[Path, float]:
         shutil.copytree(base, dest)
         started = time.perf_counter()
         add_images(dest, added, progress=False)
-        timing.write_text(json.dumps(time.perf_counter() - started))
+        write_json(timing, time.perf_counter() - started)
     return dest, json.loads(timing.read_text())
 
 
@@ -101,7 +103,7 @@ def measure(model: Path, protocol, setting: dict, seed: int, result_path: Path, 
             queries, candidates, h = scopes[scope]
             result[scope] = evaluate_generative(engine, queries, candidates=candidates,
                                                 beams=setting["beams"], prior=PriorWeights(hubness=h), progress=False)
-        result_path.write_text(json.dumps(result, indent=1))
+        write_json(result_path, result)
     if bonuses and protocol.captioned_queries:
         engine = engine or TransformersEngine(StoredModel.open(model))
         choose_on_held_out_queries(engine, protocol, setting, bonuses, result, result_path)
@@ -133,7 +135,7 @@ def choose_on_held_out_queries(engine, protocol, setting: dict, bonuses, result:
     for scope, prior in priors.items():
         if scope not in result:
             result[scope] = search(choose_on, prior)
-            result_path.write_text(json.dumps(result, indent=1))
+            write_json(result_path, result)
     chosen = {f"held_out_by_{by}": chosen_weights({prior: result[scope] for scope, prior in priors.items()}, by=by)
               for by in CHOOSE_BY}
     weights = {scope: PriorWeights(hubness=c["beam_hubness_weight"], added_bonus=c["added_bonus"])
@@ -143,7 +145,7 @@ def choose_on_held_out_queries(engine, protocol, setting: dict, bonuses, result:
             by_kind = search(report_on, prior)["by_kind"]
             result[scope] = {"beam_hubness_weight": prior.hubness, "added_bonus": prior.added_bonus,
                              **{f"{kind} {m}": by_kind[kind][m] for kind in HELD_OUT_KINDS for m in ("R@1", "R@10")}}
-            result_path.write_text(json.dumps(result, indent=1))
+            write_json(result_path, result)
 
 
 CHOOSE_BY = ("R@10", "R@1")  # what the held-out choice maximizes first
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{out} holds models trained {'without' if args.captioned_queries else 'with'} "
                      "--captioned-queries: give this protocol its own --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "protocol.json").write_text(json.dumps(chosen))
+    write_json(out / "protocol.json", chosen)
     setting = SETTINGS[args.setting]
     protocol = build_catalog(args.data, setting, captioned_queries=args.captioned_queries)
     test = set(protocol.test_keys)
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "add_seconds": float(np.mean(add_seconds)), "commit": commit,
             "command": f"python benchmarks/add_images.py --setting {args.setting} --seeds {args.seeds}"
                        + (" --captioned-queries" if args.captioned_queries else "")}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results, "runs": runs}, indent=1))
+    write_json(out / "results.json", {"meta": meta, "results": results, "runs": runs})
     (out / "results.md").write_text(report(results, meta))
     print(report(results, meta))
     return 0

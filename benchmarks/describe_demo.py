@@ -24,6 +24,8 @@ from pathlib import Path
 
 from vllm_search import REPO, git_commit  # also puts the repo on sys.path
 
+from genret.model_store import write_json
+
 
 def measure(run_dir: Path, model_dir: Path, config, catalog) -> dict:
     from genret.decoding import TransformersEngine
@@ -109,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"preset": preset, "describe_per_image": per_image, "seed": seed, "sets": args.set or [],
                            **measure(args.out / "runs" / name, args.out / "models" / name, config, catalog),
                            "config": config.model_dump(mode="json"), "commit": commit}
-                    result_path.write_text(json.dumps(row, indent=1))
+                    write_json(result_path, row)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     machine = f"{platform.machine()}, {platform.processor() or 'CPU'}"
-    (args.out / "results.json").write_text(json.dumps({"machine": machine, "commit": commit, "results": rows}, indent=1))
+    write_json(args.out / "results.json", {"machine": machine, "commit": commit, "results": rows})
     (args.out / "results.md").write_text(report(rows))
     print(report(rows))
     return 0

@@ -39,6 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 
+from genret.model_store import write_json  # atomic: a GPU call's time limit never leaves half a result
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("GENRET_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
 
@@ -367,9 +369,9 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
                                                     reranker=reranker, batch_size=batch_size,
                                                     rerank_grid=RERANK_GRID if beams == wide else (),
                                                     prior=PriorWeights(hubness=weight))
-            result_path.write_text(json.dumps(result, indent=1))
+            write_json(result_path, result)
     result = at_dev_weight(result)
-    result_path.write_text(json.dumps(result, indent=1))  # the run's own file holds its dev-chosen weights too
+    write_json(result_path, result)  # the run's own file holds its dev-chosen weights too
     return result
 
 
@@ -505,7 +507,7 @@ def _captioned_rows(r: dict, meta: dict) -> list[list[str]]:
 
 
 def write_report(out: Path, results: dict, meta: dict) -> None:
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    write_json(out / "results.json", {"meta": meta, "results": results})
     lines = [f"# Flickr8k generative retrieval ({meta['setting']} setting)", "",
              f"catalog {meta['catalog_images']} images, {meta['train_captions']} training captions, "
              f"{meta['queries']} test queries over {meta['test_images']} test images, {meta['dev_queries']} dev "
@@ -667,14 +669,14 @@ def main() -> int:
     if args.image_features_only:
         print(f"image features: {base.prepared / 'image_features.npy'}")
         return 0
-    (out / "protocol.json").write_text(json.dumps(chosen))
+    write_json(out / "protocol.json", chosen)
     base.caption_features(base.caption_pairs()[0])
     base.align()
 
     results = {}
     dense_path = out / "dense.json"
     if "dense two-tower, hubness-corrected" not in json.loads(dense_path.read_text() if dense_path.exists() else "{}"):
-        dense_path.write_text(json.dumps(dense_baseline(base, protocol, keys), indent=1))
+        write_json(dense_path, dense_baseline(base, protocol, keys))
     results.update(json.loads(dense_path.read_text()))
     meta = {"setting": args.setting, "catalog_images": len(catalog), "test_images": len(test_keys),
             "dev_images": len(protocol.dev_keys), "dev_queries": len(protocol.dev_queries),

@@ -71,8 +71,26 @@ class UntrainedTask(ModelStoreError):
     be the base LM's guess about an id it never learnt to speak of, so it is refused instead."""
 
 
+def temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")  # np.save would add a missing .npy
+
+
+@contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """A hidden sibling of `path` to write, renamed over it when the block ends: a run killed
+    mid-write (Ctrl-C, a GPU call's time limit) leaves the old file or the new one, never half of
+    one, which the next run would fail to read (a checkpoint cut off so lost every epoch)."""
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+    with written_atomically(Path(path)) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
 def save_model(

@@ -17,13 +17,11 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -39,7 +37,7 @@ from .encoders import usable_device
 from .identifiers import SCHEMES, STOP_WORDS, IdentifierAssignment, make_scheme
 from .language_model import add_tokens, keep_first_layers, load_base, prune_vocabulary
 from .model import Example, MultimodalLM, QueryPrefix, SoftPrefix
-from .model_store import check_model_destination, save_model, write_json
+from .model_store import check_model_destination, save_model, temporary_sibling, write_json, written_atomically
 from .prompts import PROMPT_TEXTS, Prompts, normalize_caption
 
 log = logging.getLogger(__name__)
@@ -193,23 +191,6 @@ class TrainConfig(BaseModel):
         defaults.update(UNRECORDED_MEANT)
         current, defaults = (json.loads(json.dumps(d)) for d in (self.model_dump(), defaults))
         return sorted(name for name, value in current.items() if recorded.get(name, defaults[name]) != value)
-
-
-def temporary_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.tmp{path.suffix}")  # np.save would add a missing .npy
-
-
-@contextmanager
-def written_atomically(path: Path) -> Iterator[Path]:
-    """A hidden sibling of `path` to write, renamed over it when the block ends: a run killed
-    mid-write (Ctrl-C, a GPU call's time limit) leaves the old file or the new one, never half of
-    one, which the next run would fail to read (a checkpoint cut off so lost every epoch)."""
-    tmp = temporary_sibling(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def id_token_vectors(ids: list[list[int]], tokens: set[int], embeddings: np.ndarray) -> dict[int, np.ndarray]:
@@ -373,8 +354,7 @@ class Trainer:
                                   held_out_share=self.config.align_validation, **options)
         epochs = chosen["epochs"] if chosen else self.config.align_epochs
         tower = train_two_tower(image_feats, text_feats, rows, epochs=epochs, **options)
-        with written_atomically(self.prepared / "alignment.json") as tmp:
-            write_json(tmp, {"epochs": epochs, "validation": chosen})
+        write_json(self.prepared / "alignment.json", {"epochs": epochs, "validation": chosen})
         with written_atomically(path) as tmp:
             save_two_tower(tower, tmp)
         return tower
