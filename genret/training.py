@@ -375,8 +375,7 @@ class Trainer:
             return IdentifierAssignment.from_json(json.loads(path.read_text()))
         scheme = make_scheme(self.config.scheme, **self.config.scheme_options)
         assignment = scheme.assign(self.keys, self.captions, embeddings)
-        with written_atomically(path) as tmp:
-            tmp.write_text(json.dumps(assignment.to_json()))
+        write_json(path, assignment.to_json())
         return assignment
 
     def initial_lm(self, identifiers: IdentifierAssignment):
@@ -574,8 +573,7 @@ class Trainer:
                     if text:
                         out[self.keys[i]] = [normalize_caption(text)]
             model.train()
-        with written_atomically(path) as tmp:
-            tmp.write_text(json.dumps(out))
+        write_json(path, out)
         return out
 
     # ---- the loop
@@ -616,9 +614,8 @@ class Trainer:
             raise ValueError(f"{self.run_dir} holds a run on another catalog ({begun['images']} images and "
                              f"{begun['captions']} captions then, {catalog['images']} and {catalog['captions']} now, "
                              "or other keys or captions); use another run dir or --fresh")
-        for path, record in ((config_path, self.config.model_dump()), (catalog_path, catalog)):
-            with written_atomically(path) as tmp:
-                tmp.write_text(json.dumps(record, indent=1))
+        write_json(config_path, self.config.model_dump())
+        write_json(catalog_path, catalog)
 
         tower = self.align().to(self.device).eval()
         embeddings = self.aligned_image_embeddings(tower)
