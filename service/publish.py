@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 
-from .settings import SettingsError, load_settings
+from .settings import NAMESPACE_PATTERN, SettingsError, load_settings
 
 
 def url_template(text: str) -> str:
@@ -25,7 +26,7 @@ def url_template(text: str) -> str:
 
 def namespace_arg(text: str) -> str:
     """An argparse type: the Redis keys' prefix, as GENRET_ID_STORE_NAMESPACE takes it."""
-    if not text or any(c.isspace() for c in text):
+    if not re.fullmatch(NAMESPACE_PATTERN, text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a namespace: a word, no spaces (the servers read it "
                                          "from GENRET_ID_STORE_NAMESPACE)")
     return text

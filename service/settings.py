@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from genret.decoding import PriorWeights
 
 REPO = Path(__file__).resolve().parents[1]
+# the Redis keys' prefix (namespace:...) is a word: "" or a space would put keys outside it
+NAMESPACE_PATTERN = r"^\S+$"
 # how a search ranks: what `genret evaluate` chooses, /readyz reports and docker-compose.yml passes through
 SEARCH_FIELDS = ("beams", "beam_hubness_weight", "added_id_bonus", "rerank_beams", "rerank_weight", "hubness_weight")
 
@@ -62,8 +64,8 @@ class Settings(BaseSettings):
 
     # --- id store
     redis_url: str | None = Field(None, description="None = the id map comes from the model's catalog.json")
-    id_store_namespace: str = Field("genret", min_length=1, pattern=r"^\S+$", description="the Redis keys' "
-                                    "prefix (namespace:...): a word, no spaces")
+    id_store_namespace: str = Field("genret", pattern=NAMESPACE_PATTERN, description="the Redis keys' prefix "
+                                    "(namespace:...): a word, no spaces")
     redis_timeout_s: float = Field(2.0, gt=0, description="a Redis call that takes longer is a 503, not a hang")
     public_url: str | None = Field(None, description="base of the image URLs the service serves itself; None = "
                                    "http://localhost:<port>, or http://<host>:<port> for a host not on all or "
