@@ -102,6 +102,8 @@ LEVERS = {
     "api": ("N yes/no question pairs per image and epoch, each about other words", "ask_per_image", int),
     "ad": ("ask after the model's own description: questions follow one of the image's captions in training",
            "ask_from_description", True),
+    "adn": ("with ad: N descriptions precede a question (training joins N captions, the engines N beams)",
+            "ask_descriptions", int),
     "rp": ("with ad: each retrieve epoch asks at least N yes/no pairs, images asked again after other captions",
            "reading_pairs_per_epoch", int),
     "ls": ("each batch as N length-sorted slices, their gradients summed (the same update, less padding)",

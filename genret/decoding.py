@@ -137,6 +137,28 @@ class TransformersEngine:
                                pad_token_id=self.prompts.end, eos_token_id=self.prompts.end)
         return [self.prompts.decode_answer(_until_end(row, self.prompts.end)) for row in out[:, ids.shape[1]:].tolist()]
 
+    @torch.inference_mode()
+    def generate_beams(self, prompts: list[list[int]], beams: int, max_new_tokens: int = 48) -> list[list[str]]:
+        """Each prompt's `beams` best continuations by beam search, best first, each text once. A
+        score is the summed log-probability (no length penalty), as the vLLM engine ranks them."""
+        ids, mask = self._left_padded(prompts)
+        end = self.prompts.end
+        out = self.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                               num_beams=beams, num_return_sequences=beams, length_penalty=0.0, early_stopping=True,
+                               pad_token_id=end, eos_token_id=end)
+        texts = [self.prompts.decode_answer(_until_end(row, end)) for row in out[:, ids.shape[1]:].tolist()]
+        return [list(dict.fromkeys(t for t in texts[i * beams : (i + 1) * beams] if t)) for i in range(len(prompts))]
+
+    def ask_contexts(self, keys: list[str], max_new_tokens: int = 48) -> list[str | None]:
+        """What a question about each image follows: nothing, or, for a model trained to ask from
+        its description, its own description (its ask_descriptions best ones, joined)."""
+        if not self.stored.asks_from_description:
+            return [None] * len(keys)
+        prompts = [self.prompts.describe(self.stored.image_id_tokens(k)) for k in keys]
+        if (n := self.stored.ask_descriptions) == 1:
+            return self.generate(prompts, max_new_tokens)
+        return [" ".join(texts) for texts in self.generate_beams(prompts, n, max_new_tokens)]
+
     def describe(self, key: str) -> str:
         """The memorized image's caption, from its id alone (UnknownImage, UntrainedTask)."""
         self.stored.require_trained_to("describe")
@@ -146,8 +168,8 @@ class TransformersEngine:
         if not question.strip():
             raise ValueError("the question is blank")
         self.stored.require_trained_to("ask")
-        description = self.describe(key) if self.stored.asks_from_description else None
-        return self.generate([self.prompts.ask(self.stored.image_id_tokens(key), question, description)])[0]
+        [context] = self.ask_contexts([key])
+        return self.generate([self.prompts.ask(self.stored.image_id_tokens(key), question, context)])[0]
 
 
 class TrieMask(LogitsProcessor):

@@ -198,7 +198,8 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
 
     A model that asks from its description also gets `yes_no_stated_accuracy`: its accuracy on
     the questions that description answers (the words it mentions asked "yes", those it does not
-    asked "no"), which tells how well it reads apart from how much one description covers."""
+    asked "no"), which tells how well it reads apart from how much its descriptions cover (with
+    ask_descriptions > 1, the joined descriptions its questions follow)."""
     from .training import content_words, presence_question, yes_no_questions
 
     keys = [k for k, captions in references.items() if captions]
@@ -212,7 +213,13 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
     words = {k: {w for c in references[k] for w in content_words(c)} for k in keys}
     questions = yes_no_questions(random.Random(seed), words, words_per_image)
     mentions = Counter(w for ws in words.values() for w in ws)
-    context = descriptions if engine.stored.asks_from_description else dict.fromkeys(keys)
+    context = dict.fromkeys(keys)  # what the engines put before a question (TransformersEngine.ask_contexts)
+    if engine.stored.asks_from_description and engine.stored.ask_descriptions == 1:
+        context = descriptions
+    elif engine.stored.asks_from_description:
+        for start in tqdm(range(0, len(keys), batch_size), desc="descriptions", disable=not progress):
+            batch = keys[start : start + batch_size]
+            context.update(zip(batch, engine.ask_contexts(batch)))
     prompts_asked = [prompts.ask(engine.stored.id_tokens[k], presence_question(w), context[k]) for k, w, _ in questions]
     answers = []
     for start in tqdm(range(0, len(questions), 4 * batch_size), desc="ask", disable=not progress):
@@ -225,9 +232,9 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
                                         for t in range(1, max(mentions.values(), default=0) + 2)), default=0.0),
               "questions": asked}
     if engine.stored.asks_from_description:
-        # the questions its description answers: a perfect reader of it scores 1 here, and the rest
-        # ask about words that one description leaves out
-        said = {k: set(content_words(d)) for k, d in descriptions.items()}
+        # the questions its descriptions answer: a perfect reader of them scores 1 here, and the rest
+        # ask about words they leave out
+        said = {k: set(content_words(context[k])) for k in keys}
         stated = [ok for ok, (k, w, yes) in zip(right, questions) if (w in said[k]) == yes]
         scores |= {"yes_no_stated_accuracy": sum(stated) / max(1, len(stated)), "questions_stated": len(stated)}
     return scores

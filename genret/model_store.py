@@ -289,6 +289,11 @@ class StoredModel:
         """Whether an ask follows the model's own description of the image (ask_from_description)."""
         return bool(self.manifest.get("train_config", {}).get("ask_from_description", False))
 
+    @property
+    def ask_descriptions(self) -> int:
+        """How many of its own descriptions, joined, an ask follows (ask_descriptions; 1 before it)."""
+        return int(self.manifest.get("train_config", {}).get("ask_descriptions", 1))
+
     def require_trained_to(self, task: str) -> None:
         if task not in self.tasks:
             raise UntrainedTask(f"model {self.manifest['name']!r} was not trained to {task} (its training config "

@@ -75,8 +75,8 @@ class HFEngine:
         return text
 
     async def ask(self, key: str, question: str) -> str:
-        description = await self.describe(key) if self.stored.asks_from_description else None
-        prompt = self.engine.prompts.ask(self.stored.id_tokens[key], question, description)
+        [context] = await self._run(self.engine.ask_contexts, [key], max_new_tokens=self.max_answer_tokens)
+        prompt = self.engine.prompts.ask(self.stored.id_tokens[key], question, context)
         [text] = await self._run(self.engine.generate, [prompt], max_new_tokens=self.max_answer_tokens)
         return text
 

@@ -80,7 +80,7 @@ class VLLMEngine:
             # a step's top-N log-probs after the trie processor, which has put each allowed
             # token's log-probability (over the whole vocabulary) in its logit
             logprobs_mode="processed_logits",
-            max_logprobs=2 * max(s.beams, s.max_k, s.rerank_beams),
+            max_logprobs=2 * max(s.beams, s.max_k, s.rerank_beams, self.stored.ask_descriptions),
             disable_log_stats=True,
             seed=0,
         )
@@ -175,25 +175,30 @@ class VLLMEngine:
         # MiniLM on the CPU takes milliseconds per query: off the event loop all the same
         return await asyncio.to_thread(lambda: self.query_soft_prefix([query])[0])
 
-    async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights()) -> list[Hit]:
-        trie, end = self.trie, self.end
-        prior.check(self.stored)  # here, not in vLLM's worker
-        prompt = self.prompts.retrieve(query)
-        soft = await self._query_soft_prefix(query)
-        self._check_fits(prompt, trie.max_depth(), 0 if soft is None else len(soft))
-        k = min(k, len(trie))
-        beams = max(beams, k)
+    async def next_logprobs(self, prompt: list[int], n: int) -> dict[int, float]:
+        """The n likeliest next tokens after the prompt, with their log-probabilities (the engine's
+        logprobs are read after the processors, and without LOGPROBS they would be raw logits)."""
+        from vllm import SamplingParams
+
+        from .vllm_trie_mask import LOGPROBS
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=n, detokenize=False, extra_args={LOGPROBS: True})
+        [position] = (await self._generate(prompt, params)).logprobs
+        return {t: p.logprob for t, p in position.items()}
+
+    async def beam_search(self, beams: int, steps: int, best_next) -> list[tuple[float, tuple[int, ...]]]:
+        """The `beams` best (score, tokens) sequences, best first, each finished by the end token or
+        by the last step; `best_next(tokens so far)` gives a beam's 2 x beams best next tokens and
+        their log-probabilities. Each step's requests are all in flight together."""
         running: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
         finished: list[tuple[float, tuple[int, ...]]] = []
-        for _ in range(trie.max_depth()):
-            steps = await asyncio.gather(*(
-                self.best_next(prompt, seq, min(2 * beams, len(trie.allowed_next(seq))), prior, soft)
-                for _, seq in running))
-            candidates = heapq.nlargest(2 * beams, ((score + lp, seq + (t,)) for (score, seq), lps in zip(running, steps)
+        for step in range(steps):
+            nexts = await asyncio.gather(*(best_next(seq) for _, seq in running))
+            candidates = heapq.nlargest(2 * beams, ((score + lp, seq + (t,)) for (score, seq), lps in zip(running, nexts)
                                                     for t, lp in lps.items()), key=lambda c: c[0])
             running = []
             for rank, (score, seq) in enumerate(candidates):
-                if seq[-1] == end:
+                if seq[-1] == self.end or step == steps - 1:  # as transformers, which stops at max_new_tokens
                     if rank < beams:
                         finished.append((score, seq))
                 elif len(running) < beams:
@@ -201,6 +206,18 @@ class VLLMEngine:
             finished = heapq.nlargest(beams, finished, key=lambda c: c[0])
             if len(finished) >= beams or not running:
                 break
+        return finished
+
+    async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights()) -> list[Hit]:
+        trie = self.trie
+        prior.check(self.stored)  # here, not in vLLM's worker
+        prompt = self.prompts.retrieve(query)
+        soft = await self._query_soft_prefix(query)
+        self._check_fits(prompt, trie.max_depth(), 0 if soft is None else len(soft))
+        k = min(k, len(trie))
+        beams = max(beams, k)
+        finished = await self.beam_search(beams, trie.max_depth(), lambda seq: self.best_next(
+            prompt, seq, min(2 * beams, len(trie.allowed_next(seq))), prior, soft))
         hits = [Hit(trie.key_for(seq), score) for score, seq in finished]
         assert all(h.key is not None for h in hits), "a finished beam left the trie"
         return hits[:k]
@@ -217,9 +234,21 @@ class VLLMEngine:
     async def describe(self, key: str) -> str:
         return await self._greedy(self.prompts.describe(self.stored.id_tokens[key]))
 
+    async def descriptions(self, key: str, n: int) -> list[str]:
+        """The image's n best descriptions by beam search, best first, each text once (as
+        genret.decoding.TransformersEngine.generate_beams)."""
+        prompt, steps = self.prompts.describe(self.stored.id_tokens[key]), self.settings.max_answer_tokens
+        self._check_fits(prompt, steps)
+        finished = await self.beam_search(n, steps, lambda seq: self.next_logprobs(prompt + list(seq), 2 * n))
+        texts = [self.prompts.decode_answer([t for t in seq if t != self.end]) for _, seq in finished]
+        return list(dict.fromkeys(t for t in texts if t))
+
     async def ask(self, key: str, question: str) -> str:
-        description = await self.describe(key) if self.stored.asks_from_description else None
-        return await self._greedy(self.prompts.ask(self.stored.id_tokens[key], question, description))
+        context = None  # as genret.decoding.TransformersEngine.ask_contexts
+        if self.stored.asks_from_description:
+            n = self.stored.ask_descriptions
+            context = await self.describe(key) if n == 1 else " ".join(await self.descriptions(key, n))
+        return await self._greedy(self.prompts.ask(self.stored.id_tokens[key], question, context))
 
 
 def use_model_runner_v1() -> None:

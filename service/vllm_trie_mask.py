@@ -7,7 +7,9 @@ after this processor: one request per beam and step returns that beam's best con
 however wide its trie node is. (Before, each request listed the tokens it wanted scored, at
 most 128, so the root of a catalog of atomic ids, one token per image, took a request per 128
 images.) A search request names its beam's id tokens so far, and the prior's weights, in
-`SamplingParams.extra_args[STEP]`; requests without it (describe, ask) pass untouched.
+`SamplingParams.extra_args[STEP]`. A step of the beam search over descriptions (an ask after
+several) names no trie: `extra_args[LOGPROBS]` turns its logits into log-probabilities alone.
+Other requests (describe, ask) pass untouched.
 
 vLLM builds this class in its model-runner (worker) process, from the served checkpoint's
 path: the trained model's folder around it (genret.model_store) gives the trie and the hubness.
@@ -25,6 +27,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 STEP = "genret_trie_step"  # extra_args key: {"prefix": [id tokens so far], "hubness_weight": h, "added_bonus": b}
+LOGPROBS = "genret_logprobs"  # extra_args key: true for log-probabilities over the whole vocabulary, no trie
 
 
 def step_args(prefix: list[int], prior: PriorWeights) -> dict:
@@ -38,7 +41,8 @@ class TrieLogitsProcessor(LogitsProcessor):
         self.stored = StoredModel.open(Path(vllm_config.model_config.model).parent)
         self.trie = self.stored.trie()
         self.masks: dict[PriorWeights, TrieMask] = {}  # prior weights -> their mask, device tensors cached
-        self.steps: dict[int, tuple[list[int], PriorWeights]] = {}  # batch row -> (id prefix, prior weights)
+        # batch row -> (id prefix, or None for no trie; prior weights)
+        self.steps: dict[int, tuple[list[int] | None, PriorWeights]] = {}
 
     @classmethod
     def validate_params(cls, params: SamplingParams) -> None:
@@ -61,9 +65,12 @@ class TrieLogitsProcessor(LogitsProcessor):
         process_dict_updates(self.steps, batch_update, self._step_of)
 
     @staticmethod
-    def _step_of(params: SamplingParams, prompt_ids, output_ids) -> tuple[list[int], PriorWeights] | None:
-        step = (params.extra_args or {}).get(STEP)
-        return None if step is None else (step["prefix"], PriorWeights(step["hubness_weight"], step["added_bonus"]))
+    def _step_of(params: SamplingParams, prompt_ids, output_ids) -> tuple[list[int] | None, PriorWeights] | None:
+        """A search step's (id prefix, prior), (None, no prior) for log-probabilities alone, or None."""
+        extra = params.extra_args or {}
+        if (step := extra.get(STEP)) is not None:
+            return step["prefix"], PriorWeights(step["hubness_weight"], step["added_bonus"])
+        return (None, PriorWeights()) if extra.get(LOGPROBS) else None
 
     def mask(self, prior: PriorWeights) -> TrieMask:
         if prior not in self.masks:
@@ -79,7 +86,11 @@ class TrieLogitsProcessor(LogitsProcessor):
             rows.append(row)
             prefixes.append(prefix)
         for prior, (rows, prefixes) in by_prior.items():
+            trie_rows = [i for i, prefix in enumerate(prefixes) if prefix is not None]
             index = torch.tensor(rows, device=logits.device)
             logprobs = logits[index].log_softmax(-1)  # over the whole vocabulary, as transformers scores
-            logits[index] = logprobs + self.mask(prior).mask(prefixes, logprobs)
+            if trie_rows:
+                on = torch.tensor(trie_rows, device=logits.device)
+                logprobs[on] += self.mask(prior).mask([prefixes[i] for i in trie_rows], logprobs[on])
+            logits[index] = logprobs
         return logits

@@ -173,6 +173,22 @@ def test_a_model_trained_to_ask_from_its_description_describes_before_it_asks(en
     assert engine.ask(key, question) == engine.generate([after_description])[0]
 
 
+def test_a_model_trained_to_ask_after_several_descriptions_joins_its_best_beams(engine, tiny_catalog, monkeypatch):
+    key, question = "horse.jpg", "Is there a horse in this image?"
+    ids = engine.stored.image_id_tokens(key)
+    for field, value in (("ask_from_description", True), ("ask_descriptions", 3)):
+        monkeypatch.setitem(engine.stored.manifest["train_config"], field, value)
+    [beams] = engine.generate_beams([engine.prompts.describe(ids)], 3)
+    assert 1 <= len(beams) == len(set(beams)) <= 3 and all(beams)
+    assert engine.generate_beams([engine.prompts.describe(ids)], 1) == [[engine.describe(key)]]  # one beam is greedy
+    assert engine.ask_contexts([key]) == [" ".join(beams)]
+    assert engine.ask(key, question) == engine.generate([engine.prompts.ask(ids, question, " ".join(beams))])[0]
+    keys = tiny_catalog.keys()[:4]
+    own = {k: [context] for k, context in zip(keys, engine.ask_contexts(keys))}  # each image's caption: its beams
+    scores = evaluate_describe_and_ask(engine, own, words_per_image=50, progress=False)
+    assert scores["questions_stated"] == scores["questions"] > 0  # the words of every beam are stated
+
+
 def test_a_model_asking_from_its_description_is_also_scored_on_the_questions_that_description_answers(
         engine, tiny_catalog, monkeypatch):
     monkeypatch.setitem(engine.stored.manifest["train_config"], "ask_from_description", True)

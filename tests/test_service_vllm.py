@@ -200,6 +200,24 @@ def test_a_model_that_asks_from_its_description_is_asked_so_by_both_engines(run,
     assert r.json()["answer"] == run(hf_engine.ask("rocket.jpg", question)) == hf_engine.engine.generate([prompt])[0]
 
 
+def test_a_model_that_asks_after_several_descriptions_gets_the_same_beams_from_both_engines(
+        run, client, vllm_engine, hf_engine, stored, monkeypatch):
+    """vLLM has no beam search over its async engine: VLLMEngine.beam_search runs it, as for ids,
+    and must find transformers' beams (summed log-probabilities, the same bookkeeping)."""
+    for field, value in (("ask_from_description", True), ("ask_descriptions", 3)):
+        monkeypatch.setitem(stored.manifest["train_config"], field, value)  # both engines read it
+    question = "Is there a rocket in this image?"
+    for key in ("rocket.jpg", "coffee.jpg", "moon.jpg"):
+        [beams] = hf_engine.engine.generate_beams([hf_engine.engine.prompts.describe(stored.id_tokens[key])], 3,
+                                                  max_new_tokens=SETTINGS.max_answer_tokens)
+        assert run(vllm_engine.descriptions(key, 3)) == beams, key
+    r = run(client.post("/ask", json={"image_id": "rocket.jpg", "question": question}))
+    assert r.status_code == 200, r.text
+    [context] = hf_engine.engine.ask_contexts(["rocket.jpg"])  # its three best descriptions, joined
+    prompt = hf_engine.engine.prompts.ask(stored.id_tokens["rocket.jpg"], question, context)
+    assert r.json()["answer"] == run(hf_engine.ask("rocket.jpg", question)) == hf_engine.engine.generate([prompt])[0]
+
+
 def test_a_prompt_longer_than_the_context_is_422(run, client, vllm_engine):
     query = " ".join(f"w{i}ü" for i in range(150))  # under max_query_chars, over max_model_len in tokens
     assert len(vllm_engine.prompts.retrieve(query)) > MAX_MODEL_LEN

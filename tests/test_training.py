@@ -453,6 +453,39 @@ def test_ask_from_description_asks_after_one_of_the_captions_about_its_words(tin
         TrainConfig(**{**SHORT, "ask_from_description": True, "describe": False})
 
 
+def test_ask_descriptions_puts_that_many_of_the_captions_before_each_question(tiny_catalog, tmp_path, prompts):
+    """The engines join their best descriptions; training joins as many distinct captions."""
+    from genret.training import content_words
+
+    keys = tiny_catalog.keys()
+    ids = spelled_ids(prompts, keys)
+    config = TrainConfig(**{**SHORT, "ask_from_description": True, "ask_descriptions": 2, "ask_per_image": 3,
+                            "reading_pairs_per_epoch": 0})
+    trainer = Trainer(tiny_catalog, config, tmp_path / "run", progress=False)
+    asked = 0
+    for e in trainer.examples("retrieve", 0, prompts, ids, {}):
+        [k] = [k for k in keys if e.prompt[: len(prompts.describe(ids[k]))] == prompts.describe(ids[k])] or [None]
+        after_description = k and e.prompt[len(prompts.describe(ids[k])):]
+        if not after_description:  # a retrieve or describe example
+            continue
+        context, question = prompts.decode_answer(after_description).rsplit("\nQuestion:", 1)
+        captions = trainer.captions[k]
+        used = [c for c in captions if c in context]
+        assert len(used) == min(2, len(set(captions))) and len(context) == sum(map(len, used)) + len(used) - 1
+        answer = prompts.decode_answer(e.target)
+        if question.strip().startswith("What"):
+            assert context.startswith(answer)  # the open question is answered by the first of them
+        elif answer == "Yes.":
+            word = question.split()[3]  # "Is there a WORD in this image?"
+            assert word in content_words(context)
+        asked += 1
+    assert asked >= 7 * len(keys)  # the open question and three pairs each
+    with pytest.raises(ValueError, match="ask_descriptions .* set ask_from_description"):
+        TrainConfig(**{**SHORT, "ask_descriptions": 2})
+    with pytest.raises(ValueError, match="ask_descriptions"):
+        TrainConfig(**{**SHORT, "ask_from_description": True, "ask_descriptions": 0})
+
+
 def test_a_small_catalog_is_asked_again_after_other_captions_until_the_epoch_has_its_reading_pairs(
         tiny_catalog, tmp_path, prompts):
     """Reading a description is learnt from a few thousand pairs, however few images there are."""
