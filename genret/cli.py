@@ -286,8 +286,10 @@ def cmd_evaluate(args) -> None:
         recalls = ", ".join(f"R@{k} {chosen[f'R@{k}']:.3f}" for k in (1, 5, 10))
         print(f"best by {chosen['by']} on the {chosen['on']} ({recalls}): serve with "
               + serving_settings(chosen, args.beams), file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.out:  # whole or not at all, as every file the project writes: a Ctrl-C mid-write keeps the old one
+        from .model_store import write_json
+
+        write_json(Path(args.out), result)
 
 
 def serving_settings(chosen: dict, beams: int) -> str:
