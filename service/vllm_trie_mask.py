@@ -41,8 +41,8 @@ class TrieLogitsProcessor(LogitsProcessor):
         self.stored = StoredModel.open(Path(vllm_config.model_config.model).parent)
         self.trie = self.stored.trie()
         self.masks: dict[PriorWeights, TrieMask] = {}  # prior weights -> their mask, device tensors cached
-        # batch row -> (id prefix, or None for no trie; prior weights)
-        self.steps: dict[int, tuple[list[int] | None, PriorWeights]] = {}
+        # batch row -> (id prefix, prior weights), or (None, None): log-probabilities, no trie
+        self.steps: dict[int, tuple[list[int], PriorWeights] | tuple[None, None]] = {}
 
     @classmethod
     def validate_params(cls, params: SamplingParams) -> None:
@@ -65,12 +65,12 @@ class TrieLogitsProcessor(LogitsProcessor):
         process_dict_updates(self.steps, batch_update, self._step_of)
 
     @staticmethod
-    def _step_of(params: SamplingParams, prompt_ids, output_ids) -> tuple[list[int] | None, PriorWeights] | None:
-        """A search step's (id prefix, prior), (None, no prior) for log-probabilities alone, or None."""
+    def _step_of(params: SamplingParams, prompt_ids, output_ids):
+        """A search step's (id prefix, prior), (None, None) for log-probabilities alone, or None."""
         extra = params.extra_args or {}
         if (step := extra.get(STEP)) is not None:
             return step["prefix"], PriorWeights(step["hubness_weight"], step["added_bonus"])
-        return (None, PriorWeights()) if extra.get(LOGPROBS) else None
+        return (None, None) if extra.get(LOGPROBS) else None
 
     def mask(self, prior: PriorWeights) -> TrieMask:
         if prior not in self.masks:
@@ -80,17 +80,13 @@ class TrieLogitsProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.steps:
             return logits
-        by_prior: dict[PriorWeights, tuple[list[int], list[list[int]]]] = {}
+        by_prior: dict[PriorWeights | None, tuple[list[int], list[list[int] | None]]] = {}  # None: no trie
         for row, (prefix, prior) in self.steps.items():
             rows, prefixes = by_prior.setdefault(prior, ([], []))
             rows.append(row)
             prefixes.append(prefix)
         for prior, (rows, prefixes) in by_prior.items():
-            trie_rows = [i for i, prefix in enumerate(prefixes) if prefix is not None]
             index = torch.tensor(rows, device=logits.device)
             logprobs = logits[index].log_softmax(-1)  # over the whole vocabulary, as transformers scores
-            if trie_rows:
-                on = torch.tensor(trie_rows, device=logits.device)
-                logprobs[on] += self.mask(prior).mask([prefixes[i] for i in trie_rows], logprobs[on])
-            logits[index] = logprobs
+            logits[index] = logprobs if prior is None else logprobs + self.mask(prior).mask(prefixes, logprobs)
         return logits
