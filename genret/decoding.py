@@ -140,7 +140,10 @@ class TransformersEngine:
     @torch.inference_mode()
     def generate_beams(self, prompts: list[list[int]], beams: int, max_new_tokens: int = 48) -> list[list[str]]:
         """Each prompt's `beams` best continuations by beam search, best first, each text once. A
-        score is the summed log-probability (no length penalty), as the vLLM engine ranks them."""
+        score is the summed log-probability (no length penalty), as the vLLM engine ranks them.
+        One beam is greedy decoding, and takes its shorter path."""
+        if beams == 1:
+            return [[text] if text else [] for text in self.generate(prompts, max_new_tokens)]
         ids, mask = self._left_padded(prompts)
         end = self.prompts.end
         out = self.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
@@ -155,9 +158,7 @@ class TransformersEngine:
         if not self.stored.asks_from_description:
             return [None] * len(keys)
         prompts = [self.prompts.describe(self.stored.image_id_tokens(k)) for k in keys]
-        if (n := self.stored.ask_descriptions) == 1:
-            return self.generate(prompts, max_new_tokens)
-        return [" ".join(texts) for texts in self.generate_beams(prompts, n, max_new_tokens)]
+        return [" ".join(texts) for texts in self.generate_beams(prompts, self.stored.ask_descriptions, max_new_tokens)]
 
     def describe(self, key: str) -> str:
         """The memorized image's caption, from its id alone (UnknownImage, UntrainedTask)."""

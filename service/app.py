@@ -182,7 +182,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     class SearchRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         query: Query
-        k: int = Field(settings.default_k, ge=1, le=settings.max_k)
+        # strict: JSON's true or "3" is a client's slip, not a count (lax pydantic reads them as 1 and 3)
+        k: int = Field(settings.default_k, ge=1, le=settings.max_k, strict=True)
 
     class AskRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")

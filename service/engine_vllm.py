@@ -236,7 +236,10 @@ class VLLMEngine:
 
     async def descriptions(self, key: str, n: int) -> list[str]:
         """The image's n best descriptions by beam search, best first, each text once (as
-        genret.decoding.TransformersEngine.generate_beams)."""
+        genret.decoding.TransformersEngine.generate_beams). One is the greedy description, which
+        one request finds (a beam search asks once a token)."""
+        if n == 1:
+            return [text] if (text := await self.describe(key)) else []
         prompt, steps = self.prompts.describe(self.stored.id_tokens[key]), self.settings.max_answer_tokens
         self._check_fits(prompt, steps)
         finished = await self.beam_search(n, steps, lambda seq: self.next_logprobs(prompt + list(seq), 2 * n))
@@ -246,8 +249,7 @@ class VLLMEngine:
     async def ask(self, key: str, question: str) -> str:
         context = None  # as genret.decoding.TransformersEngine.ask_contexts
         if self.stored.asks_from_description:
-            n = self.stored.ask_descriptions
-            context = await self.describe(key) if n == 1 else " ".join(await self.descriptions(key, n))
+            context = " ".join(await self.descriptions(key, self.stored.ask_descriptions))
         return await self._greedy(self.prompts.ask(self.stored.id_tokens[key], question, context))
 
 

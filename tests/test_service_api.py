@@ -125,6 +125,8 @@ BAD_REQUESTS = [
     ("/search", {"query": "a dog", "k": MAX_K + 1}, f"less than or equal to {MAX_K}"),
     ("/search", {"query": "a dog", "k": "many"}, "valid integer"),
     ("/search", {"query": "a dog", "k": 2.5}, "valid integer"),
+    ("/search", {"query": "a dog", "k": True}, "valid integer"),
+    ("/search", {"query": "a dog", "k": "3"}, "valid integer"),
     ("/search", {"query": None}, "valid string"),
     ("/search", {"k": 3}, "Field required"),
     ("/search", {"query": "a dog", "beams": 3}, "Extra inputs"),
