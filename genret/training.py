@@ -127,7 +127,7 @@ class TrainConfig(BaseModel):
         "image's captions, and the engines join their that many best descriptions by beam search (describe still "
         "answers the best alone). One description says only part of what the captions do: on the demo 3 lifted "
         "yes/no from 0.62-0.66 to 0.74-0.76, but Flickr8k's reduced setting (2 layers) stopped reading the longer "
-        "context and said 'no' to everything (benchmarks/RESULTS.md)"))
+        "context, with 3 and with 2 (benchmarks/RESULTS.md)"))
     reading_pairs_per_epoch: int | None = Field(None, ge=0, description=(
         "with ask_from_description, the fewest yes/no pairs a retrieve epoch asks (unset: 400): while there are "
         "fewer, every image is asked again after another of its captions. Reading is one skill for the whole "
