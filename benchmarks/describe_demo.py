@@ -53,13 +53,14 @@ def stated_cell(row: dict) -> str:
 
 
 def report(rows: list[dict]) -> str:
-    lines = ["| preset | describe_per_image | seed | exact descriptions | describe F1 | yes/no | word prior "
+    lines = ["| preset | describe_per_image | seed | exact descriptions | describe F1 | yes/no | answered yes | word prior "
              "| yes/no the description answers | demo R@1 | training s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['describe_per_image']} | {r['seed']} | "
                      f"{round(r['describe_exact'] * r['images'])}/{r['images']} | {r['describe_word_f1']:.3f} | "
-                     f"{r['yes_no_accuracy']:.3f} | {r.get('yes_no_word_prior', float('nan')):.3f} | "
+                     f"{r['yes_no_accuracy']:.3f} | {r.get('yes_share', float('nan')):.3f} | "
+                     f"{r.get('yes_no_word_prior', float('nan')):.3f} | "
                      f"{stated_cell(r)} | {r['R@1']:.3f} | {r['train_seconds']:.0f} |")
     commits = sorted({r["commit"] for r in rows})
     return "\n".join(lines) + f"\n\nMeasured at commit{'s' * (len(commits) > 1)} {', '.join(commits)}.\n"

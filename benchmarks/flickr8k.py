@@ -443,11 +443,14 @@ def _cell(row: dict, scope: str, metric: str, part: str | None = None) -> str:
     return f"{value:.3f}" + ("" if spread is None else f" ± {spread:.3f}")
 
 
-def _stated(row: dict, scope: str, metric: str) -> str:
-    """The yes/no cell's addition for a model that reads its own description."""
-    if metric != "yes_no_accuracy" or not (stated := _cell(row, scope, "yes_no_stated_accuracy")):
+def _yes_no_details(row: dict, scope: str, metric: str) -> str:
+    """The yes/no cell's additions: for a model that reads its own description, its accuracy on the
+    questions that description answers; and how often the model said yes (the truth: half the time)."""
+    if metric != "yes_no_accuracy":
         return ""
-    return f" ({stated} stated)"
+    details = [f"{cell} {what}" for key, what in (("yes_no_stated_accuracy", "stated"), ("yes_share", "yes"))
+               if (cell := _cell(row, scope, key))]
+    return f" ({', '.join(details)})" if details else ""
 
 
 def _label(name: str, row: dict) -> str:
@@ -563,12 +566,13 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
                   "| uncaptioned yes/no | word prior |",
                   "|---|---|---|---|---|---|---|"]
         for name, r in spoken.items():
-            cells = [_cell(r, scope, metric) + _stated(r, scope, metric) for scope in SPOKEN_SCOPES
+            cells = [_cell(r, scope, metric) + _yes_no_details(r, scope, metric) for scope in SPOKEN_SCOPES
                      for metric in ("describe_word_f1", "yes_no_accuracy", "yes_no_word_prior")]
             lines.append(f"| {_label(name, r)} | {' | '.join(cells)} |")
-        if any(_stated(r, scope, "yes_no_accuracy") for r in spoken.values() for scope in SPOKEN_SCOPES):
-            lines += ["", "In brackets: yes/no accuracy of a model that asks after its own description, on the "
-                      "questions that description answers (genret.evaluation)."]
+        if any(_yes_no_details(r, scope, "yes_no_accuracy") for r in spoken.values() for scope in SPOKEN_SCOPES):
+            lines += ["", "In brackets: the yes/no accuracy of a model that asks after its own description on the "
+                      "questions that description answers (stated), and the share of questions answered yes (yes; "
+                      "the right share is 0.5, and a model near 0 or 1 does not tell images apart) (genret.evaluation)."]
     if any("catalog_captioned" in r for r in results.values()):
         lines += ["", f"Queries for captioned images (`--captioned-queries`): one held-out caption of each of "
                   f"{meta.get('captioned_queries')} train images, whose other captions were trained on, searched over "

@@ -194,7 +194,9 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
 
     `yes_no_word_prior` is the accuracy of "yes iff at least t of these images' captions mention
     the word" at its best t: the control that yes/no accuracy has to beat to show knowledge of
-    the image. Every word is asked as often with yes as with no, so it is 0.5.
+    the image. Every word is asked as often with yes as with no, so it is 0.5. `yes_share` is how
+    often the model answered yes: near 0 or 1 it does not tell images apart, whatever its accuracy
+    (an accuracy is at most 1 - |yes_share - 0.5|).
 
     A model that asks from its description also gets `yes_no_stated_accuracy`: its accuracy on
     the questions that description answers (the words it mentions asked "yes", those it does not
@@ -225,12 +227,13 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
     for start in tqdm(range(0, len(questions), 4 * batch_size), desc="ask", disable=not progress):
         answers += engine.generate(prompts_asked[start : start + 4 * batch_size], max_new_tokens=4)
     right = [a.lower().startswith("yes" if yes else "no") for a, (_, _, yes) in zip(answers, questions)]
+    said_yes = sum(a.lower().startswith("yes") for a in answers)
     asked = len(questions)
     scores = {"images": len(keys), "describe_word_f1": float(sum(f1s) / max(1, len(f1s))),
               "describe_exact": exact / max(1, len(keys)), "yes_no_accuracy": sum(right) / max(1, asked),
               "yes_no_word_prior": max((sum((mentions[w] >= t) == yes for _, w, yes in questions) / max(1, asked)
                                         for t in range(1, max(mentions.values(), default=0) + 2)), default=0.0),
-              "questions": asked}
+              "yes_share": said_yes / max(1, asked), "questions": asked}
     if engine.stored.asks_from_description:
         # the questions its descriptions answer: a perfect reader of them scores 1 here, and the rest
         # ask about words they leave out

@@ -120,17 +120,18 @@ def test_the_beam_hubness_weight_is_the_one_best_on_the_dev_queries_and_reported
     assert report.count("| dense |") == 1  # the dense rows have no prior table row
 
 
-def test_the_spoken_table_adds_the_questions_a_models_own_description_answers(bench, tmp_path):
+def test_the_spoken_table_adds_the_questions_a_models_own_description_answers_and_how_often_it_said_yes(bench, tmp_path):
     spoken = {"describe_word_f1": 0.9, "yes_no_accuracy": 0.6, "yes_no_word_prior": 0.5}
     recalls = {"R@1": 0.1, "R@5": 0.5, "R@10": 0.8, "seconds_per_query": 0.01}
-    reader = {scope: {**spoken, "yes_no_stated_accuracy": 0.95} for scope in bench.SPOKEN_SCOPES}
+    reader = {scope: {**spoken, "yes_no_stated_accuracy": 0.95, "yes_share": 0.45} for scope in bench.SPOKEN_SCOPES}
     results = {"atomic": {"test": recalls, **{scope: spoken for scope in bench.SPOKEN_SCOPES}},
                "atomic+ad": {"test": recalls, **reader}}
     bench.write_report(tmp_path, results, CPU_META)
     report = (tmp_path / "results.md").read_text()
     assert "| atomic | 0.900 | 0.600 | 0.500 | 0.900 | 0.600 | 0.500 |" in report
-    assert "| atomic+ad | 0.900 | 0.600 (0.950 stated) | 0.500 | 0.900 | 0.600 (0.950 stated) | 0.500 |" in report
-    assert "the questions that description answers" in report
+    assert "| atomic+ad | 0.900 | 0.600 (0.950 stated, 0.450 yes) | 0.500 | 0.900 | 0.600 (0.950 stated, 0.450 yes) " \
+           "| 0.500 |" in report
+    assert "the questions that description answers" in report and "answered yes" in report
 
 
 @pytest.mark.skipif(not (FLICKR8K / "captions.csv").exists(), reason="Flickr8k is not present")
