@@ -47,9 +47,8 @@ def test_the_report_adds_the_questions_a_readers_own_description_answers(monkeyp
     monkeypatch.syspath_prepend(str(SCRIPT.parent))  # it imports vllm_search beside it, as when run
     bench = load_script(SCRIPT, "describe_demo_benchmark")
     row = {"preset": "cpu", "describe_per_image": 3, "seed": 0, "describe_exact": 0.5, "images": 18,
-           "describe_word_f1": 0.9, "yes_no_accuracy": 0.6, "yes_share": 0.4, "yes_no_word_prior": 0.5, "questions": 108,
-           "R@1": 1.0,
-           "train_seconds": 100.0, "commit": "abc"}
+           "describe_word_f1": 0.9, "yes_no_accuracy": 0.6, "yes_share": 0.4, "yes_no_word_prior": 0.5,
+           "questions": 108, "R@1": 1.0, "train_seconds": 100.0, "commit": "abc"}
     reader = {**row, "seed": 1, "yes_no_stated_accuracy": 0.95, "questions_stated": 66}
     lines = bench.report([row, reader]).splitlines()
     assert "| cpu | 3 | 0 | 9/18 | 0.900 | 0.600 | 0.400 | 0.500 |  | 1.000 | 100 |" in lines
