@@ -1,4 +1,4 @@
-"""`genret`: train on a catalog, add images to it, evaluate, search, describe, ask, and the demo.
+"""`genret`: train on a catalog, add images to it, list models, evaluate, search, describe, ask, and the demo.
 
 Errors a user can cause (bad catalog, unknown model or image, bad option) end in one clear
 line on stderr and exit status 2, never a traceback.
@@ -198,7 +198,7 @@ def cmd_add(args) -> None:
     else:
         images = load_image_folder(args.images)
     added = add_images(stored.path, images, device=args.device)
-    name = stored.manifest["name"]
+    name = stored.name
     if not added.keys:
         print(f"nothing to add: all {len(added.already_there)} images are already in {name}")
         return
@@ -224,7 +224,7 @@ def cmd_remove(args) -> None:
         raise UsageError("name the images to remove: keys, or --keys-file")
     stored = open_model(args.model)
     removed = remove_images(stored.path, keys)
-    name = stored.manifest["name"]
+    name = stored.name
     not_there = (f"{len(removed.not_there)} not in it: {', '.join(removed.not_there[:5])}"
                  + (" ..." if len(removed.not_there) > 5 else "")) if removed.not_there else ""
     if not removed.keys:
@@ -251,7 +251,7 @@ def cmd_evaluate(args) -> None:
     if candidates is not None:
         unknown = [key for key in candidates if key not in stored.id_tokens]
         if unknown or not candidates:
-            raise UsageError(f"{args.candidates}: " + (f"{len(unknown)} keys are not in model {stored.manifest['name']}, "
+            raise UsageError(f"{args.candidates}: " + (f"{len(unknown)} keys are not in model {stored.name}, "
                                                        f"e.g. {unknown[:3]}" if unknown else "no keys"))
     check_candidates(stored.trie(candidates), queries)
     engine = TransformersEngine(stored, device=args.device)
@@ -270,7 +270,7 @@ def cmd_evaluate(args) -> None:
         [result] = by_prior.values()
     else:
         result = {"by_prior": {f"{p.hubness:g},{p.added_bonus:g}": r for p, r in by_prior.items()}}
-    result["model"] = stored.manifest["name"]
+    result["model"] = stored.name
     if len(priors) > 1 or len(grid) > 1:
         result["chosen"] = chosen_weights(by_prior, by=args.choose_by)
     print(json.dumps(result, indent=1))
@@ -332,6 +332,33 @@ def cmd_ask(args) -> None:
     stored.require_trained_to("ask")  # both checked before the LM loads
     stored.image_id_tokens(args.image)
     print(TransformersEngine(stored, device=args.device).ask(args.image, args.question))
+
+
+def cmd_models(args) -> None:
+    """The models in the store, one line each (or JSON): the names `genret search` and the
+    service take. Folders that are not models are named on stderr, with the reason."""
+    from .model_store import ModelStoreError, list_models
+
+    found = list_models(MODEL_STORE)
+    models = [model.summary() for _, model in found if not isinstance(model, ModelStoreError)]
+    if args.json:
+        print(json.dumps(models + [{"path": str(folder), "error": str(error)} for folder, error in found
+                                   if isinstance(error, ModelStoreError)], indent=2))
+        return
+    for _, error in found:
+        if isinstance(error, ModelStoreError):
+            print(f"not a model: {error}", file=sys.stderr)
+    if not models:
+        print(f"no models in {MODEL_STORE}: train one with `genret train` (or `genret demo`)")
+        return
+    rows = [("name", "scheme", "images", "tasks", "created", "changed", "size")]
+    for s in models:
+        images = str(s["images"]) + (f" ({s['trained_images']} trained)" if s["images"] != s["trained_images"] else "")
+        rows.append((s["name"], s["scheme"], images, ",".join(s["tasks"]), s["created"] or "-", s["changed"] or "-",
+                     f"{s['bytes'] / 1e6:.0f} MB"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def cmd_demo(args) -> None:
@@ -459,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("question", type=text_arg)
     p.add_argument("--device")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("models", help="list the trained models in the model store")
+    p.add_argument("--json", action="store_true", help="print each model's summary as JSON")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo", help="train the demo model if needed, then retrieve with it")
     p.add_argument("--name", default="demo", type=model_name_arg)

@@ -206,6 +206,23 @@ def _save_module(module: torch.nn.Module, path: Path) -> None:
     save_file({k: v.contiguous().cpu() for k, v in module.state_dict().items()}, path)
 
 
+def list_models(store: Path) -> list[tuple[Path, StoredModel | ModelStoreError]]:
+    """Every folder in the store with its model, or the error that keeps it from opening. Hidden
+    folders (a staging folder being written, a replaced model being deleted) are left out."""
+    folders = sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")) if store.is_dir() else []
+    found: list[tuple[Path, StoredModel | ModelStoreError]] = []
+    for folder in folders:
+        try:
+            found.append((folder, StoredModel.open(folder)))
+        except ModelStoreError as e:
+            found.append((folder, e))
+    return found
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 @dataclass
 class StoredModel:
     """A model directory, read lazily: the id map is cheap, the weights are loaded on demand.
@@ -238,6 +255,20 @@ class StoredModel:
         return cls.open(path if path.exists() else (store or MODEL_STORE) / name_or_path)
 
     @property
+    def name(self) -> str:
+        """The model's folder name, which is how it is found and served: a copy under another name
+        is that other model (the manifest's `name` records the folder it was trained into)."""
+        return self.path.resolve().name
+
+    def summary(self) -> dict:
+        """A model at a glance (`genret models`), from its manifest and file sizes: no weights read."""
+        changes = [entry["at"] for entry in (*self.manifest.get("additions", []), *self.manifest.get("removals", []))]
+        return {"name": self.name, "scheme": self.manifest["scheme"], "images": self.manifest["catalog_size"],
+                "trained_images": self.trained_images, "tasks": self.tasks, "created": self.manifest.get("created"),
+                "changed": max(changes, default=self.manifest.get("created")), "bytes": _folder_bytes(self.path),
+                "path": str(self.path)}
+
+    @property
     def lm_path(self) -> Path:
         return self.path / "lm"
 
@@ -264,7 +295,7 @@ class StoredModel:
         try:
             return self.id_tokens[key]
         except KeyError:
-            raise UnknownImage(f"unknown image {key!r} in model {self.manifest['name']}") from None
+            raise UnknownImage(f"unknown image {key!r} in model {self.name}") from None
 
     @cached_property
     def keys(self) -> list[str]:
@@ -296,7 +327,7 @@ class StoredModel:
 
     def require_trained_to(self, task: str) -> None:
         if task not in self.tasks:
-            raise UntrainedTask(f"model {self.manifest['name']!r} was not trained to {task} (its training config "
+            raise UntrainedTask(f"model {self.name!r} was not trained to {task} (its training config "
                                 f"has {task}=false): retrain it without --set {task}=false")
 
     @property

@@ -85,7 +85,7 @@ class Services:
     def __init__(self, settings: Settings, engine: Engine, id_store: IdStore):
         self.settings, self.engine, self.id_store = settings, engine, id_store
         self.stored: StoredModel = engine.stored
-        self.model_name: str = self.stored.manifest["name"]
+        self.model_name: str = self.stored.name
         self.engine_ready = False
         self.load_error: str | None = None
         self.reranker: EmbeddingReranker | None = None

@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         records = catalog_records(stored, args.url_template)
         redis = connect(args.redis_url)
         try:
-            version = await publish(redis, args.namespace, records, info={"model": stored.manifest["name"]})
+            version = await publish(redis, args.namespace, records, info={"model": stored.name})
         finally:
             await redis.aclose()
-        print(f"published {len(records)} images of model {stored.manifest['name']!r} "
+        print(f"published {len(records)} images of model {stored.name!r} "
               f"as version {version} in namespace {args.namespace!r}")
         return version
 

@@ -281,3 +281,36 @@ def test_training_never_deletes_what_is_not_a_model_or_a_run(capsys, tmp_path):
         with pytest.raises(SystemExit) as exited:
             main([*train, "--name", name])
         assert exited.value.code == 2 and f"{name!r} is not a model name" in capsys.readouterr().err
+
+
+def test_models_lists_the_store_with_what_each_model_holds(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import genret.cli
+    from genret.model_store import StoredModel
+
+    store = tmp_path / "store"
+    monkeypatch.setattr(genret.cli, "MODEL_STORE", store)
+    assert run(capsys, "models") == (0, f"no models in {store}: train one with `genret train` (or `genret demo`)\n", "")
+    shutil.copytree(tiny_model_dir, store / "alpha")
+    shutil.copytree(tiny_model_dir, store / ".alpha-x1y2")  # a model being written: not one yet
+    (store / "notes").mkdir()
+    trained = StoredModel.open(store / "alpha")
+    assert run(capsys, "remove", "alpha", trained.keys[0])[0] == 0
+    n = len(trained.keys)
+
+    code, out, err = run(capsys, "models")
+    header, row = out.splitlines()
+    assert code == 0 and header.split() == ["name", "scheme", "images", "tasks", "created", "changed", "size"]
+    name, scheme, images, *trained_count, tasks, created, changed, size, unit = row.split()
+    assert (name, scheme, images, trained_count, tasks) == ("alpha", trained.manifest["scheme"], str(n - 1),
+                                                            [f"({n}", "trained)"], "search,describe,ask")
+    assert created == trained.manifest["created"] and changed >= created and unit == "MB"
+    assert err == f"not a model: {store / 'notes'}: not a trained model (no manifest.json); train one with " \
+                  "`genret train`\n"
+
+    code, out, _ = run(capsys, "models", "--json")
+    alpha, notes = json.loads(out)
+    assert code == 0 and alpha["name"] == "alpha" and (alpha["images"], alpha["trained_images"]) == (n - 1, n)
+    assert alpha["bytes"] > 0 and alpha["path"] == str(store / "alpha")
+    assert notes["path"] == str(store / "notes") and "no manifest.json" in notes["error"]

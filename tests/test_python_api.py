@@ -55,7 +55,8 @@ def test_python_callers_get_errors_that_say_what_is_wrong(model, tiny_model_dir,
     manifest["train_config"].update(describe=False, ask=False)  # as `--set describe=false --set ask=false` records
     (search_only / "manifest.json").write_text(json.dumps(manifest))
     trained_to_search = genret.load(search_only, device="cpu")
-    with pytest.raises(UntrainedTask, match="was not trained to describe"):
+    assert trained_to_search.stored.name == "search-only"  # a copy is named by its folder, not the manifest
+    with pytest.raises(UntrainedTask, match="^model 'search-only' was not trained to describe"):
         trained_to_search.describe("rocket.jpg")
     with pytest.raises(UntrainedTask, match="was not trained to ask"):
         trained_to_search.ask("rocket.jpg", "Is it red?")
