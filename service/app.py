@@ -121,6 +121,25 @@ class Services:
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("the engine failed to load")
+            return
+        with suppress(IdStoreUnavailable):  # /readyz says so
+            if mismatch := await self.id_map_mismatch():
+                log.warning("%s", mismatch)
+
+    async def id_map_mismatch(self) -> str | None:
+        """Why the active id map may not be this model's: published from another model, or from
+        this one before `genret add` or `genret remove` changed it. Search leaves out every hit
+        the map lacks, so a stale map shows only as fewer results; /readyz and the log say it."""
+        info = await self.id_store.published()
+        model, images, size = info.get("model"), info.get("images"), len(self.stored.keys)
+        fix = f"python -m service.publish {self.model_name} --namespace {self.settings.id_store_namespace}"
+        if model is not None and model != self.model_name:
+            return (f"the id store's active map was published from model {model!r}, and this server serves model "
+                    f"{self.model_name!r}: hits the map lacks are left out ({fix})")
+        if images is not None and images != size:
+            return (f"the id store's active map holds {images} images, and model {self.model_name!r} has {size}: "
+                    f"hits the map lacks are left out ({fix})")
+        return None
 
     def require_engine(self) -> Engine:
         if not self.engine_ready:
@@ -285,10 +304,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
             return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
         try:
             store = await asyncio.wait_for(id_store.ping(), settings.redis_timeout_s + 1)
+            mismatch = await asyncio.wait_for(services.id_map_mismatch(), settings.redis_timeout_s + 1)
         except (IdStoreUnavailable, TimeoutError) as e:
             return JSONResponse({"status": "not ready", "reason": f"id store: {e or 'timed out'}"}, status_code=503)
+        # ready all the same: during a rollout the map and the servers change one after the other
         return {"status": "ready", "model": services.model_name, "engine": engine.name, "id_store": store,
-                "search": settings.search, "tasks": services.stored.tasks}
+                "search": settings.search, "tasks": services.stored.tasks, **({"warning": mismatch} if mismatch else {})}
 
     @app.get("/metrics")
     async def prometheus():

@@ -44,6 +44,10 @@ class IdStore(Protocol):
     async def ping(self) -> str:
         """A line about the store's state; raises IdStoreUnavailable when it cannot answer."""
 
+    async def published(self) -> dict:
+        """What the active id map records of itself ({"model", "images", "published"}); {} where
+        the map is the served model's own catalog."""
+
     async def close(self) -> None: ...
 
 
@@ -74,6 +78,9 @@ class EmbeddedIdStore:
 
     async def ping(self) -> str:
         return f"embedded catalog of {len(self.records)} images"
+
+    async def published(self) -> dict:
+        return {}
 
     async def close(self) -> None:
         pass
@@ -135,6 +142,10 @@ class RedisIdStore:
         version = await self.active_version()
         info = await self._call(self.redis.get(f"{self.ns}:info:{version}"))
         return f"redis namespace {self.ns!r}, version {version}" + (f": {info}" if info else "")
+
+    async def published(self) -> dict:
+        info = _parse(await self._call(self.redis.get(f"{self.ns}:info:{await self.active_version()}")) or "{}")
+        return info if isinstance(info, dict) else {}
 
     async def close(self) -> None:
         await self.redis.aclose()

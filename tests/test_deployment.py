@@ -374,7 +374,7 @@ class StubEngine:
                 raise UntrainedTask(f"model 'stub' was not trained to {task}")
 
         self.keys = keys
-        self.stored = SimpleNamespace(manifest={"name": "stub"}, id_tokens={k: [i] for i, k in enumerate(keys)},
+        self.stored = SimpleNamespace(name="stub", keys=keys, id_tokens={k: [i] for i, k in enumerate(keys)},
                                       catalog={}, tasks=list(tasks), require_trained_to=require_trained_to)
 
     async def start(self):
@@ -406,6 +406,9 @@ class StubIdStore:
 
     async def ping(self):
         return "stub"
+
+    async def published(self):
+        return {}
 
     async def close(self):
         pass

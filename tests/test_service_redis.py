@@ -24,10 +24,10 @@ def records(stored, host: str) -> dict[str, dict]:
     return catalog_records(stored, f"https://{host}/img/{{key}}")
 
 
-async def publish_to(url: str, ns: str, recs: dict[str, dict]) -> str:
+async def publish_to(url: str, ns: str, recs: dict[str, dict], info: dict | None = None) -> str:
     client = aioredis.Redis.from_url(url, decode_responses=True)
     try:
-        return await publish(client, ns, recs)
+        return await publish(client, ns, recs, info=info)
     finally:
         await client.aclose()
 
@@ -151,6 +151,36 @@ def test_a_running_server_serves_each_new_version(run, hf_engine, stored, namesp
             assert r.status_code == 404 and "not in the published id map" in r.json()["detail"], r.text
         assert [r.status_code for r in calls("rocket.jpg")] == [200, 200, 200]
         assert "redis" in run(served.client.get("/readyz")).json()["id_store"]
+    finally:
+        served.close()
+
+
+def test_readyz_warns_of_an_id_map_published_from_another_model_or_before_a_change(run, hf_engine, stored, namespace,
+                                                                                   caplog):
+    """A stale map shows in search only as fewer results (hits it lacks are left out), so /readyz
+    says so, and stays ready: in a rollout the map and the servers change one after the other."""
+    run(publish_to(REDIS_URL, namespace, records(stored, "cdn"), info={"model": "other"}))
+    served = Served(run, create_app(Settings(redis_url=REDIS_URL, id_store_namespace=namespace), engine=hf_engine))
+    try:
+        ready = lambda: run(served.client.get("/readyz"))
+        assert ready().status_code == 200
+        for _ in range(100):  # the log says it once, as the engine becomes ready
+            if any("published from model 'other'" in r.getMessage() for r in caplog.records):
+                break
+            run(asyncio.sleep(0.05))
+        else:
+            raise AssertionError("no warning logged at start")
+        assert ready().json()["warning"] == (
+            f"the id store's active map was published from model 'other', and this server serves model "
+            f"{stored.name!r}: hits the map lacks are left out (python -m service.publish {stored.name} "
+            f"--namespace {namespace})")
+        fewer = {k: r for k, r in records(stored, "cdn").items() if k != "moon.jpg"}  # as before `genret add`
+        run(publish_to(REDIS_URL, namespace, fewer, info={"model": stored.name}))
+        assert ready().status_code == 200
+        assert ready().json()["warning"].startswith(f"the id store's active map holds {len(fewer)} images, and "
+                                                    f"model {stored.name!r} has {len(fewer) + 1}: ")
+        run(publish_to(REDIS_URL, namespace, records(stored, "cdn"), info={"model": stored.name}))
+        assert ready().status_code == 200 and "warning" not in ready().json()
     finally:
         served.close()
 
