@@ -151,6 +151,23 @@ def test_publish_is_a_one_shot_of_the_model_into_the_same_redis(services):
     assert (REPO / "service" / "publish.py").is_file()
 
 
+def test_the_cli_service_trains_on_the_gpu_into_the_hosts_model_store_when_named(services):
+    """A checkout's .venv holds the CPU build of torch, so on a GPU box the image (CUDA torch)
+    trains: `docker compose run --rm cli train ...` writes the model where `genret` serves from."""
+    cli = services["cli"]
+    assert cli["profiles"] == ["cli"] and cli["entrypoint"] == ["genret"] and cli.get("restart") == "no"
+    assert cli["build"] == services["genret"]["build"] and cli["image"] == services["genret"]["image"]
+    assert {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]} in cli["deploy"]["resources"]["reservations"]["devices"]
+    store = dockerfile_env()["GENRET_MODEL_STORE"]
+    assert f"./model_store:{store}" in cli["volumes"], "written, where the service mounts it read-only"
+    # runs/<name>/ (checkpoints, to resume) where `genret train` keeps them: beside genret/, in /app
+    app = next(rest for word, rest in dockerfile_instructions() if word == "WORKDIR")
+    assert ("COPY", "genret ./genret") in dockerfile_instructions() and f"./runs:{app}/runs" in cli["volumes"]
+    assert any(str(v).endswith(":/catalog:ro") for v in cli["volumes"])
+    # files on the host belong to the user who runs it; the caches go where any user id can write
+    assert cli["user"] == "${GENRET_UID:-10001}:${GENRET_GID:-10001}" and env_of(cli)["HOME"] == "/tmp"
+
+
 def test_every_genret_variable_is_a_real_setting(services):
     from service.settings import Settings
 
