@@ -164,6 +164,7 @@ def staged_model_dir(dest: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
         yield staging
+        _permissions_from_umask(staging)
         if dest.exists():
             old = dest.with_name(f".{dest.name}-old-{int(time.time())}")
             dest.rename(old)
@@ -174,6 +175,17 @@ def staged_model_dir(dest: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _permissions_from_umask(folder: Path) -> None:
+    """Give a written model the permissions a plain mkdir and open would have given it. mkdtemp
+    makes its folder owner-only, and safetensors writes owner-only files, so a server running as
+    another user (the container's, reading the host's model_store) could not read the model."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (folder, *folder.rglob("*")):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def copy_unchanged(model: Path, staging: Path, rewritten: Iterable[str]) -> None:
@@ -236,12 +248,15 @@ class StoredModel:
     def open(cls, path: str | Path, images_dir: str | Path | None = None) -> "StoredModel":
         path = Path(path)
         manifest_path = path / MANIFEST
-        if not manifest_path.exists():
-            raise ModelStoreError(f"{path}: not a trained model (no {MANIFEST}); train one with `genret train`")
         try:
+            if not manifest_path.exists():
+                raise ModelStoreError(f"{path}: not a trained model (no {MANIFEST}); train one with `genret train`")
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as e:
             raise ModelStoreError(f"{manifest_path}: unreadable manifest ({e})") from e
+        except PermissionError as e:  # models written before its permissions followed the umask were owner-only
+            raise ModelStoreError(f"{path}: this user (uid {os.getuid()}) may not read the model ({e.strerror}); "
+                                  f"its owner can allow it: chmod -R a+rX {path}") from e
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ModelStoreError(f"{manifest_path}: format {manifest.get('format_version')} is not {FORMAT_VERSION}")
         return cls(path, manifest, Path(images_dir) if images_dir is not None else None)

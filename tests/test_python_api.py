@@ -60,3 +60,39 @@ def test_python_callers_get_errors_that_say_what_is_wrong(model, tiny_model_dir,
         trained_to_search.describe("rocket.jpg")
     with pytest.raises(UntrainedTask, match="was not trained to ask"):
         trained_to_search.ask("rocket.jpg", "Is it red?")
+
+
+def test_a_written_model_is_as_readable_as_the_umask_allows(tiny_model_dir, tmp_path):
+    """The service's container runs as another user than the one who trained on the host, so a
+    model must not keep mkdtemp's owner-only folder or safetensors' owner-only files; nor lose
+    that after `genret remove`, which writes the model anew around hard links to its files."""
+    import os
+    import stat
+
+    from genret.removing import remove_images
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+
+    def modes(model):
+        return {p: stat.S_IMODE(p.stat().st_mode) for p in (model, *model.rglob("*"))}
+
+    expected = lambda p: (0o777 if p.is_dir() else 0o666) & ~mask
+    assert any(p.suffix == ".safetensors" for p in modes(tiny_model_dir))
+    assert {p: m for p, m in modes(tiny_model_dir).items() if m != expected(p)} == {}
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    remove_images(copy, [StoredModel.open(copy).keys[0]])
+    assert {p: m for p, m in modes(copy).items() if m != expected(p)} == {}
+
+
+def test_a_model_this_user_may_not_read_says_how_to_allow_it(tiny_model_dir, monkeypatch):
+    from pathlib import Path
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "exists", refused)  # as a 0700 folder of another user answers (root reads all)
+    with pytest.raises(ModelStoreError, match=rf"may not read the model \(Permission denied\); its owner can allow "
+                                              rf"it: chmod -R a\+rX {tiny_model_dir}$"):
+        StoredModel.open(tiny_model_dir)
