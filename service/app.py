@@ -131,12 +131,12 @@ class Services:
         this one before `genret add` or `genret remove` changed it. Search leaves out every hit
         the map lacks, so a stale map shows only as fewer results; /readyz and the log say it."""
         info = await self.id_store.published()
-        model, images, size = info.get("model"), info.get("images"), len(self.stored.keys)
+        model, images = info.get("model"), info.get("images")
         fix = f"python -m service.publish {self.model_name} --namespace {self.settings.id_store_namespace}"
         if model is not None and model != self.model_name:
             return (f"the id store's active map was published from model {model!r}, and this server serves model "
                     f"{self.model_name!r}: hits the map lacks are left out ({fix})")
-        if images is not None and images != size:
+        if images is not None and images != (size := len(self.stored.keys)):
             return (f"the id store's active map holds {images} images, and model {self.model_name!r} has {size}: "
                     f"hits the map lacks are left out ({fix})")
         return None
