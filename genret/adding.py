@@ -27,7 +27,7 @@ import torch
 
 from .catalog import Catalog
 from .model_store import (ATOMIC_TOKEN, HUBNESS_BANK, MANIFEST, REMOVED_TRAINED_CAPTIONS, ModelStoreError,
-                          StoredModel, copy_unchanged, images_root, staged_model_dir, write_json)
+                          StoredModel, changes_model, copy_unchanged, images_root, staged_model_dir, write_json)
 from .prompts import Prompts
 from .training import id_row_projection
 
@@ -101,6 +101,7 @@ def hubness_bank(stored: StoredModel, tower, device: str | None, progress: bool)
     return text_embeddings(tower, TextEncoder(device=device).encode(stored.trained_captions(), progress=progress))
 
 
+@changes_model
 def add_images(model_dir: str | Path, images: Catalog, *, device: str | None = None, progress: bool = True) -> Added:
     """Add the catalog's images the model does not hold yet, in place: the model folder is
     rebuilt beside it and swapped in whole, so an interruption leaves the old model intact."""

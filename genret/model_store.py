@@ -20,7 +20,10 @@ leaves a half-written model and a re-train replaces the old one in one step.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +43,8 @@ from .catalog import Catalog
 from .identifiers import IdentifierAssignment
 from .model import QueryPrefix, SoftPrefix
 from .trie import IdTrie
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 HUBNESS_BANK = "hubness_bank.npy"  # the trained captions' aligned embeddings, kept by the first `genret add`
@@ -111,7 +116,7 @@ def save_model(
     from .alignment import save_two_tower
 
     dest = Path(dest)
-    with staged_model_dir(dest) as staging:
+    with model_lock(dest), staged_model_dir(dest) as staging:
         lm.save_pretrained(staging / "lm")
         tokenizer.save_pretrained(staging / "lm")
         _save_module(prefix, staging / "visual_prefix.safetensors")
@@ -139,6 +144,34 @@ def save_model(
         }
         write_json(staging / MANIFEST, full_manifest)
     return dest
+
+
+@contextmanager
+def model_lock(model: Path) -> Iterator[None]:
+    """Held while a process changes a model (training saving it, `genret add`, `genret remove`):
+    changes then follow one another, each reading what the one before wrote. Without it, two
+    `genret add` at once each wrote the model they had read plus their own images, and the one
+    that finished last lost the other's. An flock, so a killed process never leaves it held."""
+    model = Path(model)
+    model.parent.mkdir(parents=True, exist_ok=True)
+    with open(model.parent / f".{model.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another process that is changing %s ...", model)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def changes_model(change: Callable) -> Callable:
+    """`change(model_dir, ...)`, run holding the model's lock: its read and its write are one step."""
+
+    @functools.wraps(change)
+    def locked(model_dir, *args, **kwargs):
+        with model_lock(Path(model_dir)):
+            return change(model_dir, *args, **kwargs)
+
+    return locked
 
 
 def check_model_destination(dest: Path) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .model_store import (HUBNESS_BANK, MANIFEST, REMOVED_TRAINED_CAPTIONS, ModelStoreError, StoredModel,
-                          copy_unchanged, staged_model_dir, write_json)
+                          changes_model, copy_unchanged, staged_model_dir, write_json)
 
 # what remove_images rewrites; every other file of the model (the LM among them) is linked unchanged
 REWRITTEN = ("catalog.json", "identifiers.json", "image_embeddings.npy", "image_hubness.npy",
@@ -46,6 +46,7 @@ def removed_trained_captions(stored: StoredModel, gone: list[str]) -> list[str]:
     return stored.removed_trained_captions() + [c for image in gone_trained for c in image.captions]
 
 
+@changes_model
 def remove_images(model_dir: str | Path, keys: Iterable[str]) -> Removed:
     """Remove these images from the model, in place: the model folder is rebuilt beside it and
     swapped in whole, so an interruption leaves the old model intact. Keys it lacks are

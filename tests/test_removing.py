@@ -144,3 +144,26 @@ def test_the_cli_removes_keys_given_and_listed(tiny_model_dir, tmp_path, capsys)
     assert main(["remove", str(dest)]) == 2 and "name the images to remove" in capsys.readouterr().err
     assert main(["remove", str(dest), "--keys-file", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt: no such keys file" in capsys.readouterr().err
+
+
+def test_a_change_waits_for_the_one_in_progress_and_keeps_it(tiny_default_model_dir, demo_catalog, tmp_path, caplog):
+    """Two changes at once (a takedown while images are added): the second waits for the model's
+    lock, then reads what the first wrote. Each used to write the model it had read plus its own
+    change, so the one that finished last undid the other."""
+    import threading
+
+    from genret.model_store import model_lock
+
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_default_model_dir, dest)
+    waiting = threading.Thread(target=remove_images, args=(dest, ["moon.jpg"]))
+    with model_lock(dest):  # as another process holds it, mid-change
+        waiting.start()
+        waiting.join(timeout=2.0)
+        assert waiting.is_alive(), "the removal went ahead during another change"
+        add_images.__wrapped__(dest, demo_catalog.subset(["brick.jpg"]), progress=False)  # that change
+    waiting.join(timeout=60)
+    assert not waiting.is_alive()
+    stored = StoredModel.open(dest)
+    assert "brick.jpg" in stored.id_tokens and "moon.jpg" not in stored.id_tokens
+    assert f"waiting for another process that is changing {dest}" in caplog.text
