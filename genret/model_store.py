@@ -151,16 +151,31 @@ def model_lock(model: Path) -> Iterator[None]:
     """Held while a process changes a model (training saving it, `genret add`, `genret remove`):
     changes then follow one another, each reading what the one before wrote. Without it, two
     `genret add` at once each wrote the model they had read plus their own images, and the one
-    that finished last lost the other's. An flock, so a killed process never leaves it held."""
+    that finished last lost the other's. An flock, so a killed process never leaves it held; its
+    file is deleted on release, and a waiter that then holds a deleted file takes a new one."""
     model = Path(model)
     model.parent.mkdir(parents=True, exist_ok=True)
-    with open(model.parent / f".{model.name}.lock", "a") as lock:
+    path, warned = model.parent / f".{model.name}.lock", False
+    while True:
+        lock = open(path, "a")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.warning("waiting for another process that is changing %s ...", model)
+            if not warned:
+                log.warning("waiting for another process that is changing %s ...", model)
+                warned = True
             fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()
+    try:
         yield
+    finally:
+        path.unlink(missing_ok=True)  # before the release: whoever waits on this file then takes a new one
+        lock.close()
 
 
 def changes_model(change: Callable) -> Callable:

@@ -167,3 +167,27 @@ def test_a_change_waits_for_the_one_in_progress_and_keeps_it(tiny_default_model_
     stored = StoredModel.open(dest)
     assert "brick.jpg" in stored.id_tokens and "moon.jpg" not in stored.id_tokens
     assert f"waiting for another process that is changing {dest}" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the lock file goes with the lock
+
+
+def test_the_model_lock_serializes_read_modify_write_even_as_its_file_comes_and_goes(tmp_path):
+    import threading
+
+    from genret.model_store import model_lock
+
+    counter = tmp_path / "model" / "count"
+    counter.parent.mkdir()
+    counter.write_text("0")
+
+    def bump():
+        for _ in range(25):
+            with model_lock(counter.parent):
+                value = int(counter.read_text())
+                counter.write_text(str(value + 1))
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert counter.read_text() == "100" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
