@@ -116,7 +116,7 @@ def save_model(
     from .alignment import save_two_tower
 
     dest = Path(dest)
-    with model_lock(dest), staged_model_dir(dest) as staging:
+    with folder_lock(dest), staged_model_dir(dest) as staging:
         lm.save_pretrained(staging / "lm")
         tokenizer.save_pretrained(staging / "lm")
         _save_module(prefix, staging / "visual_prefix.safetensors")
@@ -147,22 +147,27 @@ def save_model(
 
 
 @contextmanager
-def model_lock(model: Path) -> Iterator[None]:
-    """Held while a process changes a model (training saving it, `genret add`, `genret remove`):
-    changes then follow one another, each reading what the one before wrote. Without it, two
-    `genret add` at once each wrote the model they had read plus their own images, and the one
-    that finished last lost the other's. An flock, so a killed process never leaves it held; its
-    file is deleted on release, and a waiter that then holds a deleted file takes a new one."""
-    model = Path(model)
-    model.parent.mkdir(parents=True, exist_ok=True)
-    path, warned = model.parent / f".{model.name}.lock", False
+def folder_lock(folder: Path, busy: str | None = None) -> Iterator[None]:
+    """Held while a process changes a folder: a model (training saving it, `genret add`, `genret
+    remove`) or a training run. Changes to a model then follow one another, each reading what the
+    one before wrote: without it, two `genret add` at once each wrote the model they had read plus
+    their own images, and the one that finished last lost the other's. A folder in use is waited
+    for, or with `busy` refused at once (ValueError(busy)). An flock, so a killed process never
+    leaves it held; its file is deleted on release, and a waiter then holding a deleted file
+    takes a new one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path, warned = folder.parent / f".{folder.name}.lock", False
     while True:
         lock = open(path, "a")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if busy is not None:
+                lock.close()
+                raise ValueError(busy) from None
             if not warned:
-                log.warning("waiting for another process that is changing %s ...", model)
+                log.warning("waiting for another process that is changing %s ...", folder)
                 warned = True
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -183,7 +188,7 @@ def changes_model(change: Callable) -> Callable:
 
     @functools.wraps(change)
     def locked(model_dir, *args, **kwargs):
-        with model_lock(Path(model_dir)):
+        with folder_lock(Path(model_dir)):
             return change(model_dir, *args, **kwargs)
 
     return locked

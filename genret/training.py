@@ -37,7 +37,8 @@ from .encoders import usable_device
 from .identifiers import SCHEMES, STOP_WORDS, IdentifierAssignment, make_scheme
 from .language_model import add_tokens, keep_first_layers, load_base, prune_vocabulary
 from .model import Example, MultimodalLM, QueryPrefix, SoftPrefix
-from .model_store import check_model_destination, save_model, temporary_sibling, write_json, written_atomically
+from .model_store import (check_model_destination, folder_lock, save_model, temporary_sibling, write_json,
+                          written_atomically)
 from .prompts import PROMPT_TEXTS, Prompts, normalize_caption
 
 log = logging.getLogger(__name__)
@@ -614,7 +615,13 @@ class Trainer:
 
         With a time budget, training stops at the first epoch boundary past it, leaving the
         checkpoint, and returns None: the same call later resumes (GPU calls have time limits).
+        One run folder serves one training at a time: a second would resume from the first's
+        checkpoints while the first overwrote them.
         """
+        with folder_lock(self.run_dir, busy=run_in_use(self.run_dir)):
+            return self._train(dest, time_budget_s)
+
+    def _train(self, dest: Path, time_budget_s: float | None) -> Path | None:
         started = time.monotonic()
         check_model_destination(Path(dest))  # now, not after hours of training
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -761,11 +768,22 @@ RUN_FILES = {"config.json", "catalog.json", "checkpoint.pt", "prepared"}  # all 
 RUN_FILES |= {temporary_sibling(Path(name)).name for name in RUN_FILES if name != "prepared"}  # a killed run's
 
 
+def run_in_use(run_dir: Path) -> str:
+    return (f"{run_dir} is in use by another training run (the same --name or --run-dir): let it finish, "
+            "or train into another --run-dir")
+
+
 def clear_run(run_dir: Path) -> None:
     """Delete a training run's files (--fresh, --retrain), refusing a folder that holds anything
-    else: a mistyped --run-dir (or --name ..) must not delete what is there."""
+    else (a mistyped --run-dir, or --name .., must not delete what is there) or one that a
+    training is using."""
     if not run_dir.exists():
         return
+    with folder_lock(run_dir, busy=run_in_use(run_dir)):
+        _clear_run(run_dir)
+
+
+def _clear_run(run_dir: Path) -> None:
     if not run_dir.is_dir() or (others := sorted({p.name for p in run_dir.iterdir()} - RUN_FILES)):
         what = "is a file" if not run_dir.is_dir() else f"holds files a training run does not write ({', '.join(others[:3])})"
         raise ValueError(f"{run_dir} {what}: it is not a run folder, so it is not deleted; choose another --run-dir")

@@ -152,12 +152,12 @@ def test_a_change_waits_for_the_one_in_progress_and_keeps_it(tiny_default_model_
     change, so the one that finished last undid the other."""
     import threading
 
-    from genret.model_store import model_lock
+    from genret.model_store import folder_lock
 
     dest = tmp_path / "model"
     shutil.copytree(tiny_default_model_dir, dest)
     waiting = threading.Thread(target=remove_images, args=(dest, ["moon.jpg"]))
-    with model_lock(dest):  # as another process holds it, mid-change
+    with folder_lock(dest):  # as another process holds it, mid-change
         waiting.start()
         waiting.join(timeout=2.0)
         assert waiting.is_alive(), "the removal went ahead during another change"
@@ -170,10 +170,10 @@ def test_a_change_waits_for_the_one_in_progress_and_keeps_it(tiny_default_model_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the lock file goes with the lock
 
 
-def test_the_model_lock_serializes_read_modify_write_even_as_its_file_comes_and_goes(tmp_path):
+def test_the_folder_lock_serializes_read_modify_write_even_as_its_file_comes_and_goes(tmp_path):
     import threading
 
-    from genret.model_store import model_lock
+    from genret.model_store import folder_lock
 
     counter = tmp_path / "model" / "count"
     counter.parent.mkdir()
@@ -181,7 +181,7 @@ def test_the_model_lock_serializes_read_modify_write_even_as_its_file_comes_and_
 
     def bump():
         for _ in range(25):
-            with model_lock(counter.parent):
+            with folder_lock(counter.parent):
                 value = int(counter.read_text())
                 counter.write_text(str(value + 1))
 

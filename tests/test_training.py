@@ -176,6 +176,30 @@ def test_a_run_folder_refuses_a_different_config(tiny_catalog, tmp_path):
         Trainer(catalog, TrainConfig(**{**SHORT, "lr": 1e-4}), tmp_path / "run", progress=False).train(tmp_path / "m")
 
 
+def test_a_run_folder_in_use_by_a_training_is_refused_to_another_and_to_fresh(tiny_catalog, tmp_path, capsys):
+    """Two `genret train --name x` at once: the second resumed from the first's checkpoints while the
+    first overwrote them, and `--fresh` deleted them under it."""
+    from genret.cli import main
+    from genret.model_store import folder_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"the running training's")
+    with folder_lock(run):  # as the training that uses it holds it
+        with pytest.raises(ValueError, match=rf"^{run} is in use by another training run \(the same --name or "
+                                             r"--run-dir\): let it finish, or train into another --run-dir$"):
+            Trainer(tiny_catalog, TrainConfig(**SHORT), run, progress=False).train(tmp_path / "m")
+        with pytest.raises(ValueError, match="is in use by another training run"):
+            clear_run(run)
+        images = tiny_catalog[tiny_catalog.keys()[0]].path.parent
+        code = main(["train", "--images", str(images), "--captions", str(images.parent / "captions.csv"),
+                     "--name", "x", "--run-dir", str(run), "--fresh"])
+        assert code == 2 and f"genret train: {run} is in use by another training run" in capsys.readouterr().err
+        assert (run / "checkpoint.pt").read_bytes() == b"the running training's" and not (tmp_path / "m").exists()
+    clear_run(run)  # once it is done
+    assert not (run / "checkpoint.pt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_a_run_folder_refuses_another_catalog(tiny_catalog, tmp_path):
     """Its caches are the catalog's: a new image failed on a KeyError, and the same keys with
     another caption would have paired the cached caption features with the wrong texts."""
