@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager, suppress
+from functools import cached_property
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Path, Request
@@ -23,7 +24,7 @@ from genret.decoding import EmbeddingReranker
 from genret.model_store import ModelStoreError, StoredModel, UntrainedTask
 
 from .engine import Engine, EngineError, InputTooLong, make_engine
-from .id_store import EmbeddedIdStore, IdStore, IdStoreUnavailable, RedisIdStore
+from .id_store import EmbeddedIdStore, IdStore, IdStoreUnavailable, RedisIdStore, keys_digest
 from .settings import Settings
 
 log = logging.getLogger("service")
@@ -139,7 +140,14 @@ class Services:
         if images is not None and images != (size := len(self.stored.keys)):
             return (f"the id store's active map holds {images} images, and model {self.model_name!r} has {size}: "
                     f"hits the map lacks are left out ({fix})")
+        if info.get("keys_sha256") not in (None, self._keys_digest):
+            return (f"the id store's active map holds other images than model {self.model_name!r} (as many, "
+                    f"{images}): hits the map lacks are left out ({fix})")
         return None
+
+    @cached_property
+    def _keys_digest(self) -> str:
+        return keys_digest(self.stored.keys)
 
     def require_engine(self) -> Engine:
         if not self.engine_ready:

@@ -16,6 +16,7 @@ kept until the next publish so that lookups in flight during a switch still find
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -28,7 +29,8 @@ from genret.model_store import StoredModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EmbeddedIdStore", "IdStore", "IdStoreUnavailable", "RedisIdStore", "catalog_records", "publish"]
+__all__ = ["EmbeddedIdStore", "IdStore", "IdStoreUnavailable", "RedisIdStore", "catalog_records", "keys_digest",
+           "publish"]
 
 
 class IdStoreUnavailable(RuntimeError):
@@ -45,10 +47,19 @@ class IdStore(Protocol):
         """A line about the store's state; raises IdStoreUnavailable when it cannot answer."""
 
     async def published(self) -> dict:
-        """What the active id map records of itself ({"model", "images", "published"}); {} where
-        the map is the served model's own catalog."""
+        """What the active id map records of itself ({"model", "images", "keys_sha256",
+        "published"}); {} where the map is the served model's own catalog."""
 
     async def close(self) -> None: ...
+
+
+def keys_digest(keys: Iterable[str]) -> str:
+    """A fingerprint of a set of image keys: publish records the map's, and a server compares its
+    model's, so a map of other images (as many of them) shows too."""
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        digest.update(key.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
 
 
 def catalog_records(stored: StoredModel, url_template: str) -> dict[str, dict]:

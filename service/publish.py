@@ -49,14 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     from genret.model_store import ModelStoreError, StoredModel
     from redis.exceptions import RedisError
 
-    from .id_store import catalog_records, connect, publish
+    from .id_store import catalog_records, connect, keys_digest, publish
 
     async def run() -> str:
         stored = StoredModel.open(settings.model_copy(update={"model": args.model}).model_path)
         records = catalog_records(stored, args.url_template)
         redis = connect(args.redis_url)
         try:
-            version = await publish(redis, args.namespace, records, info={"model": stored.name})
+            info = {"model": stored.name, "keys_sha256": keys_digest(records)}  # what servers check theirs against
+            version = await publish(redis, args.namespace, records, info=info)
         finally:
             await redis.aclose()
         print(f"published {len(records)} images of model {stored.name!r} "

@@ -4,6 +4,7 @@ readers, a running server picking up a new version, and 503 -> recovery when Red
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.app import create_app
-from service.id_store import IdStoreUnavailable, RedisIdStore, catalog_records, publish
+from service.id_store import IdStoreUnavailable, RedisIdStore, catalog_records, keys_digest, publish
 from service.settings import Settings
 from tests.service_helpers import (  # noqa: F401  (fixtures)
     REDIS_URL, RedisServer, Served, hf_engine, namespace, run, stored)
@@ -117,6 +118,8 @@ def test_publish_cli(stored, namespace, capsys):
     r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     version = r.get(f"{namespace}:active")
     assert '"url": "https://cdn.example.com/moon.jpg"' in r.hget(f"{namespace}:v:{version}", "moon.jpg")
+    info = json.loads(r.get(f"{namespace}:info:{version}"))
+    assert (info["model"], info["images"], info["keys_sha256"]) == (stored.name, 8, keys_digest(stored.keys))
     # Failures: one line on stderr, status 2 (in-process: the same main()).
     assert main(["/no/such/model", "--redis-url", REDIS_URL, "--namespace", namespace]) == 2
     assert "not a trained model" in capsys.readouterr().err
@@ -179,7 +182,12 @@ def test_readyz_warns_of_an_id_map_published_from_another_model_or_before_a_chan
         assert ready().status_code == 200
         assert ready().json()["warning"].startswith(f"the id store's active map holds {len(fewer)} images, and "
                                                     f"model {stored.name!r} has {len(fewer) + 1}: ")
-        run(publish_to(REDIS_URL, namespace, records(stored, "cdn"), info={"model": stored.name}))
+        renamed = {("moon-v2.jpg" if k == "moon.jpg" else k): r for k, r in records(stored, "cdn").items()}
+        run(publish_to(REDIS_URL, namespace, renamed, info={"model": stored.name, "keys_sha256": keys_digest(renamed)}))
+        assert ready().json()["warning"].startswith(f"the id store's active map holds other images than model "
+                                                    f"{stored.name!r} (as many, {len(renamed)}): ")
+        right = records(stored, "cdn")  # as `python -m service.publish` records it
+        run(publish_to(REDIS_URL, namespace, right, info={"model": stored.name, "keys_sha256": keys_digest(right)}))
         assert ready().status_code == 200 and "warning" not in ready().json()
     finally:
         served.close()
