@@ -56,10 +56,7 @@ class IdStore(Protocol):
 def keys_digest(keys: Iterable[str]) -> str:
     """A fingerprint of a set of image keys: publish records the map's, and a server compares its
     model's, so a map of other images (as many of them) shows too."""
-    digest = hashlib.sha256()
-    for key in sorted(keys):
-        digest.update(key.encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()
+    return hashlib.sha256("".join(f"{key}\0" for key in sorted(keys)).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def catalog_records(stored: StoredModel, url_template: str) -> dict[str, dict]:
