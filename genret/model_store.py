@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -237,8 +238,12 @@ def _permissions_from_umask(folder: Path) -> None:
     mask = os.umask(0o022)
     os.umask(mask)
     for path in (folder, *folder.rglob("*")):
-        if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        if path.is_symlink() or stat.S_IMODE(path.stat().st_mode) == (want := (0o777 if path.is_dir() else 0o666) & ~mask):
+            continue
+        try:
+            path.chmod(want)
+        except PermissionError:  # a file hard-linked from the old model that another user owns keeps theirs
+            pass
 
 
 def copy_unchanged(model: Path, staging: Path, rewritten: Iterable[str]) -> None:

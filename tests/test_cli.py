@@ -295,13 +295,15 @@ def test_models_lists_the_store_with_what_each_model_holds(capsys, tiny_model_di
     shutil.copytree(tiny_model_dir, store / "alpha")
     shutil.copytree(tiny_model_dir, store / ".alpha-x1y2")  # a model being written: not one yet
     (store / "notes").mkdir()
+    (store / "current").symlink_to(store / "alpha")  # a deployment's alias
     trained = StoredModel.open(store / "alpha")
     assert run(capsys, "remove", "alpha", trained.keys[0])[0] == 0
     n = len(trained.keys)
 
     code, out, err = run(capsys, "models")
-    header, row = out.splitlines()
+    header, row, alias = out.splitlines()
     assert code == 0 and header.split() == ["name", "scheme", "images", "tasks", "created", "changed", "size"]
+    assert alias.split()[:3] == ["current", "->", "alpha"] and alias.split()[3:] == row.split()[1:]
     name, scheme, images, *trained_count, tasks, created, changed, size, unit = row.split()
     assert (name, scheme, images, trained_count, tasks) == ("alpha", trained.manifest["scheme"], str(n - 1),
                                                             [f"({n}", "trained)"], "search,describe,ask")
@@ -310,7 +312,8 @@ def test_models_lists_the_store_with_what_each_model_holds(capsys, tiny_model_di
                   "`genret train`\n"
 
     code, out, _ = run(capsys, "models", "--json")
-    alpha, notes = json.loads(out)
+    alpha, current, notes = json.loads(out)
+    assert (current["name"], current["folder"], current["path"]) == ("alpha", "current", str(store / "current"))
     assert code == 0 and alpha["name"] == "alpha" and (alpha["images"], alpha["trained_images"]) == (n - 1, n)
     assert alpha["bytes"] > 0 and alpha["path"] == str(store / "alpha")
     assert notes["path"] == str(store / "notes") and "no manifest.json" in notes["error"]
