@@ -41,7 +41,8 @@ def main() -> int:
     try:
         app = create_app(settings)
     except ModelStoreError as e:
-        hint = " (`genret demo` trains the demo model)" if settings.model == "demo" else ""
+        missing = settings.model == "demo" and not settings.model_path.exists()
+        hint = " (`genret demo` trains the demo model)" if missing else ""
         print(f"service: {e}{hint}", file=sys.stderr)
         return 2
     # One worker process: the engine holds the model (and vLLM its KV cache) once; vLLM batches

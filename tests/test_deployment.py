@@ -16,6 +16,7 @@ import os
 import random
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,26 @@ def test_the_cli_service_trains_on_the_gpu_into_the_hosts_model_store_when_named
     assert any(str(v).endswith(":/catalog:ro") for v in cli["volumes"])
     # files on the host belong to the user who runs it; the caches go where any user id can write
     assert cli["user"] == "${GENRET_UID:-10001}:${GENRET_GID:-10001}" and env_of(cli)["HOME"] == "/tmp"
+
+
+@pytest.mark.parametrize("folder", ["absent", "broken"])
+def test_a_model_the_server_cannot_open_is_one_line_with_the_fix_that_applies(tmp_path, folder):
+    """Only a missing demo model is trained by `genret demo`; a broken one needs something else."""
+    if folder == "broken":
+        (tmp_path / "demo").mkdir()
+        (tmp_path / "demo" / "manifest.json").write_text("{")
+    with socket.socket() as probe:  # a free port: the server checks it before it opens the model
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "GENRET_MODEL_STORE": str(tmp_path), "GENRET_MODEL": "demo", "GENRET_HOST": "127.0.0.1",
+           "GENRET_PORT": str(port)}
+    done = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    expected = {"absent": f"service: {tmp_path / 'demo'}: not a trained model (no manifest.json); train one with "
+                          "`genret train` (`genret demo` trains the demo model)\n",
+                "broken": f"service: {tmp_path / 'demo' / 'manifest.json'}: unreadable manifest (Expecting property "
+                          "name enclosed in double quotes: line 1 column 2 (char 1))\n"}[folder]
+    assert done.returncode == 2 and done.stderr == expected, done.stderr
 
 
 def test_every_genret_variable_is_a_real_setting(services):
