@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.sizes) < 2 or not 1 <= args.remove < min(args.sizes):
         parser.error("each size must exceed --remove, which must be at least 1")
 
-    from genret.model_store import StoredModel
+    from genret.model_store import StoredModel, folder_bytes
     from genret.removing import remove_images
 
     base = args.base or train_base(args.out / "base")
@@ -45,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(model, ignore_errors=True)  # removal changes it: every measurement starts from N ids
         grow(base, n, model)
         weights = model / "lm" / "model.safetensors"
-        inode, folder_bytes = weights.stat().st_ino, sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
+        inode, model_bytes = weights.stat().st_ino, folder_bytes(model)
         keys = random.Random(n).sample(StoredModel.open(model).keys, args.remove)
         started = time.perf_counter()
         removed = remove_images(model, keys)
         seconds = time.perf_counter() - started
         assert len(removed.keys) == args.remove and len(StoredModel.open(model).keys) == n - args.remove
         rows.append({"ids": n, "removed": args.remove, "seconds": round(seconds, 3),
-                     "model_mb": round(folder_bytes / 2**20), "weights_linked": weights.stat().st_ino == inode})
+                     "model_mb": round(model_bytes / 2**20), "weights_linked": weights.stat().st_ino == inode})
         print(f"{n:,} ids: removed {args.remove:,} in {seconds:.2f} s", flush=True)
         shutil.rmtree(model)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",

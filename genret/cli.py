@@ -340,9 +340,7 @@ def cmd_models(args) -> None:
     from .model_store import ModelStoreError, list_models
 
     found = list_models(MODEL_STORE)
-    # a symlink (model_store/current -> v3) is listed as what it points to
-    models = [{**model.summary(), "folder": folder.name} for folder, model in found
-              if not isinstance(model, ModelStoreError)]
+    models = [model.summary() for _, model in found if not isinstance(model, ModelStoreError)]
     if args.json:
         print(json.dumps(models + [{"path": str(folder), "error": str(error)} for folder, error in found
                                    if isinstance(error, ModelStoreError)], indent=2))
@@ -356,6 +354,7 @@ def cmd_models(args) -> None:
     rows = [("name", "scheme", "images", "tasks", "created", "changed", "size")]
     for s in models:
         images = str(s["images"]) + (f" ({s['trained_images']} trained)" if s["images"] != s["trained_images"] else "")
+        # a symlink (model_store/current -> v3) is listed as what it points to
         name = s["name"] if s["folder"] == s["name"] else f"{s['folder']} -> {s['name']}"
         rows.append((name, s["scheme"], images, ",".join(s["tasks"]), s["created"] or "-", s["changed"] or "-",
                      f"{s['bytes'] / 1e6:.0f} MB"))

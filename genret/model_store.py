@@ -289,7 +289,8 @@ def list_models(store: Path) -> list[tuple[Path, StoredModel | ModelStoreError]]
     return found
 
 
-def _folder_bytes(path: Path) -> int:
+def folder_bytes(path: Path) -> int:
+    """The bytes of every file under `path` (a model's size on disk, hard links counted in full)."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
@@ -338,8 +339,8 @@ class StoredModel:
         changes = [entry["at"] for entry in (*self.manifest.get("additions", []), *self.manifest.get("removals", []))]
         return {"name": self.name, "scheme": self.manifest["scheme"], "images": self.manifest["catalog_size"],
                 "trained_images": self.trained_images, "tasks": self.tasks, "created": self.manifest.get("created"),
-                "changed": max(changes, default=self.manifest.get("created")), "bytes": _folder_bytes(self.path),
-                "path": str(self.path)}
+                "changed": max(changes, default=self.manifest.get("created")), "bytes": folder_bytes(self.path),
+                "path": str(self.path), "folder": self.path.name}
 
     @property
     def lm_path(self) -> Path:
