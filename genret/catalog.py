@@ -15,7 +15,8 @@ from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
@@ -201,15 +202,17 @@ def _folder_images(images_dir: Path, named: Container[str], verify_images: bool)
     return images
 
 
-def read_image(path: str | os.PathLike, what: str | None = None, *, draft: bool = False) -> Image.Image:
-    """The image decoded in full, or a CatalogError naming it (`what`, default its path). With
-    `draft`, a JPEG decodes at 1/8 scale, which still reads every byte: enough to check it."""
+def read_image(path: str | os.PathLike, what: str | None = None, *,
+               at_least: tuple[int, int] | None = None) -> Image.Image:
+    """The image decoded in full, as_seen, or a CatalogError naming it (`what`, default its path).
+    With `at_least` (width, height), a JPEG decodes at the smallest of its 1/2, 1/4, 1/8 scales
+    that keeps both sides that big: it still reads every byte, in a fraction of the time and memory."""
     try:
         with Image.open(path) as im:
-            if draft:
-                im.draft(None, (1, 1))
+            if at_least:
+                im.draft(None, at_least)
             im.load()
-            return im
+            return as_seen(im)
     except Exception as e:  # PIL raises a variety of types for corrupt files
         raise CatalogError(f"{what or path}: not a readable image ({type(e).__name__}: {e})") from None
 
@@ -217,7 +220,19 @@ def read_image(path: str | os.PathLike, what: str | None = None, *, draft: bool 
 def _verify(path: Path, what: str) -> None:
     # A full decode: Image.verify() reads only a JPEG's header, so a truncated file passed it and
     # failed later, mid-training.
-    read_image(path, what, draft=True)
+    read_image(path, what, at_least=(1, 1))
+
+
+def as_seen(image: Image.Image) -> Image.Image:
+    """The RGB picture a person is shown, which `image.convert("RGB")` alone is not: phones store
+    photos sideways with an EXIF orientation that viewers apply; transparency would show what lies
+    under it (usually black) instead of the page behind; 16-bit grey would clip to white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):  # 16-bit PNG grey ("I;16"), or 32-bit integer holding it
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+    return image.convert("RGB")
 
 
 def _repeat_is_dropped(seen: dict[tuple[str, str], str], pair: tuple[str, str], where: str, path: Path,

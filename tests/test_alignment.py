@@ -37,6 +37,24 @@ def test_image_encoder_features(tmp_path):
     assert not np.allclose(feats[0], feats[1])
 
 
+def test_image_encoder_sees_a_big_photo_as_decoded_whole_and_a_turned_one_upright(tmp_path):
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut()).resize((1792, 1792), Image.BICUBIC)
+    photo.save(tmp_path / "big.jpg", quality=92)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored turned clockwise; shown turned back
+    photo.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "turned.jpg", quality=92, exif=exif)
+    enc = ImageEncoder(device="cpu")
+    # encode_paths decodes big.jpg at 1/4 scale (448 px); encode_images gets it decoded whole
+    big, turned = enc.encode_paths([tmp_path / "big.jpg", tmp_path / "turned.jpg"], progress=False)
+    [whole] = enc.encode_images([Image.open(tmp_path / "big.jpg")])
+    cosine = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    assert cosine(big, whole) > 0.99 and cosine(turned, whole) > 0.99
+    [sideways] = enc.encode_images([photo.transpose(Image.Transpose.ROTATE_270)])
+    assert cosine(sideways, whole) < 0.95
+
+
 def test_text_encoder_semantics():
     texts = ["a dog runs on grass", "a puppy running on a lawn", "a rocket on a launch pad"]
     emb = TextEncoder(device="cpu").encode(texts)

@@ -189,6 +189,52 @@ def test_an_image_file_name_that_is_not_utf8_is_named(folder, tmp_path):
             load()
 
 
+def _upright() -> Image.Image:
+    """A picture whose orientation shows: red left, blue right, a white bar along the top."""
+    im = Image.new("RGB", (96, 64), (200, 30, 30))
+    im.paste((30, 30, 200), (48, 0, 96, 64))
+    im.paste((255, 255, 255), (0, 0, 96, 12))
+    return im
+
+
+def test_images_read_as_a_person_sees_them(tmp_path):
+    import numpy as np
+
+    from genret.catalog import read_image
+
+    upright = np.asarray(_upright(), dtype=np.int16)
+    # A phone stores the sensor's pixels and says in EXIF how to turn them (6: 90 degrees clockwise).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _upright().transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    assert np.abs(np.asarray(read_image(tmp_path / "phone.jpg"), dtype=np.int16) - upright).mean() < 3
+
+    # Transparency shows the white page behind it, not the black under it; a palette's too.
+    logo = np.zeros((64, 64, 4), np.uint8)
+    logo[16:48, 16:48] = (200, 30, 30, 255)
+    Image.fromarray(logo, "RGBA").save(tmp_path / "logo.png")
+    Image.fromarray(logo, "RGBA").convert("P").save(tmp_path / "logo.gif.png", transparency=0)
+    for name in ("logo.png", "logo.gif.png"):
+        seen = np.asarray(read_image(tmp_path / name))
+        assert seen.shape == (64, 64, 3) and tuple(seen[0, 0]) == (255, 255, 255), name
+        assert tuple(seen[32, 32]) == (200, 30, 30), name
+
+    # 16-bit grey keeps its shades instead of clipping to white.
+    Image.fromarray(np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)).save(tmp_path / "scan.png")
+    assert Image.open(tmp_path / "scan.png").mode == "I;16"
+    seen = np.asarray(read_image(tmp_path / "scan.png"))
+    assert seen.shape == (64, 64, 3) and seen.min() == 0 and seen.max() == 255 and 120 < seen.mean() < 135
+
+
+def test_a_big_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_size_asked_for(tmp_path):
+    from genret.catalog import read_image
+
+    _upright().resize((1600, 1200)).save(tmp_path / "big.jpg")
+    assert read_image(tmp_path / "big.jpg").size == (1600, 1200)
+    assert read_image(tmp_path / "big.jpg", at_least=(224, 224)).size == (400, 300)  # 1/4: 1/8 is 200x150
+    assert read_image(tmp_path / "big.jpg", at_least=(1, 1)).size == (200, 150)
+
+
 def test_each_image_verified_once(folder, tmp_path, monkeypatch):
     import genret.catalog as mod
 
