@@ -23,9 +23,14 @@ PROMPT_TEXTS = [RETRIEVE.format(query=""), MEMORIZE, CAPTION, *DESCRIBE, ASK[0],
                 ASK_AFTER_DESCRIPTION.format(question="")]
 
 
-def normalize_caption(text: str) -> str:
-    """Flickr-style captions end in ' .' and vary in case; the model answers in one style."""
+def normalize_caption(text: str, max_chars: int | None = None) -> str:
+    """Flickr-style captions end in ' .' and vary in case; the model answers in one style. With
+    max_chars, a longer caption is cut at its last word boundary within them (or at max_chars,
+    when that would drop more than half)."""
     text = re.sub(r"\s+", " ", text.strip())
+    if max_chars is not None and len(text) > max_chars:
+        head = text[: max_chars + 1].rsplit(" ", 1)[0]
+        text = (head if max_chars // 2 <= len(head) <= max_chars else text[:max_chars]).rstrip(" ,;:-")
     text = re.sub(r"\s+([.,!?])", r"\1", text)
     if text and text[-1] not in ".!?":
         text += "."

@@ -374,6 +374,28 @@ def test_describe_per_image_describes_each_image_with_that_many_of_its_captions(
         TrainConfig(**{**SHORT, "describe_per_image": 0})
 
 
+def test_a_long_caption_is_trained_on_cut_at_a_word_boundary(tiny_catalog, tmp_path, prompts, caplog):
+    keys = tiny_catalog.keys()
+    long = " ".join(f"word{i}" for i in range(5000))  # ~35,000 characters, ~15,000 tokens
+    catalog = Catalog(tuple(replace(im, captions=(long, *im.captions[1:])) if im.key == keys[0] else im
+                            for im in tiny_catalog))
+    config = TrainConfig(**{**SHORT, "caption_chars": 100})
+    with caplog.at_level("WARNING", logger="genret.training"):
+        trainer = Trainer(catalog, config, tmp_path / "run", progress=False)
+    total = sum(len(im.captions) for im in catalog)
+    assert f"1 of {total} captions are longer than 100 characters" in caplog.text
+    cut = trainer.captions[keys[0]][0]
+    assert cut == normalize_caption(long[: len(cut) - 1]) and 90 <= len(cut) <= 101 and cut[-2].isdigit()
+    assert trainer.captions[keys[1]] == [normalize_caption(c) for c in catalog[keys[1]].captions]  # short: whole
+    ids = spelled_ids(prompts, keys)
+    longest = max(len(e.prompt) + len(e.target) for stage in ("memorize", "retrieve")
+                  for e in trainer.examples(stage, 0, prompts, ids, {}))
+    assert longest < 60  # tokens; whole, the caption made a 15,000-token example
+    for text, limit, expected in [("a b c", 3, "A b."), ("abcdefghij klm", 12, "Abcdefghij."),
+                                  ("abcdefghijklm", 5, "Abcde."), ("a b, c", 4, "A b.")]:
+        assert normalize_caption(text, limit) == expected, text
+
+
 def test_ask_per_image_asks_that_many_yes_no_pairs_about_each_image(tiny_catalog, tmp_path, prompts):
     from genret.training import content_words, presence_question
 
