@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from .catalog import Catalog
 from .identifiers import IdentifierAssignment
 from .model import QueryPrefix, SoftPrefix
+from .prompts import normalize_caption
 from .trie import IdTrie
 
 log = logging.getLogger(__name__)
@@ -433,11 +434,13 @@ class StoredModel:
         return frozenset(image.key for image in self.catalog if image.captions and image.key not in self.added_keys)
 
     def trained_captions(self) -> list[str]:
-        """Every caption training read, those of images removed since included: the queries the
-        model was pulled towards, which hubness is measured against (genret.adding.hubness_bank)."""
+        """Every caption training read, as it read them (normalized, a long one cut), those of images
+        removed since included: the queries the model was pulled towards, which hubness is measured
+        against (genret.adding.hubness_bank)."""
         trained = self.trained_caption_keys
-        return [c for image in self.catalog if image.key in trained for c in image.captions] + \
-            self.removed_trained_captions()
+        limit = self.manifest.get("train_config", {}).get("caption_chars")  # None: trained before captions were cut
+        captions = [c for image in self.catalog if image.key in trained for c in image.captions]
+        return [normalize_caption(c, limit) for c in captions + self.removed_trained_captions()]
 
     def removed_trained_captions(self) -> list[str]:
         """The trained captions of images `genret remove` took out before the hubness bank was kept."""

@@ -176,6 +176,26 @@ def test_adding_in_two_steps_gives_what_adding_at_once_does(grown, tiny_default_
                        at_once.image_hubness()[[position_at_once[k] for k in keys]], atol=1e-6)
 
 
+def test_the_hubness_bank_holds_the_captions_as_training_read_them(tiny_default_model_dir, tiny_catalog, tmp_path):
+    from genret.training import TrainConfig, Trainer
+
+    def read_by_training(stored: StoredModel) -> list[str]:
+        config = TrainConfig(**stored.manifest["train_config"])
+        return sorted(c for cs in Trainer(tiny_catalog, config, tmp_path / "run", progress=False).captions.values()
+                      for c in cs)
+
+    stored = StoredModel.open(tiny_default_model_dir)
+    assert sorted(stored.trained_captions()) == read_by_training(stored)
+    dest = tmp_path / "model"  # as if trained with captions cut at 24 characters
+    shutil.copytree(tiny_default_model_dir, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["train_config"]["caption_chars"] = 24
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    cut = StoredModel.open(dest)
+    assert sorted(cut.trained_captions()) == read_by_training(cut) != read_by_training(stored)
+    assert max(map(len, cut.trained_captions())) <= 25
+
+
 def test_adding_them_again_adds_nothing_and_writes_nothing(grown, demo_catalog):
     dest, _ = grown
     before = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
