@@ -226,6 +226,28 @@ def test_images_read_as_a_person_sees_them(tmp_path):
     assert seen.shape == (64, 64, 3) and seen.min() == 0 and seen.max() == 255 and 120 < seen.mean() < 135
 
 
+def test_the_formats_phones_scanners_and_the_web_save_are_catalog_images(tmp_path):
+    import numpy as np
+
+    from genret.catalog import read_image
+
+    upright = _upright()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("photo.heic", "photo.HEIF", "photo.avif", "photo.tif", "photo.gif", "photo.webp"):
+        upright.save(folder / name, quality=95)  # the lossy formats' quality; the others ignore it
+    grey16 = np.linspace(0, 65535, 64 * 96).reshape(64, 96).astype(np.uint16)
+    Image.fromarray(grey16).save(folder / "scan.tiff")
+    catalog = load_image_folder(folder)
+    assert catalog.keys() == sorted(p.name for p in folder.iterdir())
+    for image in catalog:
+        seen = np.asarray(read_image(image.path), dtype=np.int16)
+        if image.key == "scan.tiff":
+            assert 120 < seen.mean() < 135 and seen.max() == 255
+        else:
+            assert np.abs(seen - np.asarray(upright, dtype=np.int16)).mean() < 6, image.key
+
+
 def test_a_big_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_size_asked_for(tmp_path):
     from genret.catalog import read_image
 
