@@ -6,7 +6,8 @@ descriptions and questions about memorized images, and ~4 % requests that must b
     .venv/bin/python loadtest/run.py --engine transformers                      # service + locust + report
 
 What is sent, and what counts as a failure, is in request_mix.py (LOADTEST_QUERIES,
-LOADTEST_IDS, LOADTEST_MIX, LOADTEST_MAX_K, LOADTEST_SEED). An expected 404 / 422 is a
+LOADTEST_IDS, LOADTEST_MIX, LOADTEST_MAX_K, LOADTEST_SEED; GENRET_API_KEY where the service has
+one). An expected 404 / 422 is a
 success; a 5xx, a timeout, or any status other than the expected one is a failure.
 """
 
@@ -34,6 +35,7 @@ KNOWN = KnownIds(load_ids())  # shared by all users: grows with the ids searches
 WEIGHTS = parse_mix(os.environ.get("LOADTEST_MIX", DEFAULT_MIX))
 MAX_K = env_int("LOADTEST_MAX_K", 100)
 SEED = os.environ.get("LOADTEST_SEED", "").strip()
+API_KEY = os.environ.get("GENRET_API_KEY")  # the service's, when it requires one (sent with every request)
 _user_numbers = itertools.count()
 _environment = None
 _tasks: tuple[str, ...] = ALL_TASKS  # what the served model was trained for: asked at the start
@@ -93,12 +95,13 @@ class GenretUser(FastHttpUser):
     @task
     def request(self):
         call = self.mix.next()
-        kwargs: dict = {"name": call.name, "catch_response": True}
+        headers = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else {}
+        kwargs: dict = {"name": call.name, "catch_response": True, "headers": headers}
         if call.json is not None:
             kwargs["json"] = call.json
         elif call.data is not None:
             kwargs["data"] = call.data
-            kwargs["headers"] = {"content-type": "application/json"}
+            headers["content-type"] = "application/json"
         with self.client.request(call.method, call.path, **kwargs) as response:
             try:
                 body = json.loads(response.text) if response.text else None

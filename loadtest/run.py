@@ -366,7 +366,8 @@ def run(args) -> int:
                      "users": args.users, "spawn_rate": args.spawn_rate, "duration": args.duration, "mix": mix,
                      "tasks": tasks, "untrained_tasks": [t for t in ALL_TASKS if t not in tasks],
                      "locust": locust.__version__,
-                     "service_env": {k: v for k, v in sorted(env.items()) if k.startswith("GENRET_")
+                     "service_env": {k: "(set)" if k == "GENRET_API_KEY" else v for k, v in sorted(env.items())
+                                     if k.startswith("GENRET_")
                                      and k not in ("GENRET_PORT", "GENRET_PUBLIC_URL", "GENRET_MODEL")}},
         "machine": machine,
         "load_average_before": load_before,

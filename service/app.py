@@ -8,15 +8,18 @@ with a reason; a dependency that is down is a 503 with a reason; a slow request 
 import asyncio
 import json
 import logging
+import secrets
 import time
 from contextlib import asynccontextmanager, suppress
 from functools import cached_property
 from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Path, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -217,6 +220,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
         image_id: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
         question: Query
 
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    guarded = [Depends(api_key_checker(settings))] if settings.api_key else []
+
     @app.middleware("http")
     async def measure(request: Request, call_next):
         t = time.perf_counter()
@@ -251,7 +259,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     async def input_too_long(_: Request, e: InputTooLong):
         return JSONResponse({"detail": str(e)}, status_code=422)
 
-    @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
+    @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True, dependencies=guarded)
     async def search(body: SearchRequest) -> SearchResponse:
         """Top-k catalog images for a text query, by the model's trie-constrained beam search (with
         GENRET_BEAM_HUBNESS_WEIGHT or GENRET_ADDED_ID_BONUS > 0, searching by log-probability plus
@@ -281,7 +289,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
                     log.warning("id store record of %r is unusable, skipped: %s", h.key, e)
         return SearchResponse(query=body.query, model=services.model_name, results=results)
 
-    @app.post("/describe/{image_id:path}", response_model=DescribeResponse)
+    @app.post("/describe/{image_id:path}", response_model=DescribeResponse, dependencies=guarded)
     async def describe(image_id: Annotated[str, Path(max_length=1000)]) -> DescribeResponse:
         """A description of a memorized image, generated from its id alone."""
         services.stored.require_trained_to("describe")
@@ -289,7 +297,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
         engine = services.require_engine()
         return DescribeResponse(image_id=image_id, description=await services.deadline(engine.describe(image_id)))
 
-    @app.post("/ask", response_model=AskResponse)
+    @app.post("/ask", response_model=AskResponse, dependencies=guarded)
     async def ask(body: AskRequest) -> AskResponse:
         """An answer to a question about a memorized image, from its id alone."""
         services.stored.require_trained_to("ask")
@@ -338,3 +346,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
         return {"service": "genret", "model": services.model_name, "engine": engine.name, "docs": "/docs"}
 
     return app
+
+
+def api_key_checker(settings: Settings):
+    """A dependency that lets a request through only with `Authorization: Bearer <GENRET_API_KEY>`.
+    HTTPBearer also puts the scheme in the OpenAPI docs, whose Authorize button then sends it."""
+    expected = settings.api_key.get_secret_value().encode()
+
+    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False))):
+        if credentials is None:
+            raise HTTPException(401, "this server requires an API key: send the header 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not secrets.compare_digest(credentials.credentials.encode(), expected):  # no timing to guess it by
+            raise HTTPException(401, "wrong API key", headers={"WWW-Authenticate": "Bearer"})
+
+    return check

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
     from genret.decoding import PriorWeights
@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
 
+    # --- who may call it
+    api_key: SecretStr | None = Field(None, description="when set, /search, /describe and /ask require the header "
+                                      "`Authorization: Bearer <key>` (401 otherwise); health, readiness, metrics, "
+                                      "docs and /images stay open (an <img> tag sends no header)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins whose web pages may call the API from a browser "
+        "(https://search.example.com, or * for any); none by default")
+
     # --- requests
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
@@ -104,6 +112,11 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="auto = float32 on CPU, bfloat16 on GPU")
     enforce_eager: bool | None = Field(None, description="None = True on CPU (no graph capture there)")
     max_num_seqs: int = Field(256, ge=1, description="the most sequences vLLM batches in one step")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [origin.strip() for origin in value.split(",") if origin.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

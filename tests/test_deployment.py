@@ -141,6 +141,17 @@ def test_the_search_settings_pass_through_and_unset_means_the_default(services, 
     assert Settings().added_id_bonus == 2.5
 
 
+def test_the_api_key_and_cors_origins_pass_through_to_the_service_and_the_key_to_locust(services, monkeypatch):
+    for name in ("GENRET_API_KEY", "GENRET_CORS_ORIGINS"):
+        assert env_of(services["genret"])[name] == f"${{{name}:-}}"
+    assert env_of(services["locust"])["GENRET_API_KEY"] == "${GENRET_API_KEY:-}"  # or every request is a 401
+    from service.settings import Settings
+
+    for name in ("GENRET_API_KEY", "GENRET_CORS_ORIGINS"):
+        monkeypatch.setenv(name, "")
+    assert (Settings().api_key, Settings().cors_origins) == (None, [])  # unset in .env: an open API, no CORS
+
+
 def test_publish_is_a_one_shot_of_the_model_into_the_same_redis(services):
     publish = services["publish"]
     assert publish["entrypoint"][-2:] == ["-m", "service.publish"]
@@ -343,6 +354,44 @@ def test_a_short_headless_run_counts_a_dead_service_as_failures(tmp_path):
     endpoints, total, failures = loadtest_run.read_stats(tmp_path / "final_stats.csv", tmp_path / "final_failures.csv")
     assert total["requests"] > 0 and total["failures"] == total["requests"] and total["error_rate"] == 1.0
     assert failures and all("expected HTTP" in f["error"] for f in failures)
+
+
+def test_the_locust_user_sends_the_services_api_key_with_every_request(tmp_path):
+    """A service with GENRET_API_KEY answers 401 to a request without it: the load test would measure only that."""
+    if shutil.which("locust", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("locust is not installed (the `load` extra)")
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def answer(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(401)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "GENRET_API_KEY": "k3y", "LOADTEST_SEED": "1"}
+        out = subprocess.run([sys.executable, "-m", "locust", "-f", str(LOADTEST / "locustfile.py"), "--headless",
+                              "-u", "2", "-r", "2", "-t", "2s", "--host", f"http://127.0.0.1:{server.server_port}",
+                              "--only-summary", "--exit-code-on-error", "0", "--stop-timeout", "5"],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    finally:
+        server.shutdown()
+    assert out.returncode == 0, out.stderr[-3000:]
+    calls = [(path, auth) for path, auth in seen if path != "/readyz"]  # readiness is open: asked without it
+    assert calls and all(auth == "Bearer k3y" for _, auth in calls), seen[:5]
 
 
 def test_the_mix_draws_each_kind_at_its_rate():

@@ -360,6 +360,54 @@ def test_settings_come_from_the_environment_typed(monkeypatch, tmp_path):
         Settings()
 
 
+def test_an_api_key_guards_search_describe_and_ask_and_cors_lets_the_named_origins_call(
+        run, hf_engine, monkeypatch, tiny_catalog):
+    monkeypatch.setenv("GENRET_API_KEY", "s3cret-key")
+    monkeypatch.setenv("GENRET_CORS_ORIGINS", "https://search.example.com, https://admin.example.com")
+    settings = Settings(**SETTINGS)
+    assert settings.cors_origins == ["https://search.example.com", "https://admin.example.com"]
+    assert "s3cret" not in repr(settings)  # a logged settings object does not give the key away
+    served = Served(run, create_app(settings, engine=hf_engine))
+    try:
+        client, key = served.client, {"Authorization": "Bearer s3cret-key"}
+        calls = [("/search", {"query": "a rocket", "k": 2}), ("/describe/rocket.jpg", None),
+                 ("/ask", {"image_id": "moon.jpg", "question": "What is this?"})]
+        for path, body in calls:
+            missing = run(client.post(path, json=body))
+            assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+            assert "Authorization: Bearer <key>" in missing.json()["detail"]
+            wrong = run(client.post(path, json=body, headers={"Authorization": "Bearer s3cret-kez"}))
+            assert wrong.status_code == 401 and wrong.json()["detail"] == "wrong API key"
+            assert run(client.post(path, json=body, headers=key)).status_code == 200
+        # no key, no hint of what a request would have got: an unknown image and a bad body are 401 too
+        assert run(client.post("/describe/nope.jpg")).status_code == 401
+        assert run(client.post("/search", json={"k": "many"})).status_code == 401
+        assert run(client.post("/describe/nope.jpg", headers=key)).status_code == 404
+        for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", f"/images/{tiny_catalog.keys()[0]}"):
+            assert run(client.get(path)).status_code == 200, path
+        schemes = run(client.get("/openapi.json")).json()["components"]["securitySchemes"]
+        assert list(schemes.values()) == [{"type": "http", "scheme": "bearer"}]  # the docs' Authorize button
+        # a browser page on a named origin may call it (the preflight asks for the Authorization header)
+        preflight = run(client.options("/search", headers={
+            "Origin": "https://search.example.com", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"}))
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://search.example.com"
+        answered = run(client.post("/search", json={"query": "a rocket"},
+                                   headers={**key, "Origin": "https://admin.example.com"}))
+        assert answered.headers["access-control-allow-origin"] == "https://admin.example.com"
+        other = run(client.post("/search", json={"query": "a rocket"}, headers={**key, "Origin": "https://evil.test"}))
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        served.close()
+
+
+def test_without_an_api_key_or_origins_the_api_is_open_and_sends_no_cors_headers(run, client):
+    r = run(client.post("/search", json={"query": "a rocket"}, headers={"Origin": "https://search.example.com"}))
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    assert "securitySchemes" not in run(client.get("/openapi.json")).json().get("components", {})
+
+
 def test_image_urls_follow_the_port_unless_a_public_url_is_set(monkeypatch):
     """`GENRET_PORT=8080 scripts/run` (the README's example) handed out URLs on port 8000."""
     monkeypatch.setenv("GENRET_PORT", "8080")
