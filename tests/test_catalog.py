@@ -257,6 +257,20 @@ def test_a_big_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_size_asked_f
     assert read_image(tmp_path / "big.jpg", at_least=(1, 1)).size == (200, 150)
 
 
+def test_of_several_unreadable_images_the_first_in_catalog_order_is_named(tmp_path):
+    folder = tmp_path / "images"
+    for i in range(40):
+        make_image(folder / f"im{i:02d}.png")
+    for bad in ("im07.png", "im31.png"):  # checked in parallel: the later may fail first
+        (folder / bad).write_bytes(b"not a png")
+    with pytest.raises(CatalogError, match=r"im07\.png: not a readable image"):
+        load_image_folder(folder)
+    # the captions file's images come first, in its order; then the folder's uncaptioned ones
+    captions = write_csv(tmp_path / "c.csv", [("im00.png", "x"), ("im31.png", "y")])
+    with pytest.raises(CatalogError, match=r"c\.csv: row 3: image 'im31\.png': not a readable image"):
+        load_catalog(folder, captions)
+
+
 def test_each_image_verified_once(folder, tmp_path, monkeypatch):
     import genret.catalog as mod
 
