@@ -302,18 +302,47 @@ def serving_settings(chosen: dict, beams: int) -> str:
     return " ".join(f"{name}={value:g}" for name, value in env.items())
 
 
+def read_query_lines(path: str) -> list[str]:
+    """Queries one per line (blank lines skipped); "-" reads them from stdin."""
+    from .catalog import read_utf8
+
+    if path == "-":
+        return [line.strip() for line in sys.stdin if line.strip()]
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: no such queries file")
+    return [line.strip() for line in read_utf8(Path(path)).splitlines() if line.strip()]
+
+
 def cmd_search(args) -> None:
     from .decoding import EmbeddingReranker, TransformersEngine, search_prior
 
+    queries = [*args.query, *(read_query_lines(args.queries) if args.queries else [])]
+    if not queries:
+        raise UsageError("give a query, or --queries FILE (one per line; - reads stdin)")
     stored = open_model(args.model)
     engine = TransformersEngine(stored, device=args.device)
-    hits = engine.search([args.query], k=args.k, beams=args.beams,
-                         prior=search_prior(stored, prior_weights(args)))
-    if args.rerank:
-        hits = EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device,
-                                 hubness_weight=args.hubness_weight)([args.query], hits)
-    for hit in hits[0]:
-        print(f"{hit.score:9.3f}  {hit.key}  {stored.identifiers.ids[hit.key]}")
+    prior = search_prior(stored, prior_weights(args))
+    reranker = EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device,
+                                 hubness_weight=args.hubness_weight) if args.rerank else None
+    batch_size = 16  # as evaluation's: a batch is one beam search, each query's prompt `beams` times
+    headed = len(queries) > 1 and not args.json
+    for start in range(0, len(queries), batch_size):
+        batch = queries[start : start + batch_size]
+        hits = engine.search(batch, k=args.k, beams=args.beams, prior=prior)
+        if reranker is not None:
+            hits = reranker(batch, hits)
+        for query, row in zip(batch, hits):
+            if args.json:
+                print(json.dumps({"query": query, "results": [
+                    {"image_id": h.key, "score": round(h.score, 4), "id": stored.identifiers.ids[h.key]} for h in row]},
+                    ensure_ascii=False), flush=True)
+                continue
+            if headed:
+                print(f"# {query}")
+            for hit in row:
+                print(f"{hit.score:9.3f}  {hit.key}  {stored.identifiers.ids[hit.key]}")
+            if headed:
+                print(flush=True)
 
 
 def cmd_describe(args) -> None:
@@ -462,9 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("search", help="top-k images for a text query")
+    p = sub.add_parser("search", help="top-k images for text queries")
     p.add_argument("model")
-    p.add_argument("query", type=text_arg)
+    p.add_argument("query", type=text_arg, nargs="*", help="one or more queries (quote each)")
+    p.add_argument("--queries", metavar="FILE", help="more queries, one per line; - reads them from stdin")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON line per query: {query, results: [{image_id, score, id}]}")
     p.add_argument("-k", type=count_arg, default=5)
     p.add_argument("--beams", type=count_arg, help="beam width (at least k, the default)")
     p.add_argument("--rerank", action="store_true", help="re-rank the beam with the two-tower")

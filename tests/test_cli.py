@@ -71,6 +71,35 @@ def test_search_prints_ranked_catalog_images(capsys, tiny_model_dir, tiny_catalo
     assert len(keys) == 3 and set(keys) <= set(tiny_catalog.keys())
 
 
+def test_search_takes_many_queries_from_argv_a_file_or_stdin_and_prints_json_lines(
+        capsys, monkeypatch, tiny_model_dir, tiny_catalog, tmp_path):
+    import io
+
+    from genret.decoding import TransformersEngine
+    from genret.model_store import StoredModel
+
+    queries = [f"{img.captions[1]}" for img in tiny_catalog][:3] + ["a rocket on a launch pad"] * 15  # two batches
+    stored = StoredModel.open(tiny_model_dir)
+    expected = TransformersEngine(stored, device="cpu").search(queries, k=2)
+    (tmp_path / "q.txt").write_text("\n".join(queries[1:]) + "\n\n")
+    code, out, _ = run(capsys, "search", str(tiny_model_dir), queries[0], "--queries", str(tmp_path / "q.txt"),
+                       "-k", "2", "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [line["query"] for line in lines] == queries
+    assert [[r["image_id"] for r in line["results"]] for line in lines] == [[h.key for h in row] for row in expected]
+    assert lines[0]["results"][0]["id"] == stored.identifiers.ids[expected[0][0].key]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(queries[:2]) + "\n"))
+    code, out, _ = run(capsys, "search", str(tiny_model_dir), "--queries", "-", "-k", "2")
+    blocks = out.strip().split("\n\n")
+    assert code == 0 and [b.splitlines()[0] for b in blocks] == [f"# {q}" for q in queries[:2]]
+    assert [[line.split()[1] for line in b.splitlines()[1:]] for b in blocks] == \
+        [[h.key for h in row] for row in expected[:2]]
+    code, _, err = run(capsys, "search", str(tiny_model_dir))
+    assert code == 2 and "give a query, or --queries FILE" in err
+    code, _, err = run(capsys, "search", str(tiny_model_dir), "--queries", str(tmp_path / "nope.txt"))
+    assert code == 2 and "nope.txt: no such queries file" in err
+
+
 def test_search_reranks_at_the_weight_given(capsys, tiny_model_dir, tiny_catalog):
     code, out, _ = run(capsys, "search", str(tiny_model_dir), "a rocket on a launch pad", "-k", "3",
                        "--rerank", "--rerank-weight", "0")
