@@ -346,12 +346,27 @@ def cmd_search(args) -> None:
 
 
 def cmd_describe(args) -> None:
+    from tqdm.auto import tqdm
+
     from .decoding import TransformersEngine
 
     stored = open_model(args.model)
     stored.require_trained_to("describe")  # both checked before the LM loads
-    stored.image_id_tokens(args.image)
-    print(TransformersEngine(stored, device=args.device).describe(args.image))
+    keys = list(dict.fromkeys([*args.image, *(read_keys(args.keys_file) if args.keys_file else []),
+                               *(stored.keys if args.all else [])]))
+    if not keys:
+        raise UsageError("name the images to describe: keys, --keys-file, or --all")
+    for key in keys:
+        stored.image_id_tokens(key)
+    engine = TransformersEngine(stored, device=args.device)
+    batch_size = 16
+    for start in tqdm(range(0, len(keys), batch_size), desc="describe", unit="batch", disable=len(keys) <= batch_size):
+        batch = keys[start : start + batch_size]
+        for key, description in zip(batch, engine.describe_many(batch)):
+            if args.json:
+                print(json.dumps({"image_id": key, "description": description}, ensure_ascii=False), flush=True)
+            else:
+                print(description if len(keys) == 1 else f"{key}\t{description}", flush=True)
 
 
 def cmd_ask(args) -> None:
@@ -508,9 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("describe", help="describe a memorized image from its id alone")
+    p = sub.add_parser("describe", help="describe memorized images from their ids alone")
     p.add_argument("model")
-    p.add_argument("image")
+    p.add_argument("image", nargs="*", help="image keys (one prints its description alone; more print key<TAB>description)")
+    p.add_argument("--keys-file", help="more image keys, one per line")
+    p.add_argument("--all", action="store_true", help="every image in the model")
+    p.add_argument("--json", action="store_true", help="one JSON line per image: {image_id, description}")
     p.add_argument("--device")
     p.set_defaults(func=cmd_describe)
 

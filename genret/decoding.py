@@ -162,8 +162,12 @@ class TransformersEngine:
 
     def describe(self, key: str) -> str:
         """The memorized image's caption, from its id alone (UnknownImage, UntrainedTask)."""
+        return self.describe_many([key])[0]
+
+    def describe_many(self, keys: list[str]) -> list[str]:
+        """describe, for several images in one batch (all checked before any is generated)."""
         self.stored.require_trained_to("describe")
-        return self.generate([self.prompts.describe(self.stored.image_id_tokens(key))])[0]
+        return self.generate([self.prompts.describe(self.stored.image_id_tokens(key)) for key in keys])
 
     def ask(self, key: str, question: str) -> str:
         if not question.strip():

@@ -100,6 +100,28 @@ def test_search_takes_many_queries_from_argv_a_file_or_stdin_and_prints_json_lin
     assert code == 2 and "nope.txt: no such queries file" in err
 
 
+def test_describe_takes_many_images_or_all_of_them(capsys, tiny_model_dir, tiny_catalog, tmp_path):
+    from genret.decoding import TransformersEngine
+    from genret.model_store import StoredModel
+
+    engine = TransformersEngine(StoredModel.open(tiny_model_dir), device="cpu")
+    keys = tiny_catalog.keys()
+    expected = dict(zip(keys, engine.describe_many(keys)))
+    assert expected[keys[0]] == engine.describe(keys[0])  # alone or in a batch, the same description
+    code, out, _ = run(capsys, "describe", str(tiny_model_dir), keys[0])
+    assert code == 0 and out == expected[keys[0]] + "\n"
+    (tmp_path / "keys.txt").write_text(f"{keys[2]}\n{keys[1]}\n")
+    code, out, _ = run(capsys, "describe", str(tiny_model_dir), keys[1], "--keys-file", str(tmp_path / "keys.txt"))
+    assert code == 0 and out.splitlines() == [f"{k}\t{expected[k]}" for k in (keys[1], keys[2])]
+    code, out, _ = run(capsys, "describe", str(tiny_model_dir), "--all", "--json")
+    assert code == 0 and [json.loads(line) for line in out.splitlines()] == \
+        [{"image_id": k, "description": expected[k]} for k in keys]
+    code, out, err = run(capsys, "describe", str(tiny_model_dir), keys[0], "not-an-image.jpg")
+    assert code == 2 and "not-an-image.jpg" in err and out == ""  # checked before any is described
+    code, _, err = run(capsys, "describe", str(tiny_model_dir))
+    assert code == 2 and "keys, --keys-file, or --all" in err
+
+
 def test_search_reranks_at_the_weight_given(capsys, tiny_model_dir, tiny_catalog):
     code, out, _ = run(capsys, "search", str(tiny_model_dir), "a rocket on a launch pad", "-k", "3",
                        "--rerank", "--rerank-weight", "0")
