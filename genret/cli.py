@@ -207,19 +207,22 @@ def cmd_add(args) -> None:
           "(and rerun `python -m service.publish` where ids are served from Redis) to serve them")
 
 
-def read_keys(path: str) -> list[str]:
-    """A file of image keys, one per line; blank lines and repeats are fine (lists get concatenated)."""
+def read_lines(path: str, what: str) -> list[str]:
+    """A file of `what` (image keys, queries), one per line, or stdin for "-"; blank lines are
+    skipped and repeats are fine (lists get concatenated)."""
     from .catalog import read_utf8
 
+    if path == "-":
+        return [line.strip() for line in sys.stdin if line.strip()]
     if not Path(path).is_file():
-        raise UsageError(f"{path}: no such keys file")
+        raise UsageError(f"{path}: no such {what} file")
     return [line.strip() for line in read_utf8(Path(path)).splitlines() if line.strip()]
 
 
 def cmd_remove(args) -> None:
     from .removing import remove_images
 
-    keys = [*args.keys, *(read_keys(args.keys_file) if args.keys_file else [])]
+    keys = [*args.keys, *(read_lines(args.keys_file, "keys") if args.keys_file else [])]
     if not keys:
         raise UsageError("name the images to remove: keys, or --keys-file")
     stored = open_model(args.model)
@@ -302,21 +305,10 @@ def serving_settings(chosen: dict, beams: int) -> str:
     return " ".join(f"{name}={value:g}" for name, value in env.items())
 
 
-def read_query_lines(path: str) -> list[str]:
-    """Queries one per line (blank lines skipped); "-" reads them from stdin."""
-    from .catalog import read_utf8
-
-    if path == "-":
-        return [line.strip() for line in sys.stdin if line.strip()]
-    if not Path(path).is_file():
-        raise UsageError(f"{path}: no such queries file")
-    return [line.strip() for line in read_utf8(Path(path)).splitlines() if line.strip()]
-
-
 def cmd_search(args) -> None:
     from .decoding import EmbeddingReranker, TransformersEngine, search_prior
 
-    queries = [*args.query, *(read_query_lines(args.queries) if args.queries else [])]
+    queries = [*args.query, *(read_lines(args.queries, "queries") if args.queries else [])]
     if not queries:
         raise UsageError("give a query, or --queries FILE (one per line; - reads stdin)")
     stored = open_model(args.model)
@@ -352,7 +344,7 @@ def cmd_describe(args) -> None:
 
     stored = open_model(args.model)
     stored.require_trained_to("describe")  # both checked before the LM loads
-    keys = list(dict.fromkeys([*args.image, *(read_keys(args.keys_file) if args.keys_file else []),
+    keys = list(dict.fromkeys([*args.image, *(read_lines(args.keys_file, "keys") if args.keys_file else []),
                                *(stored.keys if args.all else [])]))
     if not keys:
         raise UsageError("name the images to describe: keys, --keys-file, or --all")
@@ -476,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("remove", help="remove images from a trained model, without training (any scheme)")
     p.add_argument("model")
     p.add_argument("keys", nargs="*", metavar="KEY", help="image keys to remove")
-    p.add_argument("--keys-file", help="a file of image keys, one per line (repeats are fine)")
+    p.add_argument("--keys-file", help="a file of image keys, one per line (repeats are fine; - reads stdin)")
     p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("evaluate", help="Recall@1/5/10 of held-out queries")
@@ -526,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("describe", help="describe memorized images from their ids alone")
     p.add_argument("model")
     p.add_argument("image", nargs="*", help="image keys (one prints its description alone; more print key<TAB>description)")
-    p.add_argument("--keys-file", help="more image keys, one per line")
+    p.add_argument("--keys-file", help="more image keys, one per line (- reads stdin)")
     p.add_argument("--all", action="store_true", help="every image in the model")
     p.add_argument("--json", action="store_true", help="one JSON line per image: {image_id, description}")
     p.add_argument("--device")
