@@ -166,8 +166,11 @@ class TransformersEngine:
 
     def describe_many(self, keys: list[str]) -> list[str]:
         """describe, for several images in one batch (all checked before any is generated)."""
+        if isinstance(keys, str):  # it would describe each character
+            raise TypeError(f"describe_many takes a list of image keys, not one string: describe_many([{keys!r}])")
         self.stored.require_trained_to("describe")
-        return self.generate([self.prompts.describe(self.stored.image_id_tokens(key)) for key in keys])
+        prompts = [self.prompts.describe(self.stored.image_id_tokens(key)) for key in keys]
+        return self.generate(prompts) if prompts else []
 
     def ask(self, key: str, question: str) -> str:
         if not question.strip():

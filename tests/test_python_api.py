@@ -24,6 +24,7 @@ def test_load_searches_describes_and_asks_as_the_engine_does(model, tiny_model_d
     [expected] = TransformersEngine(StoredModel.open(tiny_model_dir), device="cpu").search([query], k=3)
     assert hits == expected and len(hits) == 3 and {h.key for h in hits} <= set(tiny_catalog.keys())
     assert isinstance(model.describe("rocket.jpg"), str) and isinstance(model.ask("rocket.jpg", "Is it red?"), str)
+    assert model.describe_many([h.key for h in hits]) == [model.describe(h.key) for h in hits]
 
 
 def test_load_finds_a_model_by_name_in_the_model_store(tiny_model_dir, monkeypatch):
@@ -39,6 +40,11 @@ def test_python_callers_get_errors_that_say_what_is_wrong(model, tiny_model_dir,
     assert isinstance(raised.value, KeyError)  # what a dict lookup would raise, with a message
     with pytest.raises(UnknownImage, match="nope.jpg"):
         model.ask("nope.jpg", "Is it red?")
+    with pytest.raises(UnknownImage, match="nope.jpg"):
+        model.describe_many(["rocket.jpg", "nope.jpg"])
+    with pytest.raises(TypeError, match=r"not one string: describe_many\(\['rocket.jpg'\]\)"):
+        model.describe_many("rocket.jpg")
+    assert model.describe_many([]) == []
     with pytest.raises(TypeError, match=r"a list of queries, not one string: search\(\['a rocket'\]\)"):
         model.search("a rocket")  # not 8 searches, one per character
     for bad in (dict(k=0), dict(k=-1), dict(k=3, beams=0)):
