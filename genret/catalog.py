@@ -279,11 +279,22 @@ def read_utf8(path: Path) -> str:
                            " save the file as UTF-8") from None
 
 
+def csv_delimiter(text: str) -> str:
+    """The delimiter whose split of the first line names both 'image' and 'caption': a comma, or
+    the semicolon that spreadsheets in many locales write, or a tab (TSV). A comma otherwise."""
+    first = text.split("\n", 1)[0]
+    for delimiter in (",", ";", "\t"):
+        if {"image", "caption"} <= {cell.strip().strip('"').strip().lower() for cell in first.split(delimiter)}:
+            return delimiter
+    return ","
+
+
 def _read_csv(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
     entries: dict[str, tuple[str, list[str]]] = {}
     seen: dict[tuple[str, str], str] = {}
-    with io.StringIO(read_utf8(path), newline="") as f:
-        reader = csv.reader(f)
+    text = read_utf8(path)
+    with io.StringIO(text, newline="") as f:
+        reader = csv.reader(f, delimiter=csv_delimiter(text))
         try:
             header = next(reader)
         except StopIteration:
@@ -292,7 +303,8 @@ def _read_csv(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
             raise CatalogError(f"{path}: row 1: {e}") from None
         cols = [c.strip().lower() for c in header]
         if "image" not in cols or "caption" not in cols:
-            raise CatalogError(f"{path}: row 1: header must have 'image' and 'caption' columns, got {header!r}")
+            raise CatalogError(f"{path}: row 1: header must have 'image' and 'caption' columns (separated by commas, "
+                               f"semicolons or tabs), got {header!r}")
         ii, ci = cols.index("image"), cols.index("caption")
         while True:
             line = reader.line_num + 1  # physical line where this row starts (captions may span lines)

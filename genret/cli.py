@@ -147,12 +147,13 @@ def open_model(name_or_path: str):
 
 def read_queries(path: Path) -> list[tuple[str, str]]:
     """Queries as an `image,caption` CSV: each caption should retrieve its image."""
-    from .catalog import read_utf8
+    from .catalog import csv_delimiter, read_utf8
 
     if not path.is_file():
         raise UsageError(f"{path}: no such queries file")
-    with io.StringIO(read_utf8(path), newline="") as f:
-        reader = csv.DictReader(f)
+    text = read_utf8(path)
+    with io.StringIO(text, newline="") as f:
+        reader = csv.DictReader(f, delimiter=csv_delimiter(text))
         rows = list(reader)
     if not {"image", "caption"} <= set(reader.fieldnames or []):
         raise UsageError(f"{path}: expected an image,caption CSV")

@@ -77,6 +77,24 @@ def test_csv_extra_columns_bom_and_explicit_fmt(folder, tmp_path):
         load_catalog(folder, p)
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t"], ids=["semicolon (a spreadsheet's, in many locales)", "tab"])
+def test_csv_separated_by_semicolons_or_tabs(folder, tmp_path, delimiter):
+    p = tmp_path / "captions.csv"
+    with p.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter=delimiter).writerows(
+            [("image", "caption"), ("a.jpg", "A red square, flat; and small"), ("b.png", 'A "green" one')])
+    cat = load_catalog(folder, p, include_uncaptioned=False)
+    assert cat.captions() == {"a.jpg": ["A red square, flat; and small"], "b.png": ['A "green" one']}
+    p.write_text("image|caption\na.jpg|A red square\n")  # another separator: named, with what it found
+    with pytest.raises(CatalogError, match=r"row 1: header must have 'image' and 'caption' columns "
+                                           r"\(separated by commas, semicolons or tabs\), got \['image\|caption'\]"):
+        load_catalog(folder, p)
+    from genret.cli import read_queries  # evaluate's queries file reads the same way
+
+    p.write_text("image;caption\na.jpg;A red square, flat\n")
+    assert read_queries(p) == [("A red square, flat", "a.jpg")]
+
+
 def test_loading_writes_nothing(folder, tmp_path):
     caps = write_csv(tmp_path / "captions.csv", CSV_ROWS)
     before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
