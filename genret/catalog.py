@@ -14,7 +14,7 @@ import os
 from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pillow_heif
@@ -279,6 +279,14 @@ def read_utf8(path: Path) -> str:
                            " save the file as UTF-8") from None
 
 
+def image_key(name: str) -> str:
+    """A captions file's image name as a key: "./a.jpg" and "sub//b.jpg" name the files that
+    "a.jpg" and "sub/b.jpg" do, and the folder scan finds a.jpg under "a.jpg", so the same image
+    would otherwise enter the catalog twice, under two keys."""
+    name = name.strip()
+    return str(PurePosixPath(name)) if name else name
+
+
 def csv_delimiter(text: str) -> str:
     """The delimiter whose split of the first line names both 'image' and 'caption': a comma, or
     the semicolon that spreadsheets in many locales write, or a tab (TSV). A comma otherwise."""
@@ -318,7 +326,7 @@ def _read_csv(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
                 continue
             if len(row) <= max(ii, ci):
                 raise CatalogError(f"{path}: row {line}: expected {len(header)} columns, got {len(row)}")
-            key, caption = row[ii].strip(), row[ci].strip()
+            key, caption = image_key(row[ii]), row[ci].strip()
             if not key:
                 raise CatalogError(f"{path}: row {line}: empty image name")
             if not caption:
@@ -345,7 +353,7 @@ def _read_coco(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
         where = f"images[{i}]"
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
             raise CatalogError(f"{path}: {where}: expected an object with 'id' and 'file_name'")
-        image_id, name = img["id"], img["file_name"].strip()
+        image_id, name = img["id"], image_key(img["file_name"])
         if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
             raise CatalogError(f"{path}: {where}: 'id' must be an integer or string")
         if not name:
@@ -382,7 +390,7 @@ def read_split(path: str | Path) -> list[str]:
     keys: list[str] = []
     seen: dict[str, int] = {}
     for n, line in enumerate(read_utf8(path).splitlines(), start=1):
-        key = line.strip()
+        key = image_key(line)
         if not key:
             continue
         if key in seen:

@@ -147,7 +147,7 @@ def open_model(name_or_path: str):
 
 def read_queries(path: Path) -> list[tuple[str, str]]:
     """Queries as an `image,caption` CSV: each caption should retrieve its image."""
-    from .catalog import csv_delimiter, read_utf8
+    from .catalog import csv_delimiter, image_key, read_utf8
 
     if not path.is_file():
         raise UsageError(f"{path}: no such queries file")
@@ -162,7 +162,7 @@ def read_queries(path: Path) -> list[tuple[str, str]]:
     blank = [row for row, r in enumerate(rows, start=2) if not (r["caption"] or "").strip() or not r["image"]]
     if blank:
         raise UsageError(f"{path}: row {blank[0]} has an empty image or caption")
-    return [(r["caption"], r["image"]) for r in rows]
+    return [(r["caption"], image_key(r["image"])) for r in rows]
 
 
 def cmd_train(args) -> None:

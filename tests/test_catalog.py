@@ -372,6 +372,22 @@ def test_coco_happy_path(folder, tmp_path):
     assert load_catalog(folder, other, fmt="coco").keys() == cat.keys()
 
 
+def test_an_image_named_with_a_dot_path_is_the_folders_image_not_a_second_one(folder, tmp_path):
+    """"./a.jpg" in a captions file made a.jpg enter the catalog twice: captioned under
+    "./a.jpg", and uncaptioned under "a.jpg" from the folder scan."""
+    csv_file = write_csv(tmp_path / "captions.csv", [("./a.jpg", "A red square"), ("a.jpg", "Red"),
+                                                     ("sub//deep.jpg", "Deep")])
+    coco_file = write_json(tmp_path / "captions.json", coco(
+        [{"id": 1, "file_name": "./a.jpg"}], [{"id": 10, "image_id": 1, "caption": "A red square"}]))
+    for captions, expected in ((csv_file, ["A red square", "Red"]), (coco_file, ["A red square"])):
+        cat = load_catalog(folder, captions)
+        assert "./a.jpg" not in cat.keys() and list(cat["a.jpg"].captions) == expected
+        assert len(cat.keys()) == len({im.path.resolve() for im in cat})
+    assert load_catalog(folder, csv_file)["sub/deep.jpg"].captions == ("Deep",)
+    (tmp_path / "split.txt").write_text("./a.jpg\nb.png\n")
+    assert read_split(tmp_path / "split.txt") == ["a.jpg", "b.png"]
+
+
 def test_coco_uncaptioned_folder_images(folder, tmp_path):
     p = write_json(tmp_path / "c.json", coco([{"id": 1, "file_name": "a.jpg"}], [{"image_id": 1, "caption": "red"}]))
     assert load_catalog(folder, p).keys() == ["a.jpg", "b.png", "c.JPEG"]
