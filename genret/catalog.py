@@ -164,7 +164,11 @@ def load_catalog(
         if not caps and not include_uncaptioned:
             continue
         if Path(key).is_absolute() or ".." in Path(key).parts:  # the service would serve it as a catalog image
-            raise CatalogError(f"{captions_file}: {where}: image {key!r} is not a path inside {images_dir}")
+            where_it_is = (images_dir / key).resolve()  # an absolute key replaces images_dir
+            fix = (f"write {where_it_is.relative_to(images_dir).as_posix()!r}" if where_it_is.is_relative_to(images_dir)
+                   else f"this one is outside {images_dir}")
+            raise CatalogError(f"{captions_file}: {where}: image {key!r}: images are named by their path inside "
+                               f"the images folder, without '..'; {fix}")
         path = images_dir / key
         if not path.is_file():
             raise CatalogError(f"{captions_file}: {where}: image {key!r} not found in {images_dir}")

@@ -144,9 +144,14 @@ def test_an_image_outside_the_images_directory_is_refused(folder, tmp_path, key)
     wherever it is: a slip in the captions file, named as one."""
     key = key.format(absolute=make_image(tmp_path / "outside.jpg"))
     caps = write_csv(tmp_path / "captions.csv", CSV_ROWS + [(key, "a red square")])
-    with pytest.raises(CatalogError, match=rf"captions\.csv: row 5: image '{re.escape(key)}' is not a path inside"):
+    with pytest.raises(CatalogError, match=rf"captions\.csv: row 5: image '{re.escape(key)}': images are named by their path "
+                                           rf"inside the images folder, without '\.\.'; this one is outside"):
         load_catalog(folder, caps)
     assert load_catalog(folder, write_csv(tmp_path / "sub.csv", [("sub/deep.jpg", "a red square")]))["sub/deep.jpg"]
+    # a tool that wrote absolute paths: told the name to write instead
+    caps = write_csv(tmp_path / "absolute.csv", [(str(folder / "sub" / "deep.jpg"), "a red square")])
+    with pytest.raises(CatalogError, match=r"their path inside the images folder, without '\.\.'; write 'sub/deep\.jpg'"):
+        load_catalog(folder, caps)
 
 
 def test_csv_unreadable_image(folder, tmp_path):
