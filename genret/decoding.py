@@ -131,28 +131,30 @@ class TransformersEngine:
         return cache
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int = 48) -> list[str]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy continuations; max_new_tokens None: the model's answer_tokens."""
+        max_new_tokens = max_new_tokens or self.stored.answer_tokens
         ids, mask = self._left_padded(prompts)
         out = self.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                pad_token_id=self.prompts.end, eos_token_id=self.prompts.end)
         return [self.prompts.decode_answer(_until_end(row, self.prompts.end)) for row in out[:, ids.shape[1]:].tolist()]
 
     @torch.inference_mode()
-    def generate_beams(self, prompts: list[list[int]], beams: int, max_new_tokens: int = 48) -> list[list[str]]:
+    def generate_beams(self, prompts: list[list[int]], beams: int, max_new_tokens: int | None = None) -> list[list[str]]:
         """Each prompt's `beams` best continuations by beam search, best first, each text once. A
         score is the summed log-probability (no length penalty), as the vLLM engine ranks them.
         One beam is greedy decoding, and takes its shorter path."""
         if beams == 1:
             return [[text] if text else [] for text in self.generate(prompts, max_new_tokens)]
         ids, mask = self._left_padded(prompts)
-        end = self.prompts.end
+        end, max_new_tokens = self.prompts.end, max_new_tokens or self.stored.answer_tokens
         out = self.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                num_beams=beams, num_return_sequences=beams, length_penalty=0.0, early_stopping=True,
                                pad_token_id=end, eos_token_id=end)
         texts = [self.prompts.decode_answer(_until_end(row, end)) for row in out[:, ids.shape[1]:].tolist()]
         return [list(dict.fromkeys(t for t in texts[i * beams : (i + 1) * beams] if t)) for i in range(len(prompts))]
 
-    def ask_contexts(self, keys: list[str], max_new_tokens: int = 48) -> list[str | None]:
+    def ask_contexts(self, keys: list[str], max_new_tokens: int | None = None) -> list[str | None]:
         """What a question about each image follows: nothing, or, for a model trained to ask from
         its description, its own description (its ask_descriptions best ones, joined)."""
         if not self.stored.asks_from_description:

@@ -52,6 +52,7 @@ MANIFEST = "manifest.json"
 HUBNESS_BANK = "hubness_bank.npy"  # the trained captions' aligned embeddings, kept by the first `genret add`
 # the trained captions of images `genret remove` took out before that bank was kept (genret.adding.hubness_bank)
 REMOVED_TRAINED_CAPTIONS = "removed_trained_captions.json"
+DEFAULT_ANSWER_TOKENS = 48  # Flickr8k's longest caption is 43 tokens with its end
 FORMAT_VERSION = 1
 ATOMIC_TOKEN = re.compile(r"<img_(\d+)>")  # the atomic scheme's id token (genret.identifiers)
 
@@ -389,6 +390,13 @@ class StoredModel:
         (every model from before those options was taught both)."""
         config = self.manifest.get("train_config", {})
         return ["search", *(task for task in ("describe", "ask") if config.get(task, True))]
+
+    @property
+    def answer_tokens(self) -> int:
+        """The most tokens a description or answer is generated for: 48, or the longest caption
+        training taught with its end token where that is longer (up to caption_chars characters,
+        ~50 tokens of English and ~95 of German), so a memorized description is never cut."""
+        return max(DEFAULT_ANSWER_TOKENS, int(self.manifest.get("answer_tokens", 0)))
 
     @property
     def asks_from_description(self) -> bool:

@@ -752,6 +752,9 @@ class Trainer:
             "history": history,
             "uncaptioned_images": sum(1 for k in self.keys if not self.captions.get(k)),
             "pseudo_queries": {"mode": self.config.pseudo_queries, "images": len(pseudo)},
+            # how long a generated description may run: the longest text trained as one, its end token included
+            "answer_tokens": max((len(prompts.answer(c)) for cs in [*self.captions.values(), *pseudo.values()]
+                                  for c in cs), default=1),
             "alignment": self.alignment_record(),
             "versions": _versions(),
         }

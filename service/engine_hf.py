@@ -22,7 +22,7 @@ from .engine import EngineError
 class HFEngine:
     name = "transformers"
 
-    def __init__(self, stored: StoredModel, device: str | None = None, max_answer_tokens: int = 48):
+    def __init__(self, stored: StoredModel, device: str | None = None, max_answer_tokens: int | None = None):
         self.stored = stored
         self.device = device
         self.max_answer_tokens = max_answer_tokens

@@ -103,7 +103,8 @@ class Settings(BaseSettings):
         "(`genret add`), which the model under-scores for want of pseudo-queries; choose it with "
         "`genret evaluate --added-bonuses` on queries for both added and trained images")
     max_query_chars: int = Field(1000, ge=1)
-    max_answer_tokens: int = Field(48, ge=1, le=1024)
+    max_answer_tokens: int | None = Field(None, ge=1, le=1024, description=(
+        "the most tokens a description or answer runs to; None: the model's own (48, or its longest trained caption)"))
     request_timeout_s: float = Field(30.0, gt=0)
 
     # --- vLLM

@@ -27,6 +27,26 @@ def test_load_searches_describes_and_asks_as_the_engine_does(model, tiny_model_d
     assert model.describe_many([h.key for h in hits]) == [model.describe(h.key) for h in hits]
 
 
+def test_generation_runs_as_long_as_the_longest_caption_training_taught(model, tiny_model_dir, tiny_catalog, tmp_path):
+    from genret.prompts import normalize_caption
+
+    limit = model.stored.manifest["train_config"]["caption_chars"]
+    longest = max(len(model.prompts.answer(normalize_caption(c, limit))) for im in tiny_catalog for c in im.captions)
+    assert model.stored.manifest["answer_tokens"] == longest < 48 and model.stored.answer_tokens == 48
+    longer = tmp_path / "longer"  # as if trained on captions of up to 90 tokens (256 characters of German, say)
+    shutil.copytree(tiny_model_dir, longer)
+    manifest = json.loads((longer / "manifest.json").read_text())
+    manifest["answer_tokens"] = 90
+    (longer / "manifest.json").write_text(json.dumps(manifest))
+    engine = genret.load(longer, device="cpu")
+    asked, generate = [], engine.lm.generate
+    engine.lm.generate = lambda **kwargs: (asked.append(kwargs["max_new_tokens"]), generate(**kwargs))[1]
+    engine.describe("rocket.jpg")
+    engine.generate_beams([engine.prompts.describe(engine.stored.id_tokens["rocket.jpg"])], 2)
+    engine.generate([engine.prompts.describe(engine.stored.id_tokens["rocket.jpg"])], max_new_tokens=5)
+    assert asked == [90, 90, 5]
+
+
 def test_load_finds_a_model_by_name_in_the_model_store(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(genret, "MODEL_STORE", tiny_model_dir.parent)
     assert genret.load(tiny_model_dir.name, device="cpu").stored.path == tiny_model_dir
