@@ -68,8 +68,9 @@ class ImageEncoder:
         return self._model
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """Whole image squashed to 224x224 (no crop: a caption may describe anything in the frame)."""
-        image = as_seen(image).resize((self.image_size, self.image_size), Image.BICUBIC)
+        """An image as_seen, whole, squashed to 224x224 (no crop: a caption may describe anything
+        in the frame)."""
+        image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
         return (x - self.mean) / self.std
 
@@ -77,7 +78,7 @@ class ImageEncoder:
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        return self._encode(torch.stack([self.preprocess(im) for im in images]))
+        return self._encode(torch.stack([self.preprocess(as_seen(im)) for im in images]))
 
     def _encode(self, x: torch.Tensor) -> np.ndarray:
         # On CPU small chunks keep activations in cache: 8 images/forward measured ~1.7x
@@ -91,9 +92,10 @@ class ImageEncoder:
         return torch.cat(out).numpy()
 
     def _read(self, path: str | os.PathLike) -> torch.Tensor:
-        # read_image: the catalog checked each file when it loaded, but one can change before
-        # training or an `add` reads it, and the error should still name it. Each image is cut to
-        # 224x224 as soon as it is read: a batch of 64 12-megapixel photos decoded whole held 3.5 GB.
+        # read_image (which returns the image as_seen): the catalog checked each file when it
+        # loaded, but one can change before training or an `add` reads it, and the error should
+        # still name it. Each image is cut to 224x224 as soon as it is read: a batch of 64
+        # 12-megapixel photos decoded whole held 3.5 GB.
         return self.preprocess(read_image(path, at_least=(self.image_size, self.image_size)))
 
     @torch.inference_mode()
