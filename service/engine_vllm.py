@@ -47,6 +47,8 @@ class VLLMEngine:
         self.trie = stored.trie()
         self.prompts = Prompts(stored.load_tokenizer())
         self.end = stored.end_token
+        # how long a description or answer may run: the setting, or the model's (its longest trained caption)
+        self.answer_tokens = self.settings.max_answer_tokens or stored.answer_tokens
         if self.end != self.prompts.end:
             raise EngineError(f"{stored.path}: manifest end token {self.end} is not the tokenizer's eos {self.prompts.end}")
         # with a query prefix (loaded by start(), beside the engine): query texts -> soft tokens,
@@ -225,7 +227,7 @@ class VLLMEngine:
     async def _greedy(self, prompt: list[int]) -> str:
         from vllm import SamplingParams
 
-        n = self.settings.max_answer_tokens or self.stored.answer_tokens
+        n = self.answer_tokens
         self._check_fits(prompt, n)
         params = SamplingParams(max_tokens=n, temperature=0.0, stop_token_ids=[self.end], detokenize=False)
         out = await self._generate(prompt, params)
@@ -240,8 +242,7 @@ class VLLMEngine:
         one request finds (a beam search asks once a token)."""
         if n == 1:
             return [text] if (text := await self.describe(key)) else []
-        prompt = self.prompts.describe(self.stored.id_tokens[key])
-        steps = self.settings.max_answer_tokens or self.stored.answer_tokens
+        prompt, steps = self.prompts.describe(self.stored.id_tokens[key]), self.answer_tokens
         self._check_fits(prompt, steps)
         finished = await self.beam_search(n, steps, lambda seq: self.next_logprobs(prompt + list(seq), 2 * n))
         texts = [self.prompts.decode_answer([t for t in seq if t != self.end]) for _, seq in finished]
