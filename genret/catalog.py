@@ -8,6 +8,7 @@ of silently training on a catalog that differs from what the user meant.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -18,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pillow_heif
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 pillow_heif.register_heif_opener()  # phones (iPhones by default) save photos as HEIC
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic",
@@ -247,15 +248,46 @@ def _verify(path: Path, what: str) -> None:
 
 
 def as_seen(image: Image.Image) -> Image.Image:
-    """The RGB picture a person is shown, which `image.convert("RGB")` alone is not: phones store
-    photos sideways with an EXIF orientation that viewers apply; transparency would show what lies
-    under it (usually black) instead of the page behind; 16-bit grey would clip to white."""
+    """The sRGB picture a person is shown, which `image.convert("RGB")` alone is not: phones store
+    photos sideways with an EXIF orientation that viewers apply; an embedded colour profile (a
+    camera's Adobe RGB, a phone's Display P3, a print shop's CMYK) says what its numbers mean;
+    transparency would show what lies under it (usually black) instead of the page behind; 16-bit
+    grey would clip to white."""
+    profile = image.info.get("icc_profile")
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I"):  # 16-bit PNG grey ("I;16"), or 32-bit integer holding it
         image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if profile:
+        image = in_srgb(image, profile)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
     return image.convert("RGB")
+
+
+def in_srgb(image: Image.Image, profile: bytes) -> Image.Image:
+    """The image's colours, described by the ICC `profile` embedded in its file, in sRGB (what
+    colour-managed viewers and browsers do). A profile that does not parse, or that is for another
+    colour space than the image's mode, is ignored, as browsers ignore it: the numbers are read as sRGB."""
+    try:
+        return ImageCms.applyTransform(image, _to_srgb(profile, image.mode))
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return image
+
+
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# (profile's colour space, image mode) -> the mode of the image in sRGB
+_COLOUR_MODES = {("RGB", "RGB"): "RGB", ("RGB", "RGBA"): "RGBA", ("GRAY", "L"): "RGB", ("CMYK", "CMYK"): "RGB"}
+
+
+@functools.lru_cache(maxsize=64)  # a camera or phone embeds the same profile in every photo; a build takes ~3 ms
+def _to_srgb(profile: bytes, mode: str) -> ImageCms.ImageCmsTransform:
+    source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    space = source.profile.xcolor_space.strip()
+    if (space, mode) not in _COLOUR_MODES:
+        raise ValueError(f"a {space} profile on a {mode} image")
+    return ImageCms.buildTransform(source, _SRGB, mode, _COLOUR_MODES[space, mode])
 
 
 def _repeat_is_dropped(seen: dict[tuple[str, str], str], pair: tuple[str, str], where: str, path: Path,

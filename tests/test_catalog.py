@@ -249,6 +249,66 @@ def test_images_read_as_a_person_sees_them(tmp_path):
     assert seen.shape == (64, 64, 3) and seen.min() == 0 and seen.max() == 255 and 120 < seen.mean() < 135
 
 
+def _skimage_profile(name: str) -> bytes:
+    """A real ICC profile, embedded in one of the photos scikit-image ships."""
+    import skimage
+
+    with Image.open(Path(skimage.__file__).parent / "data" / name) as im:
+        return im.info["icc_profile"]
+
+
+def test_colours_described_by_an_embedded_profile_are_read_in_srgb(tmp_path):
+    import numpy as np
+
+    from genret.catalog import read_image
+
+    # Adobe RGB (1998), as cameras save it: the same numbers mean more saturated colours than in sRGB.
+    adobe = _skimage_profile("rocket.jpg")
+    patches = np.array([(128, 128, 128), (200, 60, 40), (60, 170, 80), (40, 70, 190), (230, 210, 90)], np.uint8)
+    pixels = np.repeat(np.repeat(patches[:, None, None], 8, 1), 8, 2).reshape(-1, 8, 3)
+    Image.fromarray(pixels).save(tmp_path / "camera.png", icc_profile=adobe)
+    # What the numbers mean, from the Adobe RGB and sRGB specifications (D65 both), not from littlecms.
+    def to_xyz(primaries):
+        xyz = np.array([[x / y, 1, (1 - x - y) / y] for x, y in primaries]).T
+        white = np.array([0.95047, 1.0, 1.08883])
+        return xyz * np.linalg.solve(xyz, white)
+    adobe_to_srgb = np.linalg.solve(to_xyz([(0.64, 0.33), (0.30, 0.60), (0.15, 0.06)]),
+                                    to_xyz([(0.64, 0.33), (0.21, 0.71), (0.15, 0.06)]))
+    linear = ((patches / 255.0) ** (563 / 256) @ adobe_to_srgb.T).clip(0, 1)  # the green is beyond sRGB's
+    expected = 255 * np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    seen = np.asarray(read_image(tmp_path / "camera.png"), dtype=np.float64)[::8, 0]
+    assert np.abs(seen - expected).max() <= 2, (seen, expected)
+    assert np.abs(seen - patches).max() > 20  # read as sRGB, the green patch would be far off
+
+    # A JPEG keeps its profile when decoded at a smaller scale; the encoder's PIL images get it too.
+    Image.fromarray(pixels).resize((64, 320), Image.NEAREST).save(tmp_path / "camera.jpg", quality=95, icc_profile=adobe)
+    small = np.asarray(read_image(tmp_path / "camera.jpg", at_least=(8, 8)), dtype=np.float64)
+    assert small.shape == (40, 8, 3) and np.abs(small[4::8, 4] - expected).max() <= 4
+    assert np.abs(np.asarray(read_image(tmp_path / "camera.jpg"), dtype=np.int16)
+                  - np.asarray(as_seen_of(tmp_path / "camera.jpg"), dtype=np.int16)).max() == 0
+
+    # An sRGB profile changes nothing; a profile that does not parse, or is for another colour
+    # space than the image's, is ignored, as browsers ignore it.
+    for name, profile in [("srgb.png", _skimage_profile("astronaut.png")), ("broken.png", b"not a profile"),
+                          ("grey-profile.png", _skimage_profile("page.png"))]:
+        Image.fromarray(pixels).save(tmp_path / name, icc_profile=profile)
+        assert np.array_equal(np.asarray(read_image(tmp_path / name)), pixels), name
+
+    # A grey scan tagged for print with 20% dot gain: its 50% dot prints as 70% ink, which reflects
+    # 30% of the light, sRGB 149 (read as sRGB, 128 would reflect 22%).
+    Image.fromarray(np.full((8, 8), 128, np.uint8)).save(tmp_path / "scan.png", icc_profile=_skimage_profile("page.png"))
+    r, g, b = np.asarray(read_image(tmp_path / "scan.png"), dtype=np.int16)[0, 0]
+    assert r == g == b and abs(r - 255 * (1.055 * 0.3 ** (1 / 2.4) - 0.055)) <= 2
+
+
+def as_seen_of(path: Path) -> Image.Image:
+    from genret.catalog import as_seen
+
+    with Image.open(path) as im:
+        im.load()
+        return as_seen(im)
+
+
 def test_the_formats_phones_scanners_and_the_web_save_are_catalog_images(tmp_path):
     import numpy as np
 
