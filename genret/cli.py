@@ -309,19 +309,26 @@ def serving_settings(chosen: dict, beams: int) -> str:
 def cmd_search(args) -> None:
     from .decoding import EmbeddingReranker, TransformersEngine, search_prior
 
+    if args.queries == args.within == "-":
+        raise UsageError("--queries and --within cannot both read stdin: give one of them a file")
     queries = [*args.query, *(read_lines(args.queries, "queries") if args.queries else [])]
     if not queries:
         raise UsageError("give a query, or --queries FILE (one per line; - reads stdin)")
     stored = open_model(args.model)
+    trie = None  # the images to search within: checked before the LM loads, and one trie for every batch
+    if args.within:
+        if not (within := read_lines(args.within, "keys")):
+            raise UsageError(f"{args.within}: no image keys to search within")
+        trie = stored.trie(within)
     engine = TransformersEngine(stored, device=args.device)
-    prior = search_prior(stored, prior_weights(args))
+    prior = search_prior(stored, prior_weights(args), trie)
     reranker = EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device,
                                  hubness_weight=args.hubness_weight) if args.rerank else None
     batch_size = 16  # as evaluation's: a batch is one beam search, each query's prompt `beams` times
     headed = len(queries) > 1 and not args.json
     for start in range(0, len(queries), batch_size):
         batch = queries[start : start + batch_size]
-        hits = engine.search(batch, k=args.k, beams=args.beams, prior=prior)
+        hits = engine.search(batch, k=args.k, beams=args.beams, trie=trie, prior=prior)
         if reranker is not None:
             hits = reranker(batch, hits)
         for query, row in zip(batch, hits):
@@ -503,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model")
     p.add_argument("query", type=text_arg, nargs="*", help="one or more queries (quote each)")
     p.add_argument("--queries", metavar="FILE", help="more queries, one per line; - reads them from stdin")
+    p.add_argument("--within", metavar="FILE",
+                   help="search these images alone: their keys, one per line (- reads stdin)")
     p.add_argument("--json", action="store_true",
                    help="one JSON line per query: {query, results: [{image_id, score, id}]}")
     p.add_argument("-k", type=count_arg, default=5)

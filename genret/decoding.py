@@ -7,7 +7,9 @@ implements the same interface and must agree with this one on greedy top-1.
 
 from __future__ import annotations
 
+import bisect
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,9 +72,12 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def search(self, queries: list[str], k: int = 10, beams: int | None = None,
-               trie: IdTrie | None = None, prior: IdPrior | None = None) -> list[list[Hit]]:
+               trie: IdTrie | None = None, prior: IdPrior | None = None,
+               within: Iterable[str] | None = None) -> list[list[Hit]]:
         """Top-k catalog images per query, best first, by constrained beam search; with a prior
-        (over the same trie), each id's score includes its offset and the beam searches by it."""
+        (over the same trie), each id's score includes its offset and the beam searches by it.
+        `within` (image keys) searches those images alone, as `trie=stored.trie(within)` does: the
+        beam never spends a place on another image (filtering a catalog-wide search's hits would)."""
         if isinstance(queries, str):  # it would search each character
             raise TypeError(f"search takes a list of queries, not one string: search([{queries!r}])")
         if k < 1 or (beams is not None and beams < 1):
@@ -80,6 +85,11 @@ class TransformersEngine:
         if blank := [i for i, query in enumerate(queries) if not query.strip()]:
             raise ValueError(f"queries {blank[:5]} are blank: with no words, a search returns whatever ids the "
                              "model favours (the CLI and the service refuse them too)")
+        if within is not None:
+            if trie is not None:
+                raise ValueError("search takes the images to search `within` or a `trie` of them, not both")
+            trie = self.stored.trie(within)
+            prior = prior.over(trie) if prior is not None else None
         if not queries:
             return []
         trie = trie or self.trie
@@ -290,10 +300,14 @@ def search_prior(stored: StoredModel, weights: PriorWeights, trie: IdTrie | None
     bonus = weights.added_bonus if weights.added_bonus and stored.has_added_images else 0.0
     if not weights.hubness and not bonus:
         return None
-    hubness = stored.image_hubness() if weights.hubness else np.zeros(len(stored.keys))
+    trie = trie or stored.trie()
+    keys = stored.keys  # sorted, in the rows' order; a search within a few images needs their rows alone
+    rows = range(len(keys)) if len(trie) == len(keys) else [bisect.bisect_left(keys, key) for key in trie.keys]
+    hubness = stored.image_hubness() if weights.hubness else np.zeros(len(keys))
     added = stored.added_keys if bonus else frozenset()
-    offsets = {key: -weights.hubness * float(h) + (bonus if key in added else 0.0) for key, h in zip(stored.keys, hubness)}
-    return IdPrior(trie or stored.trie(), offsets)
+    offsets = {keys[row]: -weights.hubness * float(hubness[row]) + (bonus if keys[row] in added else 0.0)
+               for row in rows}
+    return IdPrior(trie, offsets)
 
 
 class EmbeddingReranker:

@@ -461,9 +461,18 @@ class StoredModel:
 
     def trie(self, keys=None) -> IdTrie:
         """The catalog's id trie, built once and shared (an engine and a prior over it must hold
-        the same one), or a new one over `keys` alone."""
+        the same one), or a new one over `keys` alone: a search that may only return those images.
+        An unknown key is an UnknownImage naming the first few."""
         if keys is None:
             return self._catalog_trie
+        if isinstance(keys, str):  # it would be the trie of its characters
+            raise TypeError(f"trie takes a collection of image keys, not one string: trie([{keys!r}])")
+        keys = set(keys)
+        if not keys:
+            raise ValueError("no image keys: a trie of none could return nothing")
+        if unknown := sorted(keys.difference(self.id_tokens)):
+            raise UnknownImage(f"{len(unknown)} of {len(keys)} image keys are not in model {self.name}, "
+                               f"e.g. {unknown[:5]}")
         return IdTrie({k: self.id_tokens[k] for k in keys}, end_token=self.end_token)
 
     @cached_property

@@ -105,6 +105,10 @@ class IdTrie:
     def __len__(self) -> int:
         return len(self._keys)
 
+    @property
+    def keys(self) -> frozenset[str]:
+        return self._keys
+
     def __contains__(self, key: object) -> bool:
         return key in self._keys
 
@@ -127,11 +131,11 @@ class IdPrior:
     one id token), and an id's steps add up to exactly its own offset."""
 
     def __init__(self, trie: IdTrie, offsets: Mapping[str, float]):
-        missing = [k for k in trie._keys if k not in offsets]
+        missing = [k for k in trie.keys if k not in offsets]
         if missing:
             raise ValueError(f"no prior offset for {len(missing)} ids, e.g. {sorted(missing)[:3]}")
         self.trie = trie
-        self._offsets = {k: float(offsets[k]) for k in trie._keys}
+        self._offsets = {k: float(offsets[k]) for k in trie.keys}
         self._best: dict[int, float] = {}  # id(node) -> the best offset of an id below it
         self._steps: dict[int, list[float]] = {}  # id(node) -> the offset of each allowed_next token
         self._fill(trie._root)
@@ -158,3 +162,8 @@ class IdPrior:
 
     def offset(self, key: str) -> float:
         return self._offsets[key]
+
+    def over(self, trie: IdTrie) -> IdPrior:
+        """The same offsets over `trie`, a trie of some of these ids (a search within them): each
+        prefix then carries the best offset among those ids alone."""
+        return IdPrior(trie, self._offsets)

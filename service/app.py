@@ -167,6 +167,15 @@ class Services:
             raise HTTPException(404, f"image_id {image_id!r} is not in the published id map of model "
                                      f"{self.model_name!r}")
 
+    def known_within(self, keys: list[str]) -> frozenset[str]:
+        """The images a search is restricted to, or a 422 naming those the model lacks (a search
+        within them would quietly look elsewhere, or nowhere)."""
+        within = frozenset(keys)
+        if unknown := sorted(key for key in within if key not in self.stored.id_tokens):
+            raise HTTPException(422, f"within: {len(unknown)} of its {len(within)} image ids are not in model "
+                                     f"{self.model_name!r}, e.g. {unknown[:5]}")
+        return within
+
     async def deadline(self, coro):
         try:
             return await asyncio.wait_for(coro, self.settings.request_timeout_s)
@@ -209,15 +218,22 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
     # annotations` in this module: FastAPI must see these local classes, not their names.)
     Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=settings.max_query_chars)]
 
+    ImageId = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+
     class SearchRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         query: Query
         # strict: JSON's true or "3" is a client's slip, not a count (lax pydantic reads them as 1 and 3)
         k: int = Field(settings.default_k, ge=1, le=settings.max_k, strict=True)
+        within: list[ImageId] | None = Field(
+            None, min_length=1, max_length=settings.max_within,
+            description="search these images alone (an album, a shop's products, a user's uploads): the beam "
+                        "only ever follows their ids, so all k places go to them; every one must be an image "
+                        "of the model (422 names those that are not)")
 
     class AskRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        image_id: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+        image_id: ImageId
         question: Query
 
     if settings.cors_origins:
@@ -264,16 +280,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
         """Top-k catalog images for a text query, by the model's trie-constrained beam search (with
         GENRET_BEAM_HUBNESS_WEIGHT or GENRET_ADDED_ID_BONUS > 0, searching by log-probability plus
         their offsets, genret.decoding.PriorWeights; with GENRET_RERANK_WEIGHT or
-        GENRET_HUBNESS_WEIGHT > 0, a wider beam re-ranked by the two-tower)."""
+        GENRET_HUBNESS_WEIGHT > 0, a wider beam re-ranked by the two-tower); with `within`, among
+        those images alone."""
+        within = None if body.within is None else services.known_within(body.within)
         engine = services.require_engine()
 
         async def run():
             if services.reranker is None:
                 hits = await engine.search(body.query, body.k, max(settings.beams, body.k),
-                                           prior=settings.search_prior)
+                                           prior=settings.search_prior, within=within)
             else:  # a wider beam, re-scored with the two-tower (GENIUS)
                 beams = max(settings.rerank_beams, body.k)
-                hits = await engine.search(body.query, beams, beams, prior=settings.search_prior)
+                hits = await engine.search(body.query, beams, beams, prior=settings.search_prior, within=within)
                 [hits] = await asyncio.to_thread(services.reranker, [body.query], [hits])
                 hits = hits[: body.k]
             return hits, await id_store.lookup([h.key for h in hits])

@@ -64,9 +64,17 @@ class HFEngine:
             self._prior = (weights, search_prior(self.stored, weights))
         return self._prior[1]
 
-    async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights()) -> list[Hit]:
+    async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights(),
+                     within: frozenset[str] | None = None) -> list[Hit]:
         engine = self.engine
-        [hits] = await self._run(lambda: engine.search([query], k=k, beams=max(beams, k), prior=self.prior(prior)))
+
+        def search():
+            if within is None:
+                return engine.search([query], k=k, beams=max(beams, k), prior=self.prior(prior))
+            trie = self.stored.trie(within)  # and the prior over these images alone
+            return engine.search([query], k=k, beams=max(beams, k), trie=trie, prior=search_prior(self.stored, prior, trie))
+
+        [hits] = await self._run(search)
         return hits
 
     async def describe(self, key: str) -> str:

@@ -30,9 +30,10 @@ import os
 import uuid
 
 import torch
-from genret.decoding import Hit, PriorWeights
+from genret.decoding import Hit, PriorWeights, search_prior
 from genret.model_store import StoredModel
 from genret.prompts import Prompts
+from genret.trie import IdPrior, IdTrie
 
 from .engine import EngineError, InputTooLong
 from .settings import Settings
@@ -158,15 +159,20 @@ class VLLMEngine:
                                f"the engine's max_model_len={self.settings.max_model_len}")
 
     async def best_next(self, prompt: list[int], prefix: tuple[int, ...], n: int, prior: PriorWeights,
-                        soft_prefix=None) -> dict[int, float]:
+                        soft_prefix=None, within: tuple[IdTrie, IdPrior | None] | None = None) -> dict[int, float]:
         """The n best allowed next tokens after [soft prefix] + prompt + the id `prefix`, each with its
-        log-probability (plus the prior's step offset)."""
+        log-probability (plus the prior's step offset). `within`: the trie of the images a search may
+        return and the prior over it, which decide the tokens allowed and their offsets."""
         from vllm import SamplingParams
 
         from .vllm_trie_mask import step_args
 
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=n, detokenize=False,
-                                extra_args=step_args(prefix, prior))
+        if within is None:
+            args = step_args(prefix, prior)
+        else:
+            trie, over = within
+            args = step_args(prefix, prior, trie.allowed_next(prefix), over and over.step_offsets(prefix))
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=n, detokenize=False, extra_args=args)
         [position] = (await self._generate(prompt + list(prefix), params, soft_prefix)).logprobs
         return {t: p.logprob for t, p in position.items() if p.logprob != float("-inf")}
 
@@ -210,19 +216,30 @@ class VLLMEngine:
                 break
         return finished
 
-    async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights()) -> list[Hit]:
-        trie = self.trie
+    async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights(),
+                     within: frozenset[str] | None = None) -> list[Hit]:
         prior.check(self.stored)  # here, not in vLLM's worker
+        restricted = None
+        if within is None:
+            trie = self.trie
+        else:  # the worker knows the catalog's trie alone: each step names what this one allows
+            trie, over = await asyncio.to_thread(self._within, within, prior)
+            restricted = (trie, over)
         prompt = self.prompts.retrieve(query)
         soft = await self._query_soft_prefix(query)
         self._check_fits(prompt, trie.max_depth(), 0 if soft is None else len(soft))
         k = min(k, len(trie))
         beams = max(beams, k)
         finished = await self.beam_search(beams, trie.max_depth(), lambda seq: self.best_next(
-            prompt, seq, min(2 * beams, len(trie.allowed_next(seq))), prior, soft))
+            prompt, seq, min(2 * beams, len(trie.allowed_next(seq))), prior, soft, restricted))
         hits = [Hit(trie.key_for(seq), score) for score, seq in finished]
         assert all(h.key is not None for h in hits), "a finished beam left the trie"
         return hits[:k]
+
+    def _within(self, keys: frozenset[str], prior: PriorWeights) -> tuple[IdTrie, IdPrior | None]:
+        """The trie of these images and the prior over it (as the transformers engine searches them)."""
+        trie = self.stored.trie(keys)
+        return trie, search_prior(self.stored, prior, trie)
 
     async def _greedy(self, prompt: list[int]) -> str:
         from vllm import SamplingParams

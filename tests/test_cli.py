@@ -100,6 +100,35 @@ def test_search_takes_many_queries_from_argv_a_file_or_stdin_and_prints_json_lin
     assert code == 2 and "nope.txt: no such queries file" in err
 
 
+def test_search_within_a_file_of_image_keys(capsys, monkeypatch, tiny_model_dir, tiny_catalog, tmp_path):
+    import io
+
+    from genret.decoding import TransformersEngine
+    from genret.model_store import StoredModel
+
+    within = tiny_catalog.keys()[2:6]
+    queries = ["a rocket on a launch pad", tiny_catalog[within[1]].captions[0]]
+    expected = TransformersEngine(StoredModel.open(tiny_model_dir), device="cpu").search(queries, k=3, within=within)
+    (tmp_path / "album.txt").write_text("\n".join(within) + "\n")
+    code, out, _ = run(capsys, "search", str(tiny_model_dir), *queries, "-k", "3", "--json",
+                       "--within", str(tmp_path / "album.txt"))
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [[r["image_id"] for r in line["results"]] for line in lines] == \
+        [[h.key for h in row] for row in expected]
+    assert all(r["image_id"] in within for line in lines for r in line["results"])
+    monkeypatch.setattr("sys.stdin", io.StringIO(within[0] + "\n"))
+    code, out, _ = run(capsys, "search", str(tiny_model_dir), queries[0], "--within", "-")
+    assert code == 0 and [line.split()[1] for line in out.splitlines()] == [within[0]]
+    (tmp_path / "typo.txt").write_text(f"{within[0]}\nmoon.jpeg\n")
+    code, _, err = run(capsys, "search", str(tiny_model_dir), queries[0], "--within", str(tmp_path / "typo.txt"))
+    assert code == 2 and "1 of 2 image keys are not in model" in err and "moon.jpeg" in err
+    (tmp_path / "empty.txt").write_text("\n")
+    code, _, err = run(capsys, "search", str(tiny_model_dir), queries[0], "--within", str(tmp_path / "empty.txt"))
+    assert code == 2 and "empty.txt: no image keys to search within" in err
+    code, _, err = run(capsys, "search", str(tiny_model_dir), "--queries", "-", "--within", "-")
+    assert code == 2 and "cannot both read stdin" in err
+
+
 def test_describe_takes_many_images_or_all_of_them(capsys, tiny_model_dir, tiny_catalog, tmp_path):
     from genret.decoding import TransformersEngine
     from genret.model_store import StoredModel

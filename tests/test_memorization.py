@@ -60,6 +60,46 @@ def test_a_subset_trie_only_returns_that_subset(engine, tiny_catalog):
     assert {h.key for h in hits} == set(subset)
 
 
+def test_a_search_within_some_images_scores_them_as_the_whole_catalogs_search_does(engine, tiny_catalog):
+    """With beams as wide as the catalog nothing is pruned, so the whole search scores every id
+    exactly; within a few images, their ranking and scores are those, the rest left out, with a
+    prior too (its offsets then lead the beam towards the best of these images alone)."""
+    n, query = len(tiny_catalog), "a dog running on the grass"
+    within = random.Random(1).sample(tiny_catalog.keys(), 4)
+    for prior in (None, search_prior(engine.stored, PriorWeights(hubness=3.0))):
+        [everything] = engine.search([query], k=n, beams=n, prior=prior)
+        expected = [h for h in everything if h.key in within]
+        [hits] = engine.search([query], k=n, beams=4, prior=prior, within=within)
+        assert [h.key for h in hits] == [h.key for h in expected]
+        assert [h.score for h in hits] == pytest.approx([h.score for h in expected], abs=1e-4)
+        assert engine.search([query], k=2, beams=4, prior=prior, within=within) == [hits[:2]]
+    [[alone]] = engine.search([query], k=3, within=[within[0]])  # k past the images there are
+    assert alone.key == within[0]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), k=st.integers(1, 6), beams=st.integers(1, 6))
+def test_a_search_within_some_images_returns_only_those(engine, tiny_catalog, data, k, beams):
+    within = data.draw(st.sets(st.sampled_from(tiny_catalog.keys()), min_size=1))
+    query = data.draw(st.sampled_from(["a photo", "the moon at night", "zebra 42 ü", "coins", "a red car ?"]))
+    [hits] = engine.search([query], k=k, beams=beams, within=within)
+    assert 1 <= len(hits) <= min(k, len(within)) and len({h.key for h in hits}) == len(hits)
+    assert {h.key for h in hits} <= within
+
+
+def test_a_search_within_images_the_model_lacks_says_which(engine, tiny_catalog):
+    from genret.model_store import UnknownImage
+
+    with pytest.raises(UnknownImage, match=r"2 of 3 image keys are not in model .*\['nope.jpg', 'zzz.jpg'\]"):
+        engine.search(["a cat"], within=["zzz.jpg", "nope.jpg", tiny_catalog.keys()[0]])
+    with pytest.raises(ValueError, match="no image keys"):
+        engine.search(["a cat"], within=[])
+    with pytest.raises(TypeError, match="not one string"):
+        engine.search(["a cat"], within="moon.jpg")
+    with pytest.raises(ValueError, match="not both"):
+        engine.search(["a cat"], within=["moon.jpg"], trie=engine.trie)
+
+
 def test_mask_tensors_kept_across_searches_live_as_long_as_their_trie(engine, tiny_catalog):
     subset = engine.stored.trie(tiny_catalog.keys()[:3])
     first = engine.search(["a photo of the moon"], k=3, trie=subset)

@@ -20,7 +20,9 @@ from service.settings import Settings
 from tests.service_helpers import Served, hf_engine, run, stored  # noqa: F401  (fixtures)
 
 MAX_K, MAX_CHARS = 8, 200
-SETTINGS = dict(max_k=MAX_K, default_k=3, beams=3, max_query_chars=MAX_CHARS, public_url="http://img.test")
+MAX_WITHIN = 5
+SETTINGS = dict(max_k=MAX_K, default_k=3, beams=3, max_query_chars=MAX_CHARS, max_within=MAX_WITHIN,
+                public_url="http://img.test")
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,17 @@ def test_search_returns_k_catalog_images_with_urls(run, client, tiny_catalog):
     for hit in results:
         assert hit["url"] == f"http://img.test/images/{hit['image_id']}"
         assert hit["caption"] == tiny_catalog[hit["image_id"]].captions[0]
+
+
+def test_a_search_within_some_images_returns_those_alone_ranked_as_the_engine_ranks_them(run, client, hf_engine):
+    within = ["moon.jpg", "coins.jpg", "rocket.jpg", "coffee.jpg"]
+    r = run(client.post("/search", json={"query": "a cup of coffee", "k": 3, "within": within + ["moon.jpg"]}))
+    assert r.status_code == 200, r.text
+    expected = run(hf_engine.search("a cup of coffee", 3, 3, within=frozenset(within)))
+    assert [hit["image_id"] for hit in r.json()["results"]] == [h.key for h in expected]
+    assert {hit["image_id"] for hit in r.json()["results"]} < set(within)
+    r = run(client.post("/search", json={"query": "a cup of coffee", "k": 3, "within": ["moon.jpg"]}))
+    assert [hit["image_id"] for hit in r.json()["results"]] == ["moon.jpg"]
 
 
 def test_default_k_and_the_image_urls_serve_the_catalog_files(run, client, tiny_catalog):
@@ -130,6 +143,14 @@ BAD_REQUESTS = [
     ("/search", {"query": None}, "valid string"),
     ("/search", {"k": 3}, "Field required"),
     ("/search", {"query": "a dog", "beams": 3}, "Extra inputs"),
+    ("/search", {"query": "a dog", "within": []}, "at least 1 item"),
+    ("/search", {"query": "a dog", "within": ["moon.jpg"] * (MAX_WITHIN + 1)}, f"at most {MAX_WITHIN} items"),
+    ("/search", {"query": "a dog", "within": "moon.jpg"}, "valid list"),
+    ("/search", {"query": "a dog", "within": [""]}, "at least 1 character"),
+    ("/search", {"query": "a dog", "within": [3]}, "valid string"),
+    ("/search", {"query": "a dog", "within": ["moon.jpg", "nope.jpg"]},
+     "within: 1 of its 2 image ids are not in model"),
+    ("/search", {"query": "a dog", "within": ["moon.jpg", "nope.jpg"]}, "e.g. ['nope.jpg']"),
     ("/search", [], "valid dictionary"),
     ("/search", "a dog", "valid dictionary"),
     ("/ask", {"image_id": "moon.jpg", "question": ""}, "at least 1 character"),

@@ -89,6 +89,30 @@ def test_a_hubness_prior_searches_as_in_the_transformers_engine(run, vllm_engine
             assert [x.score for x in v] == pytest.approx([x.score for x in h], abs=1e-3)
 
 
+WITHIN = frozenset({"moon.jpg", "coins.jpg", "rocket.jpg", "coffee.jpg", "horse.jpg"})
+
+
+def test_a_search_within_some_images_is_the_transformers_engines(run, vllm_engine, hf_engine):
+    """Each step names the tokens the images' own trie allows, with their prior offsets; vLLM's
+    worker, which holds only the catalog's trie, keeps those alone."""
+    for query in QUERIES:
+        for prior in (PriorWeights(), PriorWeights(hubness=2.0)):
+            for k, beams in ((1, 1), (3, 3), (5, 8)):
+                v = run(vllm_engine.search(query, k=k, beams=beams, prior=prior, within=WITHIN))
+                h = run(hf_engine.search(query, k=k, beams=beams, prior=prior, within=WITHIN))
+                assert [x.key for x in v] == [x.key for x in h], (query, prior, k)
+                assert [x.score for x in v] == pytest.approx([x.score for x in h], abs=1e-3)
+                assert {x.key for x in v} <= WITHIN
+
+
+def test_a_search_within_some_images_over_http(run, client):
+    r = run(client.post("/search", json={"query": "a horse in a field", "k": 8, "within": sorted(WITHIN)}))
+    assert r.status_code == 200, r.text
+    assert {hit["image_id"] for hit in r.json()["results"]} == WITHIN
+    r = run(client.post("/search", json={"query": "a horse in a field", "within": ["moon.jpg", "mars.jpg"]}))
+    assert r.status_code == 422 and "['mars.jpg']" in r.json()["detail"]
+
+
 words = st.lists(st.sampled_from("a the dog red sky moon of zebra 42 ü ??? space coffee cat # \n".split(" ")),
                  min_size=1, max_size=12)
 
@@ -174,9 +198,12 @@ def test_a_malformed_trie_step_is_refused_by_vllm(run, vllm_engine):
 
     from service.vllm_trie_mask import STEP
 
-    params = SamplingParams(max_tokens=1, logprobs=2, extra_args={STEP: {"prefix": "nope", "hubness_weight": 0}})
-    with pytest.raises(Exception, match="prefix"):
-        run(vllm_engine._generate(vllm_engine.prompts.retrieve("a horse"), params))
+    for step in ({"prefix": "nope", "hubness_weight": 0},
+                 {"prefix": [], "hubness_weight": 0, "added_bonus": 0, "allowed": []},
+                 {"prefix": [], "hubness_weight": 0, "added_bonus": 0, "allowed": [5, 6], "offsets": [0.0]}):
+        params = SamplingParams(max_tokens=1, logprobs=2, extra_args={STEP: step})
+        with pytest.raises(Exception, match="prefix"):
+            run(vllm_engine._generate(vllm_engine.prompts.retrieve("a horse"), params))
 
 
 def test_describe_and_ask_match_the_transformers_engine(run, client, hf_engine):
