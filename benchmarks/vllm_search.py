@@ -15,8 +15,9 @@ What is real and what is synthetic:
     must agree with, searches the same queries: the report counts those with the same ranked keys.
 
 For each size: the engine's start time; sequential latency (p50, p95) at beam 10 and k 10,
-without and with a hubness prior; throughput with `--in-flight` searches at once; and how many
-vLLM requests one search sends. Each size is written to <out>/sizes/<N>.json when it finishes,
+without and with a hubness prior, and within `--within` of the ids (POST /search's `within`:
+each step's request names the tokens allowed); throughput with `--in-flight` searches at once;
+and how many vLLM requests one search sends. Each size is written to <out>/sizes/<N>.json when it finishes,
 so the same command resumes; then <out>/results.json and <out>/results.md.
 """
 
@@ -122,6 +123,12 @@ def demo_queries(count: int) -> list[str]:
     return [captions[i % len(captions)] for i in range(count)]
 
 
+def within_keys(stored, size: int) -> frozenset[str]:
+    """The ids a search `within` is restricted to: `size` of the catalog's, drawn with a fixed seed."""
+    keys = stored.keys
+    return frozenset(keys[i] for i in np.random.default_rng(1).choice(len(keys), min(size, len(keys)), replace=False))
+
+
 def percentiles(seconds: list[float]) -> dict:
     ms = 1e3 * np.array(seconds)
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "queries": len(ms)}
@@ -149,14 +156,14 @@ async def measure_vllm(stored, queries: list[str], args, log) -> dict:
 
     engine._generate = counted
     try:
-        hits = {}
-        for name, weight in (("plain", 0.0), ("prior", PRIOR_WEIGHT)):
+        hits, within = {}, within_keys(stored, args.within)
+        for name, weight, keys in (("plain", 0.0, None), ("prior", PRIOR_WEIGHT, None), ("within", 0.0, within)):
             for q in queries[:warmup]:
-                await engine.search(q, K, BEAMS, prior=PriorWeights(hubness=weight))
+                await engine.search(q, K, BEAMS, prior=PriorWeights(hubness=weight), within=keys)
             seconds, requests[0], hits[name] = [], 0, []
             for q in queries[warmup:]:
                 t = time.perf_counter()
-                hits[name].append(await engine.search(q, K, BEAMS, prior=PriorWeights(hubness=weight)))
+                hits[name].append(await engine.search(q, K, BEAMS, prior=PriorWeights(hubness=weight), within=keys))
                 seconds.append(time.perf_counter() - t)
             result[name] = {**percentiles(seconds), "requests_per_search": requests[0] / len(seconds)}
             log(f"  {name}: p50 {result[name]['p50_ms']:.0f} ms, {result[name]['requests_per_search']:.0f} requests a search")
@@ -164,22 +171,24 @@ async def measure_vllm(stored, queries: list[str], args, log) -> dict:
         t = time.perf_counter()
         await asyncio.gather(*(engine.search(q, K, BEAMS) for q in batch))
         result["in_flight"] = {"searches": in_flight, "queries_per_s": in_flight / (time.perf_counter() - t)}
+        result["within"]["ids"] = len(within)
         log(f"  {in_flight} in flight: {result['in_flight']['queries_per_s']:.2f} queries/s")
     finally:
         await engine.close()
     return result, hits
 
 
-def reference_hits(stored, queries: list[str]) -> dict[str, list]:
+def reference_hits(stored, queries: list[str], within: frozenset[str]) -> dict[str, list]:
     """The transformers engine's hits for the queries, without ("plain") and with ("prior") the
-    hubness prior: one engine (one copy of the LM) for both."""
+    hubness prior, and within the same ids: one engine (one copy of the LM) for all."""
     from genret.decoding import PriorWeights, TransformersEngine, search_prior
 
     engine = TransformersEngine(stored, device="cpu")
-    priors = {"plain": None, "prior": search_prior(stored, PriorWeights(hubness=PRIOR_WEIGHT), engine.trie)}
+    searches = {"plain": {}, "prior": {"prior": search_prior(stored, PriorWeights(hubness=PRIOR_WEIGHT), engine.trie)},
+                "within": {"within": within}}
     return {name: [hits for i in range(0, len(queries), 8)
-                   for hits in engine.search(queries[i:i + 8], k=K, beams=BEAMS, prior=prior)]
-            for name, prior in priors.items()}
+                   for hits in engine.search(queries[i:i + 8], k=K, beams=BEAMS, **how)]
+            for name, how in searches.items()}
 
 
 def agreement(vllm_hits, reference) -> dict:
@@ -200,17 +209,17 @@ def git_commit() -> str:
 
 def report(results: dict, meta: dict) -> str:
     lines = [f"vLLM engine search over atomic ids ({meta['machine']}; commit {meta['commit']}; beam {BEAMS}, k {K})", "",
-             "| ids | engine start s (its tokenizer and trie) | requests a search | p50 ms | p95 ms | p50 ms, prior | queries/s (searches in "
-             "flight) | same ranked keys as transformers (plain; prior) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| ids | engine start s (its tokenizer and trie) | requests a search | p50 ms | p95 ms | p50 ms, prior | "
+             "p50 ms within some (how many) | queries/s (searches in flight) | same ranked keys as transformers "
+             "(plain; prior; within) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n, r in sorted(results.items(), key=lambda kv: int(kv[0])):
-        a, b = r["agreement"]["plain"], r["agreement"]["prior"]
         own = f" ({r['tokenizer_and_trie_s']:.1f})" if "tokenizer_and_trie_s" in r else ""  # older runs lack it
+        within = f"{r['within']['p50_ms']:.0f} ({r['within']['ids']:,})" if "within" in r else ""
+        same = "; ".join(f"{a['same_ranked_keys']}/{a['queries']}" for a in r["agreement"].values())
         lines.append(f"| {int(n):,} | {r['engine_start_s']:.0f}{own} | {r['plain']['requests_per_search']:.0f} | "
                      f"{r['plain']['p50_ms']:.0f} | {r['plain']['p95_ms']:.0f} | {r['prior']['p50_ms']:.0f} | "
-                     f"{r['in_flight']['queries_per_s']:.2f} ({r['in_flight']['searches']}) | "
-                     f"{a['same_ranked_keys']}/{a['queries']}; "
-                     f"{b['same_ranked_keys']}/{b['queries']} |")
+                     f"{within} | {r['in_flight']['queries_per_s']:.2f} ({r['in_flight']['searches']}) | {same} |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=20, help="sequential searches timed per size (default 20)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--in-flight", type=int, default=16, help="searches at once for throughput (default 16)")
+    parser.add_argument("--within", type=int, default=1_000,
+                        help="how many ids the searches `within` some are restricted to (default 1000, at most all)")
     parser.add_argument("--memory-fraction", type=float, default=0.2,
                         help="GENRET_GPU_MEMORY_UTILIZATION: on a CPU the share of RAM vLLM takes (default 0.2; "
                              "a million ids need about 0.5)")
@@ -229,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="GENRET_MAX_NUM_SEQS (default 256; vLLM's warm-up holds that many rows of logits, "
                              "4 MB each at a million ids)")
     args = parser.parse_args(argv)
-    if min(args.sizes) < 1 or args.queries < 1:
-        parser.error("sizes and --queries must be positive")
+    if min(args.sizes) < 1 or args.queries < 1 or args.within < 1:
+        parser.error("sizes, --queries and --within must be positive")
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -244,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     base = args.base or train_base(args.out / "base")
     queries = demo_queries(args.warmup + args.queries)
     meta = {"sizes": args.sizes, "queries": args.queries, "warmup": args.warmup, "in_flight": args.in_flight,
+            "within": args.within,
             "memory_fraction": args.memory_fraction, "max_num_seqs": args.max_num_seqs,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
                        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"),
@@ -258,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             stored = StoredModel.open(grow(base, n, args.out / "models" / str(n)))
             grow_s = time.perf_counter() - started
             r, hits = asyncio.run(measure_vllm(stored, queries, args, log))
-            reference = reference_hits(stored, queries[args.warmup:])
-            r["agreement"] = {name: agreement(hits[name], reference[name]) for name in ("plain", "prior")}
+            reference = reference_hits(stored, queries[args.warmup:], within_keys(stored, args.within))
+            r["agreement"] = {name: agreement(hits[name], reference[name]) for name in ("plain", "prior", "within")}
             r["grow_s"] = grow_s
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(r, indent=1))

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 def test_a_grown_atomic_catalog_searches_as_in_transformers_one_request_per_beam_step(tiny_default_model_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, str(SCRIPT), "--sizes", "300", "--queries", "4", "--in-flight", "4",
+    command = [sys.executable, str(SCRIPT), "--sizes", "300", "--queries", "4", "--in-flight", "4", "--within", "50",
                "--base", str(tiny_default_model_dir), "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -34,5 +34,8 @@ def test_a_grown_atomic_catalog_searches_as_in_transformers_one_request_per_beam
         assert result["agreement"][name]["max_score_difference"] < 1e-3
         # the root (300 ids) in one request, then each of the 10 beams' end token in one
         assert result[name]["requests_per_search"] == 11
+    # within 50 of them: as many requests, each naming the tokens allowed, and the same ranking
+    assert result["within"]["ids"] == 50 and result["within"]["requests_per_search"] == 11
+    assert result["agreement"]["within"]["same_ranked_keys"] == result["agreement"]["within"]["queries"] == 4
     assert "| 300 |" in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "models" / "300" / "manifest.json").read_text())["catalog_size"] == 300
