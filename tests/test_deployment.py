@@ -470,10 +470,11 @@ class StubEngine:
     async def close(self):
         pass
 
-    async def search(self, query, k, beams, prior=None):
+    async def search(self, query, k, beams, prior=None, within=None):
         from genret.decoding import Hit
 
-        return [Hit(key, -float(i)) for i, key in enumerate(self.keys[:k])]
+        keys = [key for key in self.keys if within is None or key in within]
+        return [Hit(key, -float(i)) for i, key in enumerate(keys[:k])]
 
     async def describe(self, key):
         return f"a picture of {key}"
