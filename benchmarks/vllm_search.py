@@ -134,7 +134,7 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "queries": len(ms)}
 
 
-async def measure_vllm(stored, queries: list[str], args, log) -> dict:
+async def measure_vllm(stored, queries: list[str], within: frozenset[str], args, log) -> dict:
     from genret.decoding import PriorWeights
     from service.engine_vllm import VLLMEngine
     from service.settings import Settings
@@ -156,7 +156,7 @@ async def measure_vllm(stored, queries: list[str], args, log) -> dict:
 
     engine._generate = counted
     try:
-        hits, within = {}, within_keys(stored, args.within)
+        hits = {}
         for name, weight, keys in (("plain", 0.0, None), ("prior", PRIOR_WEIGHT, None), ("within", 0.0, within)):
             for q in queries[:warmup]:
                 await engine.search(q, K, BEAMS, prior=PriorWeights(hubness=weight), within=keys)
@@ -166,12 +166,13 @@ async def measure_vllm(stored, queries: list[str], args, log) -> dict:
                 hits[name].append(await engine.search(q, K, BEAMS, prior=PriorWeights(hubness=weight), within=keys))
                 seconds.append(time.perf_counter() - t)
             result[name] = {**percentiles(seconds), "requests_per_search": requests[0] / len(seconds)}
+            if keys is not None:
+                result[name]["ids"] = len(keys)
             log(f"  {name}: p50 {result[name]['p50_ms']:.0f} ms, {result[name]['requests_per_search']:.0f} requests a search")
         batch = (queries[warmup:] * in_flight)[:in_flight]
         t = time.perf_counter()
         await asyncio.gather(*(engine.search(q, K, BEAMS) for q in batch))
         result["in_flight"] = {"searches": in_flight, "queries_per_s": in_flight / (time.perf_counter() - t)}
-        result["within"]["ids"] = len(within)
         log(f"  {in_flight} in flight: {result['in_flight']['queries_per_s']:.2f} queries/s")
     finally:
         await engine.close()
@@ -269,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             stored = StoredModel.open(grow(base, n, args.out / "models" / str(n)))
             grow_s = time.perf_counter() - started
-            r, hits = asyncio.run(measure_vllm(stored, queries, args, log))
-            reference = reference_hits(stored, queries[args.warmup:], within_keys(stored, args.within))
+            within = within_keys(stored, args.within)
+            r, hits = asyncio.run(measure_vllm(stored, queries, within, args, log))
+            reference = reference_hits(stored, queries[args.warmup:], within)
             r["agreement"] = {name: agreement(hits[name], reference[name]) for name in ("plain", "prior", "within")}
             r["grow_s"] = grow_s
             path.parent.mkdir(parents=True, exist_ok=True)

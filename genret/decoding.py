@@ -302,10 +302,12 @@ def search_prior(stored: StoredModel, weights: PriorWeights, trie: IdTrie | None
         return None
     trie = trie or stored.trie()
     keys = stored.keys  # sorted, in the rows' order; a search within a few images needs their rows alone
-    rows = range(len(keys)) if len(trie) == len(keys) else [bisect.bisect_left(keys, key) for key in trie.keys]
-    if len(rows) != len(keys) and (strays := [key for key, row in zip(trie.keys, rows)
-                                              if row == len(keys) or keys[row] != key]):
-        raise ValueError(f"the trie holds {len(strays)} ids the model lacks, e.g. {sorted(strays)[:3]}")
+    if len(trie) == len(keys):
+        rows = range(len(keys))
+    else:
+        rows = [bisect.bisect_left(keys, key) for key in trie.keys]
+        if strays := [key for key, row in zip(trie.keys, rows) if row == len(keys) or keys[row] != key]:
+            raise ValueError(f"the trie holds {len(strays)} ids the model lacks, e.g. {sorted(strays)[:3]}")
     hubness = stored.image_hubness() if weights.hubness else np.zeros(len(keys))
     added = stored.added_keys if bonus else frozenset()
     offsets = {keys[row]: -weights.hubness * float(hubness[row]) + (bonus if keys[row] in added else 0.0)

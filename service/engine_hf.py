@@ -67,14 +67,8 @@ class HFEngine:
     async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights(),
                      within: frozenset[str] | None = None) -> list[Hit]:
         engine = self.engine
-
-        def search():
-            if within is None:
-                return engine.search([query], k=k, beams=max(beams, k), prior=self.prior(prior))
-            trie = self.stored.trie(within)  # and the prior over these images alone
-            return engine.search([query], k=k, beams=max(beams, k), trie=trie, prior=search_prior(self.stored, prior, trie))
-
-        [hits] = await self._run(search)
+        [hits] = await self._run(lambda: engine.search([query], k=k, beams=max(beams, k), prior=self.prior(prior),
+                                                       within=within))
         return hits
 
     async def describe(self, key: str) -> str:

@@ -219,12 +219,9 @@ class VLLMEngine:
     async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights(),
                      within: frozenset[str] | None = None) -> list[Hit]:
         prior.check(self.stored)  # here, not in vLLM's worker
-        restricted = None
-        if within is None:
-            trie = self.trie
-        else:  # the worker knows the catalog's trie alone: each step names what this one allows
-            trie, over = await asyncio.to_thread(self._within, within, prior)
-            restricted = (trie, over)
+        # the worker knows the catalog's trie alone: within some images, each step names what theirs allows
+        restricted = None if within is None else await asyncio.to_thread(self._within, within, prior)
+        trie = self.trie if restricted is None else restricted[0]
         prompt = self.prompts.retrieve(query)
         soft = await self._query_soft_prefix(query)
         self._check_fits(prompt, trie.max_depth(), 0 if soft is None else len(soft))
