@@ -309,17 +309,22 @@ def serving_settings(chosen: dict, beams: int) -> str:
 def cmd_search(args) -> None:
     from .decoding import EmbeddingReranker, TransformersEngine, search_prior
 
-    if args.queries == args.within == "-":
-        raise UsageError("--queries and --within cannot both read stdin: give one of them a file")
+    if [args.queries, args.within, args.exclude].count("-") > 1:
+        raise UsageError("only one of --queries, --within and --exclude can read stdin: give the others a file")
     queries = [*args.query, *(read_lines(args.queries, "queries") if args.queries else [])]
     if not queries:
         raise UsageError("give a query, or --queries FILE (one per line; - reads stdin)")
     stored = open_model(args.model)
-    trie = None  # the images to search within: checked before the LM loads, and one trie for every batch
-    if args.within:
-        if not (within := read_lines(args.within, "keys")):
-            raise UsageError(f"{args.within}: no image keys to search within")
-        trie = stored.trie(within)
+    # the images to search: checked before the LM loads, and one trie for every batch
+    within = exclude = None
+    if args.within and not (within := read_lines(args.within, "keys")):
+        raise UsageError(f"{args.within}: no image keys to search within")
+    if args.exclude:
+        exclude = read_lines(args.exclude, "keys")  # an empty file leaves nothing out
+    try:
+        trie = stored.trie(within, exclude) if within or exclude else None
+    except ValueError as e:  # exclude leaves no image
+        raise UsageError(str(e)) from None
     engine = TransformersEngine(stored, device=args.device)
     prior = search_prior(stored, prior_weights(args), trie)
     reranker = EmbeddingReranker(stored, weight=args.rerank_weight, device=engine.device,
@@ -512,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", metavar="FILE", help="more queries, one per line; - reads them from stdin")
     p.add_argument("--within", metavar="FILE",
                    help="search these images alone: their keys, one per line (- reads stdin)")
+    p.add_argument("--exclude", metavar="FILE",
+                   help="leave these images out (hits already seen): their keys, one per line (- reads stdin); "
+                        "keys the model lacks are ignored")
     p.add_argument("--json", action="store_true",
                    help="one JSON line per query: {query, results: [{image_id, score, id}]}")
     p.add_argument("-k", type=count_arg, default=5)

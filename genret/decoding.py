@@ -73,11 +73,12 @@ class TransformersEngine:
     @torch.inference_mode()
     def search(self, queries: list[str], k: int = 10, beams: int | None = None,
                trie: IdTrie | None = None, prior: IdPrior | None = None,
-               within: Iterable[str] | None = None) -> list[list[Hit]]:
+               within: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> list[list[Hit]]:
         """Top-k catalog images per query, best first, by constrained beam search; with a prior
         (over the same trie), each id's score includes its offset and the beam searches by it.
-        `within` (image keys) searches those images alone, as `trie=stored.trie(within)` does: the
-        beam never spends a place on another image (filtering a catalog-wide search's hits would)."""
+        `within` (image keys) searches those images alone, and `exclude` all but those (the hits
+        already shown, say), as `trie=stored.trie(within, exclude)` does: the beam never spends a
+        place on another image (filtering a catalog-wide search's hits would)."""
         if isinstance(queries, str):  # it would search each character
             raise TypeError(f"search takes a list of queries, not one string: search([{queries!r}])")
         if k < 1 or (beams is not None and beams < 1):
@@ -85,11 +86,11 @@ class TransformersEngine:
         if blank := [i for i, query in enumerate(queries) if not query.strip()]:
             raise ValueError(f"queries {blank[:5]} are blank: with no words, a search returns whatever ids the "
                              "model favours (the CLI and the service refuse them too)")
-        if within is not None:
+        if within is not None or exclude is not None:
             if trie is not None:
-                raise ValueError("search takes the images to search `within` or a `trie` of them, not both")
-            trie = self.stored.trie(within)
-            prior = prior.over(trie) if prior is not None else None
+                raise ValueError("search takes the images to search (`within`, `exclude`) or a `trie` of them, not both")
+            trie = self.stored.trie(within, exclude)
+            prior = prior.over(trie) if prior is not None and prior.trie is not trie else prior
         if not queries:
             return []
         trie = trie or self.trie

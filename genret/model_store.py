@@ -459,20 +459,32 @@ class StoredModel:
     def end_token(self) -> int:
         return self.manifest["end_token"]
 
-    def trie(self, keys=None) -> IdTrie:
+    def trie(self, keys=None, exclude=None) -> IdTrie:
         """The catalog's id trie, built once and shared (an engine and a prior over it must hold
         the same one), or a new one over `keys` alone: a search that may only return those images.
-        An unknown key is an UnknownImage naming the first few."""
-        if keys is None:
+        An unknown key is an UnknownImage naming the first few. `exclude`: leave these images out
+        (of the catalog, or of `keys`); the catalog less a few shares all but their paths
+        (IdTrie.without). Keys the model lacks are already left out, so they are no error there
+        (a page of hits to skip may name an image removed since)."""
+        for name, value in (("keys", keys), ("exclude", exclude)):
+            if isinstance(value, str):  # it would be the trie of its characters
+                raise TypeError(f"trie takes a collection of image keys, not one string: trie({name}=[{value!r}])")
+        excluded = set() if exclude is None else set(exclude).intersection(self.id_tokens)
+        if keys is None and not excluded:
             return self._catalog_trie
-        if isinstance(keys, str):  # it would be the trie of its characters
-            raise TypeError(f"trie takes a collection of image keys, not one string: trie([{keys!r}])")
+        if keys is None:
+            if len(excluded) == len(self.id_tokens):
+                raise ValueError(f"exclude leaves out all {len(excluded)} images of model {self.name}: none to search")
+            return self._catalog_trie.without({k: self.id_tokens[k] for k in excluded})
         keys = set(keys)
         if not keys:
             raise ValueError("no image keys: a trie of none could return nothing")
         if unknown := sorted(keys.difference(self.id_tokens)):
             raise UnknownImage(f"{len(unknown)} of {len(keys)} image keys are not in model {self.name}, "
                                f"e.g. {unknown[:5]}")
+        if keys <= excluded:
+            raise ValueError(f"exclude leaves out all {len(keys)} images searched within: none to search")
+        keys -= excluded
         return IdTrie({k: self.id_tokens[k] for k in keys}, end_token=self.end_token)
 
     @cached_property

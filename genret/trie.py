@@ -11,6 +11,7 @@ Returned lists are shared: callers must not mutate them.
 from __future__ import annotations
 
 import math
+from collections import ChainMap
 from typing import Mapping, Sequence
 
 __all__ = ["IdPrior", "IdTrie"]
@@ -36,6 +37,10 @@ class IdTrie:
         self._root = _Node()
         self._keys = frozenset(sequences)
         self._max_len = 0
+        self.base: IdTrie | None = None  # the trie this one leaves some ids of out (see `without`)
+        self.copied: set[tuple[int, ...]] = set()  # the prefixes whose node is not the base's
+        self.removed: dict[tuple[int, ...], list[int]] = {}  # prefix -> base tokens that no longer continue it
+        self._copies: list[_Node] = []  # the copied nodes, each after the node above it
         for key, seq in sequences.items():
             seq = [int(t) for t in seq]
             if not seq:
@@ -80,6 +85,54 @@ class IdTrie:
                 return None
             node = ("end", child) if t == end else child
         return node
+
+    def without(self, sequences: Mapping[str, Sequence[int]]) -> IdTrie:
+        """This trie less some ids (key -> its token sequence, as the trie holds it). The nodes on
+        their paths are copied and every other node is shared with this trie, so leaving 10 ids out
+        of a million costs their paths, not a rebuild. The result records what differs from this
+        trie (`base`, `copied`, `removed`): an engine whose own process holds this trie alone
+        (vLLM's worker) needs only that much to search the rest."""
+        pruned = object.__new__(IdTrie)
+        pruned.end_token, pruned._end_only, pruned._max_len = self.end_token, self._end_only, self._max_len
+        pruned.base, pruned.copied, pruned.removed, pruned._copies = self, {()}, {}, []
+        pruned._root = pruned._copy(self._root)
+        left_out = set()
+        for key, seq in sequences.items():
+            seq = tuple(int(t) for t in seq)
+            if key in left_out:
+                continue
+            if self.key_for(seq) != key:
+                raise ValueError(f"{key!r} is not in the trie under the id {list(seq)}")
+            left_out.add(key)
+            path = [pruned._root]  # path[i]: the node after seq[:i], copied
+            for i, t in enumerate(seq[:-1]):
+                child = path[-1][t]
+                if seq[: i + 1] not in pruned.copied:
+                    child = path[-1][t] = pruned._copy(child)
+                    pruned.copied.add(seq[: i + 1])
+                path.append(child)
+            last = path[-1][seq[-1]]
+            if isinstance(last, _Node):  # longer ids pass through this one's end
+                if seq not in pruned.copied:
+                    last = path[-1][seq[-1]] = pruned._copy(last)
+                    pruned.copied.add(seq)
+                del last[self.end_token]
+                pruned.removed.setdefault(seq, []).append(self.end_token)
+                if last:
+                    continue
+            for depth in range(len(seq) - 1, -1, -1):  # the emptied nodes leave their parents too
+                del path[depth][seq[depth]]
+                pruned.removed.setdefault(seq[:depth], []).append(seq[depth])
+                if path[depth] or depth == 0:
+                    break
+        pruned._keys = self._keys - left_out
+        return pruned
+
+    def _copy(self, node: _Node) -> _Node:
+        copy = _Node()
+        copy.update(node)
+        self._copies.append(copy)
+        return copy
 
     def allowed_next(self, prefix: Sequence[int]) -> list[int]:
         node = self._walk(prefix)
@@ -165,5 +218,13 @@ class IdPrior:
 
     def over(self, trie: IdTrie) -> IdPrior:
         """The same offsets over `trie`, a trie of some of these ids (a search within them): each
-        prefix then carries the best offset among those ids alone."""
-        return IdPrior(trie, self._offsets)
+        prefix then carries the best offset among those ids alone. Over this trie less some ids
+        (IdTrie.without) only the copied nodes are recomputed; the shared ones read this prior."""
+        if trie.base is not self.trie:
+            return IdPrior(trie, self._offsets)
+        prior = object.__new__(IdPrior)
+        prior.trie, prior._offsets = trie, self._offsets
+        prior._best, prior._steps = ChainMap({}, self._best), ChainMap({}, self._steps)
+        for node in reversed(trie._copies[1:]):  # each below the node it hangs from; the root's best is never read
+            prior._best[id(node)] = max((prior._best_below(c) for c in node.values()), default=-math.inf)
+        return prior

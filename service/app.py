@@ -176,6 +176,17 @@ class Services:
                                      f"{self.model_name!r}, e.g. {unknown[:5]}")
         return within
 
+    def left_out(self, keys: list[str], within: frozenset[str] | None) -> frozenset[str]:
+        """The images a search leaves out that it could otherwise return, or a 422 when none would be
+        left. Ids the model lacks are left out already (a page of hits to skip may name an image
+        removed since), so they are no error."""
+        exclude = frozenset(keys).intersection(self.stored.id_tokens)
+        searched = len(self.stored.id_tokens) if within is None else len(within)
+        if exclude and len(exclude if within is None else exclude & within) == searched:
+            where = "the model's" if within is None else "the within list's"
+            raise HTTPException(422, f"exclude leaves out all {searched} of {where} images: none to search")
+        return exclude
+
     async def deadline(self, coro):
         try:
             return await asyncio.wait_for(coro, self.settings.request_timeout_s)
@@ -230,6 +241,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
             description="search these images alone (an album, a shop's products, a user's uploads): the beam "
                         "only ever follows their ids, so all k places go to them; every one must be an image "
                         "of the model (422 names those that are not)")
+        exclude: list[ImageId] | None = Field(
+            None, max_length=settings.max_exclude,
+            description="leave these images out (the hits already shown, for the next page; those a user hid): "
+                        "the beam never follows their ids, so all k places go to the others; ids the model "
+                        "lacks are ignored")
 
     class AskRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -281,17 +297,20 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
         GENRET_BEAM_HUBNESS_WEIGHT or GENRET_ADDED_ID_BONUS > 0, searching by log-probability plus
         their offsets, genret.decoding.PriorWeights; with GENRET_RERANK_WEIGHT or
         GENRET_HUBNESS_WEIGHT > 0, a wider beam re-ranked by the two-tower); with `within`, among
-        those images alone."""
+        those images alone; with `exclude`, among all but those."""
         within = None if body.within is None else services.known_within(body.within)
+        exclude = None if not body.exclude else services.left_out(body.exclude, within)
         engine = services.require_engine()
 
         async def run():
             if services.reranker is None:
                 hits = await engine.search(body.query, body.k, max(settings.beams, body.k),
-                                           prior=settings.search_prior, within=within)
+                                           prior=settings.search_prior, within=within,
+                                           exclude=exclude)
             else:  # a wider beam, re-scored with the two-tower (GENIUS)
                 beams = max(settings.rerank_beams, body.k)
-                hits = await engine.search(body.query, beams, beams, prior=settings.search_prior, within=within)
+                hits = await engine.search(body.query, beams, beams, prior=settings.search_prior, within=within,
+                                           exclude=exclude)
                 [hits] = await asyncio.to_thread(services.reranker, [body.query], [hits])
                 hits = hits[: body.k]
             return hits, await id_store.lookup([h.key for h in hits])

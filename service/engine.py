@@ -36,13 +36,14 @@ class Engine(Protocol):
     async def close(self) -> None: ...
 
     async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights(),
-                     within: frozenset[str] | None = None) -> list[Hit]:
+                     within: frozenset[str] | None = None, exclude: frozenset[str] | None = None) -> list[Hit]:
         """At most k distinct catalog keys, best first, by trie-constrained beam search of width
         max(beams, k); a score is the id's summed token log-probability given the query plus its
         offset under `prior`, which the beam searches by (genret.decoding.search_prior: the engine
         builds it once per distinct weights, where it searches). A ValueError or ModelStoreError
         if the model cannot take those weights. `within` (keys the model holds): only those images,
-        searched as over a trie of them alone (genret.model_store.StoredModel.trie)."""
+        and `exclude`: all but those, each searched as over a trie of those images alone
+        (genret.model_store.StoredModel.trie(within, exclude)); a ValueError if none is left."""
 
     async def describe(self, key: str) -> str: ...
 

@@ -65,10 +65,10 @@ class HFEngine:
         return self._prior[1]
 
     async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights(),
-                     within: frozenset[str] | None = None) -> list[Hit]:
+                     within: frozenset[str] | None = None, exclude: frozenset[str] | None = None) -> list[Hit]:
         engine = self.engine
         [hits] = await self._run(lambda: engine.search([query], k=k, beams=max(beams, k), prior=self.prior(prior),
-                                                       within=within))
+                                                       within=within, exclude=exclude))
         return hits
 
     async def describe(self, key: str) -> str:

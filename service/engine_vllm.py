@@ -28,6 +28,7 @@ import gc
 import heapq
 import os
 import uuid
+from typing import NamedTuple
 
 import torch
 from genret.decoding import Hit, PriorWeights, search_prior
@@ -57,6 +58,7 @@ class VLLMEngine:
         self.query_soft_prefix = self.token_embeddings = None
         self._llm = None
         self._pending = 0
+        self._catalog_priors: dict[PriorWeights, IdPrior | None] = {}  # for searches that leave some images out
 
     @property
     def queue_depth(self) -> int:
@@ -159,20 +161,14 @@ class VLLMEngine:
                                f"the engine's max_model_len={self.settings.max_model_len}")
 
     async def best_next(self, prompt: list[int], prefix: tuple[int, ...], n: int, prior: PriorWeights,
-                        soft_prefix=None, within: tuple[IdTrie, IdPrior | None] | None = None) -> dict[int, float]:
+                        soft_prefix=None, restricted: Restriction | None = None) -> dict[int, float]:
         """The n best allowed next tokens after [soft prefix] + prompt + the id `prefix`, each with its
-        log-probability (plus the prior's step offset). `within`: the trie of the images a search may
-        return and the prior over it, which decide the tokens allowed and their offsets."""
+        log-probability (plus the prior's step offset). `restricted`: the images a search may return
+        (within some, or all but some), which decide the tokens allowed and their offsets."""
         from vllm import SamplingParams
 
-        from .vllm_trie_mask import step_args
-
-        if within is None:
-            args = step_args(prefix, prior)
-        else:
-            trie, over = within
-            args = step_args(prefix, prior, trie.allowed_next(prefix), over and over.step_offsets(prefix))
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=n, detokenize=False, extra_args=args)
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=n, detokenize=False,
+                                extra_args=_step(prefix, prior, restricted))
         [position] = (await self._generate(prompt + list(prefix), params, soft_prefix)).logprobs
         return {t: p.logprob for t, p in position.items() if p.logprob != float("-inf")}
 
@@ -217,11 +213,13 @@ class VLLMEngine:
         return finished
 
     async def search(self, query: str, k: int, beams: int, prior: PriorWeights = PriorWeights(),
-                     within: frozenset[str] | None = None) -> list[Hit]:
+                     within: frozenset[str] | None = None, exclude: frozenset[str] | None = None) -> list[Hit]:
         prior.check(self.stored)  # here, not in vLLM's worker
-        # the worker knows the catalog's trie alone: within some images, each step names what theirs allows
-        restricted = None if within is None else await asyncio.to_thread(self._within, within, prior)
-        trie = self.trie if restricted is None else restricted[0]
+        # the worker knows the catalog's trie alone: a restricted search's steps say what differs from it
+        restricted = None
+        if within is not None or exclude:
+            restricted = await asyncio.to_thread(self._restriction, within, exclude, prior)
+        trie = self.trie if restricted is None else restricted.trie
         prompt = self.prompts.retrieve(query)
         soft = await self._query_soft_prefix(query)
         self._check_fits(prompt, trie.max_depth(), 0 if soft is None else len(soft))
@@ -233,10 +231,20 @@ class VLLMEngine:
         assert all(h.key is not None for h in hits), "a finished beam left the trie"
         return hits[:k]
 
-    def _within(self, keys: frozenset[str], prior: PriorWeights) -> tuple[IdTrie, IdPrior | None]:
-        """The trie of these images and the prior over it (as the transformers engine searches them)."""
-        trie = self.stored.trie(keys)
-        return trie, search_prior(self.stored, prior, trie)
+    def _restriction(self, within: frozenset[str] | None, exclude: frozenset[str] | None,
+                     prior: PriorWeights) -> Restriction | None:
+        """The trie of the images a search may return and the prior over it, as the transformers
+        engine searches them (None: the whole catalog after all)."""
+        trie = self.stored.trie(within, exclude)
+        if trie is self.trie:
+            return None
+        if trie.base is None:  # within some images: few, so their prior is computed for them alone
+            return Restriction(trie, search_prior(self.stored, prior, trie), frozenset())
+        catalog_prior = self._catalog_priors.get(prior)
+        if prior not in self._catalog_priors:
+            catalog_prior = self._catalog_priors[prior] = search_prior(self.stored, prior, self.trie)
+        over = None if catalog_prior is None else catalog_prior.over(trie)
+        return Restriction(trie, over, frozenset(p[:-1] for p in trie.copied if p))
 
     async def _greedy(self, prompt: list[int]) -> str:
         from vllm import SamplingParams
@@ -267,6 +275,35 @@ class VLLMEngine:
         if self.stored.asks_from_description:
             context = " ".join(await self.descriptions(key, self.stored.ask_descriptions))
         return await self._greedy(self.prompts.ask(self.stored.id_tokens[key], question, context))
+
+
+class Restriction(NamedTuple):
+    """A search's own trie (within some images, or the catalog less some: IdTrie.without), the prior
+    over it, and for the latter the prefixes whose nodes have a copied child (their offsets may differ)."""
+
+    trie: IdTrie
+    prior: IdPrior | None
+    copied_parents: frozenset[tuple[int, ...]]
+
+
+def _step(prefix: tuple[int, ...], prior: PriorWeights, restricted: Restriction | None) -> dict:
+    """The step's extra_args for vLLM's worker, which holds the catalog's trie and its prior alone.
+    Within some images a step names the tokens their trie allows and their offsets. The catalog
+    less some images differs from the catalog's trie only on the copied nodes of their paths; there
+    a step names the tokens that lead to left-out images alone, unless the prior's offsets differ
+    there too (a node below the root, or a root with a copied child: then what it allows, as within)."""
+    from .vllm_trie_mask import step_args
+
+    if restricted is None:
+        return step_args(prefix, prior)
+    trie, over, copied_parents = restricted
+    if trie.base is None:
+        return step_args(prefix, prior, trie.allowed_next(prefix), over and over.step_offsets(prefix))
+    if prefix not in trie.copied:  # the catalog's own node
+        return step_args(prefix, prior)
+    if over is None or (not prefix and prefix not in copied_parents):
+        return step_args(prefix, prior, forbidden=trie.removed.get(prefix, []))
+    return step_args(prefix, prior, trie.allowed_next(prefix), over.step_offsets(prefix))
 
 
 def use_model_runner_v1() -> None:

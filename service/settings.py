@@ -104,6 +104,8 @@ class Settings(BaseSettings):
         "`genret evaluate --added-bonuses` on queries for both added and trained images")
     max_within: int = Field(10_000, ge=1, description="the most images a search may be restricted to "
                             "(POST /search's `within`)")
+    max_exclude: int = Field(10_000, ge=1, description="the most images a search may leave out "
+                             "(POST /search's `exclude`)")
     max_query_chars: int = Field(1000, ge=1)
     max_answer_tokens: int | None = Field(None, ge=1, le=1024, description=(
         "the most tokens a description or answer runs to; None: the model's own (48, or its longest trained caption)"))

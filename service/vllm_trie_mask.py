@@ -9,7 +9,10 @@ most 128, so the root of a catalog of atomic ids, one token per image, took a re
 images.) A search request names its beam's id tokens so far, and the prior's weights, in
 `SamplingParams.extra_args[STEP]`. A search within some images (POST /search's `within`) also
 names the next tokens their own trie allows, with those tokens' prior offsets: the processor
-keeps those alone, inside the catalog's trie all the same. A step of the beam search over
+keeps those alone, inside the catalog's trie all the same. A search that leaves some images out
+(`exclude`) names, where its beam's prefix leads to them, the tokens that lead to nothing else:
+the processor forbids those (or, where leaving them out changes the prior's offsets, it names the
+tokens allowed as a search within does). A step of the beam search over
 descriptions (an ask after several) names no trie: `extra_args[LOGPROBS]` turns its logits into
 log-probabilities alone. Other requests (describe, ask) pass untouched.
 
@@ -30,29 +33,34 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 # extra_args key: {"prefix": [id tokens so far], "hubness_weight": h, "added_bonus": b}, and within
-# some images also "allowed": [the next tokens their trie allows], "offsets": [each one's prior offset] or None
+# some images also "allowed": [the next tokens their trie allows], "offsets": [each one's prior offset] or None,
+# and leaving some out "forbidden": [tokens of the catalog's trie that lead to left-out images alone]
 STEP = "genret_trie_step"
 LOGPROBS = "genret_logprobs"  # extra_args key: true for log-probabilities over the whole vocabulary, no trie
 
 
 def step_args(prefix: list[int], prior: PriorWeights, allowed: list[int] | None = None,
-              offsets: list[float] | None = None) -> dict:
+              offsets: list[float] | None = None, forbidden: list[int] | None = None) -> dict:
     """The extra_args of one search step's request (plain JSON types: vLLM may serialize them)."""
     step = {"prefix": list(prefix), "hubness_weight": float(prior.hubness), "added_bonus": float(prior.added_bonus)}
     if allowed is not None:
         step["allowed"] = list(allowed)
         step["offsets"] = None if offsets is None else [float(x) for x in offsets]
+    if forbidden is not None:
+        step["forbidden"] = list(forbidden)
     return {STEP: step}
 
 
 class Step(NamedTuple):
     """One batch row's search step: its id prefix and prior weights (both None: log-probabilities
-    alone, no trie), and within some images the tokens allowed next, with their offsets."""
+    alone, no trie), within some images the tokens allowed next, with their offsets, and leaving
+    some out the tokens forbidden."""
 
     prefix: list[int] | None
     prior: PriorWeights | None
     allowed: list[int] | None = None
     offsets: list[float] | None = None
+    forbidden: list[int] | None = None
 
 
 class TrieLogitsProcessor(LogitsProcessor):
@@ -68,7 +76,8 @@ class TrieLogitsProcessor(LogitsProcessor):
         if step is None:
             return
         shape = (f"extra_args[{STEP!r}] must be {{'prefix': [token ids], 'hubness_weight': h, 'added_bonus': b}}, "
-                 "within some images with 'allowed': [token ids] and 'offsets': [a number each] or None")
+                 "within some images with 'allowed': [token ids] and 'offsets': [a number each] or None, "
+                 "leaving some out with 'forbidden': [token ids]")
         if not (isinstance(step, dict) and _tokens(step.get("prefix"))):
             raise ValueError(shape)
         if "allowed" in step:
@@ -77,6 +86,8 @@ class TrieLogitsProcessor(LogitsProcessor):
                     isinstance(offsets, list) and len(offsets) == len(allowed)
                     and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in offsets)))):
                 raise ValueError(shape)
+        if "forbidden" in step and not (_tokens(step["forbidden"]) and "allowed" not in step):
+            raise ValueError(shape)
         try:
             PriorWeights(step.get("hubness_weight"), step.get("added_bonus"))
         except ValueError as e:
@@ -93,7 +104,7 @@ class TrieLogitsProcessor(LogitsProcessor):
         extra = params.extra_args or {}
         if (step := extra.get(STEP)) is not None:
             return Step(step["prefix"], PriorWeights(step["hubness_weight"], step["added_bonus"]),
-                        step.get("allowed"), step.get("offsets"))
+                        step.get("allowed"), step.get("offsets"), step.get("forbidden"))
         return Step(None, None) if extra.get(LOGPROBS) else None
 
     def mask(self, prior: PriorWeights) -> TrieMask:
@@ -122,6 +133,8 @@ class TrieLogitsProcessor(LogitsProcessor):
                 within[tokens] = 0.0 if step.offsets is None else torch.tensor(step.offsets, dtype=logits.dtype,
                                                                                 device=logits.device)
                 logits[row] += within
+            elif step.forbidden:
+                logits[row, torch.tensor(step.forbidden, device=logits.device)] = float("-inf")
         return logits
 
 

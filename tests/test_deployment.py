@@ -470,10 +470,10 @@ class StubEngine:
     async def close(self):
         pass
 
-    async def search(self, query, k, beams, prior=None, within=None):
+    async def search(self, query, k, beams, prior=None, within=None, exclude=None):
         from genret.decoding import Hit
 
-        keys = [key for key in self.keys if within is None or key in within]
+        keys = [key for key in self.keys if (within is None or key in within) and (not exclude or key not in exclude)]
         return [Hit(key, -float(i)) for i, key in enumerate(keys[:k])]
 
     async def describe(self, key):

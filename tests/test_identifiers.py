@@ -434,6 +434,55 @@ def test_prior_steps_add_up_to_each_ids_offset_and_lead_with_the_best_below(seqs
     assert prior.step_offsets([4, 4, 4, 4, 4, 4, 4]) == []  # off the trie: nothing is allowed
 
 
+def _paths(trie: IdTrie, prefix: tuple = ()) -> dict[str, tuple]:
+    """Every id the trie can produce, by walking allowed_next from the root."""
+    found = {}
+    for token in trie.allowed_next(prefix):
+        found.update({trie.key_for(prefix): prefix} if token == 0 else _paths(trie, prefix + (token,)))
+    return found
+
+
+@settings(max_examples=150, deadline=None)
+@given(seqs=ID_SEQUENCES, data=st.data())
+def test_a_trie_less_some_ids_is_the_trie_of_the_rest_and_shares_the_other_nodes(seqs, data):
+    """IdTrie.without gives what a trie built over the other ids gives (what each prefix allows,
+    and a prior's step offsets over it), leaves the trie it came from whole, and says where it
+    differs: the prefixes whose nodes were copied, and the tokens each no longer allows."""
+    ids = {f"k{i}": tuple(s) for i, s in enumerate(seqs)}
+    trie = IdTrie(ids, end_token=0)
+    offsets = {key: data.draw(st.floats(-5, 5)) for key in ids}
+    prior = IdPrior(trie, offsets)
+    _ = [prior.step_offsets(s[:i]) for s in ids.values() for i in range(len(s) + 1)]  # cached, as a search leaves them
+    left_out = data.draw(st.sets(st.sampled_from(sorted(ids)), min_size=1, max_size=len(ids) - 1)) if len(ids) > 1 else set()
+    if not left_out:
+        return
+    pruned = trie.without({key: ids[key] for key in left_out})
+    rest = IdTrie({k: s for k, s in ids.items() if k not in left_out}, end_token=0)
+    assert pruned.keys == rest.keys and len(pruned) == len(rest)
+    assert _paths(pruned) == _paths(rest) and _paths(trie) == ids
+    over, rebuilt = prior.over(pruned), IdPrior(rest, offsets)
+    for s in _paths(rest).values():
+        for i in range(len(s) + 1):
+            allowed = pruned.allowed_next(s[:i])
+            assert sorted(allowed) == sorted(rest.allowed_next(s[:i]))
+            expected = dict(zip(rest.allowed_next(s[:i]), rebuilt.step_offsets(s[:i])))
+            assert over.step_offsets(s[:i]) == pytest.approx([expected[t] for t in allowed])
+            if s[:i] in pruned.copied:
+                assert set(trie.allowed_next(s[:i])) - set(allowed) == set(pruned.removed.get(s[:i], []))
+            else:
+                assert pruned._walk(s[:i]) is trie._walk(s[:i]) and s[:i] not in pruned.removed
+    assert pruned.key_for(ids[min(left_out)]) is None
+
+
+def test_a_trie_less_an_id_it_lacks_says_so():
+    trie = IdTrie({"a": [1, 2], "b": [1, 3]}, end_token=0)
+    with pytest.raises(ValueError, match="'c' is not in the trie"):
+        trie.without({"c": [1, 4]})
+    with pytest.raises(ValueError, match="'a' is not in the trie"):
+        trie.without({"a": [1, 3]})
+    assert trie.without({"a": [1, 2], "b": [1, 3]}).first_tokens == []
+
+
 def test_prior_needs_an_offset_for_every_id():
     with pytest.raises(ValueError, match="no prior offset for 1 ids"):
         IdPrior(IdTrie({"a": [1], "b": [2]}, end_token=0), {"a": 0.0})

@@ -100,6 +100,50 @@ def test_a_search_within_images_the_model_lacks_says_which(engine, tiny_catalog)
         engine.search(["a cat"], within=["moon.jpg"], trie=engine.trie)
 
 
+def test_a_search_that_leaves_images_out_is_the_search_within_the_rest(engine, tiny_catalog):
+    """Leaving images out (the last page's hits, say) searches the catalog's trie less their ids:
+    the same hits and scores as searching within all the others, with a prior too, at any beam
+    width; with within as well, within what is left of it."""
+    keys = tiny_catalog.keys()
+    query = "a dog running on the grass"
+    for prior in (None, search_prior(engine.stored, PriorWeights(hubness=3.0))):
+        [first_page] = engine.search([query], k=3, beams=3, prior=prior)
+        exclude = [h.key for h in first_page]
+        rest = [key for key in keys if key not in exclude]
+        for k, beams in ((1, 1), (3, 3), (4, 6)):
+            [hits] = engine.search([query], k=k, beams=beams, prior=prior, exclude=exclude)
+            assert hits == engine.search([query], k=k, beams=beams, prior=prior, within=rest)[0]
+            assert not {h.key for h in hits} & set(exclude) and len(hits) == k
+        within = random.Random(2).sample(keys, 6)
+        [hits] = engine.search([query], k=6, beams=6, prior=prior, within=within, exclude=exclude)
+        left = [key for key in within if key not in exclude]
+        assert hits == engine.search([query], k=6, beams=6, prior=prior, within=left)[0]
+    assert engine.search([query], k=3, exclude=["not-in-the-model.jpg"]) == engine.search([query], k=3)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), k=st.integers(1, 6), beams=st.integers(1, 6))
+def test_a_search_never_returns_an_image_it_leaves_out(engine, tiny_catalog, data, k, beams):
+    keys = tiny_catalog.keys()
+    exclude = data.draw(st.sets(st.sampled_from(keys), max_size=len(keys) - 1))
+    query = data.draw(st.sampled_from(["a photo", "the moon at night", "zebra 42 ü", "coins", "a red car ?"]))
+    [hits] = engine.search([query], k=k, beams=beams, exclude=exclude)
+    assert 1 <= len(hits) <= min(k, len(keys) - len(exclude)) and len({h.key for h in hits}) == len(hits)
+    assert not {h.key for h in hits} & exclude
+
+
+def test_a_search_that_leaves_out_every_image_says_so(engine, tiny_catalog):
+    keys = tiny_catalog.keys()
+    with pytest.raises(ValueError, match=f"exclude leaves out all {len(keys)} images"):
+        engine.search(["a cat"], exclude=keys)
+    with pytest.raises(ValueError, match="exclude leaves out all 2 images searched within"):
+        engine.search(["a cat"], within=keys[:2], exclude=keys[:3])
+    with pytest.raises(TypeError, match="not one string"):
+        engine.search(["a cat"], exclude="moon.jpg")
+    with pytest.raises(ValueError, match="not both"):
+        engine.search(["a cat"], exclude=["moon.jpg"], trie=engine.trie)
+
+
 def test_mask_tensors_kept_across_searches_live_as_long_as_their_trie(engine, tiny_catalog):
     subset = engine.stored.trie(tiny_catalog.keys()[:3])
     first = engine.search(["a photo of the moon"], k=3, trie=subset)
