@@ -35,7 +35,8 @@ class IdTrie:
         self.end_token = end = int(end_token)
         self._end_only = [end]
         self._root = _Node()
-        self._keys = frozenset(sequences)
+        self._keys: frozenset[str] | None = frozenset(sequences)
+        self._left_out: frozenset[str] = frozenset()  # the base's keys this one lacks
         self._max_len = 0
         self.base: IdTrie | None = None  # the trie this one leaves some ids of out (see `without`)
         self.copied: set[tuple[int, ...]] = set()  # the prefixes whose node is not the base's
@@ -125,7 +126,7 @@ class IdTrie:
                 pruned.removed.setdefault(seq[:depth], []).append(seq[depth])
                 if path[depth] or depth == 0:
                     break
-        pruned._keys = self._keys - left_out
+        pruned._keys, pruned._left_out = None, frozenset(left_out)  # the keys: built if asked (~30 ms at 1M)
         return pruned
 
     def _copy(self, node: _Node) -> _Node:
@@ -156,13 +157,17 @@ class IdTrie:
         return None
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._keys) if self._keys is not None else len(self.base) - len(self._left_out)
 
     @property
     def keys(self) -> frozenset[str]:
+        if self._keys is None:
+            self._keys = self.base.keys - self._left_out
         return self._keys
 
     def __contains__(self, key: object) -> bool:
+        if self._keys is None:
+            return key in self.base and key not in self._left_out
         return key in self._keys
 
     @property

@@ -126,7 +126,36 @@ def test_search_within_a_file_of_image_keys(capsys, monkeypatch, tiny_model_dir,
     code, _, err = run(capsys, "search", str(tiny_model_dir), queries[0], "--within", str(tmp_path / "empty.txt"))
     assert code == 2 and "empty.txt: no image keys to search within" in err
     code, _, err = run(capsys, "search", str(tiny_model_dir), "--queries", "-", "--within", "-")
-    assert code == 2 and "cannot both read stdin" in err
+    assert code == 2 and "can read stdin" in err
+
+
+def test_search_leaves_out_a_file_of_image_keys(capsys, monkeypatch, tiny_model_dir, tiny_catalog, tmp_path):
+    import io
+
+    from genret.decoding import TransformersEngine
+    from genret.model_store import StoredModel
+
+    engine = TransformersEngine(StoredModel.open(tiny_model_dir), device="cpu")
+    query, keys = "a rocket on a launch pad", tiny_catalog.keys()
+    seen = [h.key for h in engine.search([query], k=3)[0]]
+    (tmp_path / "seen.txt").write_text("\n".join(seen) + "\nremoved-since.jpg\n")
+    code, out, _ = run(capsys, "search", str(tiny_model_dir), query, "-k", "3", "--json",
+                       "--exclude", str(tmp_path / "seen.txt"))
+    [line] = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["image_id"] for r in line["results"]] == \
+        [h.key for h in engine.search([query], k=3, exclude=seen)[0]]
+    assert not {r["image_id"] for r in line["results"]} & set(seen)
+    others = [key for key in keys if key not in seen][:2]
+    (tmp_path / "album.txt").write_text("\n".join(seen[:2] + others) + "\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(seen) + "\n"))
+    code, out, _ = run(capsys, "search", str(tiny_model_dir), query, "-k", "5", "--within", str(tmp_path / "album.txt"),
+                       "--exclude", "-")
+    assert code == 0 and {line.split()[1] for line in out.splitlines()} == set(others)
+    (tmp_path / "all.txt").write_text("\n".join(keys) + "\n")
+    code, _, err = run(capsys, "search", str(tiny_model_dir), query, "--exclude", str(tmp_path / "all.txt"))
+    assert code == 2 and f"exclude leaves out all {len(keys)} images" in err
+    code, _, err = run(capsys, "search", str(tiny_model_dir), query, "--within", "-", "--exclude", "-")
+    assert code == 2 and "only one of --queries, --within and --exclude can read stdin" in err
 
 
 def test_describe_takes_many_images_or_all_of_them(capsys, tiny_model_dir, tiny_catalog, tmp_path):

@@ -20,8 +20,9 @@ from service.settings import Settings
 from tests.service_helpers import Served, hf_engine, run, stored  # noqa: F401  (fixtures)
 
 MAX_K, MAX_CHARS = 8, 200
-MAX_WITHIN = 5
+MAX_WITHIN = MAX_EXCLUDE = 5
 SETTINGS = dict(max_k=MAX_K, default_k=3, beams=3, max_query_chars=MAX_CHARS, max_within=MAX_WITHIN,
+                max_exclude=MAX_EXCLUDE,
                 public_url="http://img.test")
 
 
@@ -70,6 +71,27 @@ def test_a_search_within_some_images_returns_those_alone_ranked_as_the_engine_ra
     assert {hit["image_id"] for hit in r.json()["results"]} < set(within)
     r = run(client.post("/search", json={"query": "a cup of coffee", "k": 3, "within": ["moon.jpg"]}))
     assert [hit["image_id"] for hit in r.json()["results"]] == ["moon.jpg"]
+
+
+def test_a_search_that_leaves_images_out_gives_the_next_page(run, client, hf_engine, tiny_catalog):
+    """exclude = the hits already shown: the next k, ranked as the engine ranks all but those; ids
+    the model lacks (removed since, say) change nothing; leaving out every image is a 422."""
+    first = [hit["image_id"] for hit in run(client.post("/search", json={"query": "a cup of coffee", "k": 3})).json()["results"]]
+    for exclude in (first, first + ["removed-since.jpg"]):
+        r = run(client.post("/search", json={"query": "a cup of coffee", "k": 3, "exclude": exclude}))
+        assert r.status_code == 200, r.text
+        expected = run(hf_engine.search("a cup of coffee", 3, 3, exclude=frozenset(first)))
+        assert [hit["image_id"] for hit in r.json()["results"]] == [h.key for h in expected]
+        assert len(expected) == 3 and not {h.key for h in expected} & set(first)
+    r = run(client.post("/search", json={"query": "a cup of coffee", "exclude": []}))  # nothing left out: page one
+    assert [hit["image_id"] for hit in r.json()["results"]] == first
+    big = Served(run, create_app(Settings(**{**SETTINGS, "max_exclude": 100}), engine=hf_engine))
+    try:
+        r = run(big.client.post("/search", json={"query": "a dog", "exclude": tiny_catalog.keys()}))
+        assert r.status_code == 422 and r.json()["detail"] == (
+            f"exclude leaves out all {len(tiny_catalog)} of the model's images: none to search")
+    finally:
+        big.close()
 
 
 def test_default_k_and_the_image_urls_serve_the_catalog_files(run, client, tiny_catalog):
@@ -151,6 +173,11 @@ BAD_REQUESTS = [
     ("/search", {"query": "a dog", "within": ["moon.jpg", "nope.jpg"]},
      "within: 1 of its 2 image ids are not in model"),
     ("/search", {"query": "a dog", "within": ["moon.jpg", "nope.jpg"]}, "e.g. ['nope.jpg']"),
+    ("/search", {"query": "a dog", "exclude": ["moon.jpg"] * (MAX_EXCLUDE + 1)}, f"at most {MAX_EXCLUDE} items"),
+    ("/search", {"query": "a dog", "exclude": "moon.jpg"}, "valid list"),
+    ("/search", {"query": "a dog", "exclude": [None]}, "valid string"),
+    ("/search", {"query": "a dog", "within": ["moon.jpg", "coins.jpg"], "exclude": ["coins.jpg", "moon.jpg"]},
+     "exclude leaves out all 2 of the within list's images"),
     ("/search", [], "valid dictionary"),
     ("/search", "a dog", "valid dictionary"),
     ("/ask", {"image_id": "moon.jpg", "question": ""}, "at least 1 character"),

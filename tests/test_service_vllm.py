@@ -113,6 +113,33 @@ def test_a_search_within_some_images_over_http(run, client):
     assert r.status_code == 422 and "['mars.jpg']" in r.json()["detail"]
 
 
+def test_a_search_that_leaves_images_out_is_the_transformers_engines(run, vllm_engine, hf_engine):
+    """Each step whose prefix leads to a left-out image names the tokens that lead to those alone
+    (or, where the prior's offsets change, what the rest allows); elsewhere it is the catalog's."""
+    for query in QUERIES:
+        for prior in (PriorWeights(), PriorWeights(hubness=2.0)):
+            exclude = frozenset(h.key for h in run(hf_engine.search(query, k=3, beams=3, prior=prior)))
+            for k, beams, within in ((1, 1, None), (3, 3, None), (5, 8, None), (3, 4, WITHIN)):
+                v = run(vllm_engine.search(query, k=k, beams=beams, prior=prior, within=within, exclude=exclude))
+                h = run(hf_engine.search(query, k=k, beams=beams, prior=prior, within=within, exclude=exclude))
+                assert [x.key for x in v] == [x.key for x in h], (query, prior, k, within)
+                assert [x.score for x in v] == pytest.approx([x.score for x in h], abs=1e-3)
+                assert not {x.key for x in v} & exclude
+
+
+def test_the_next_page_of_a_search_over_http_leaves_the_first_out(run, client, tiny_catalog):
+    query = {"query": "a horse in a field", "k": 4}
+    first = [hit["image_id"] for hit in run(client.post("/search", json=query)).json()["results"]]
+    r = run(client.post("/search", json={**query, "exclude": first + ["removed-since.jpg"]}))
+    assert r.status_code == 200, r.text
+    second = [hit["image_id"] for hit in r.json()["results"]]
+    assert len(second) == 4 and not set(first) & set(second)
+    r = run(client.post("/search", json={**query, "exclude": tiny_catalog.keys()}))
+    assert r.status_code == 422 and "leaves out all" in r.json()["detail"]
+    r = run(client.post("/search", json={**query, "within": ["moon.jpg"], "exclude": ["moon.jpg"]}))
+    assert r.status_code == 422 and "within list" in r.json()["detail"]
+
+
 words = st.lists(st.sampled_from("a the dog red sky moon of zebra 42 ü ??? space coffee cat # \n".split(" ")),
                  min_size=1, max_size=12)
 
@@ -200,7 +227,10 @@ def test_a_malformed_trie_step_is_refused_by_vllm(run, vllm_engine):
 
     for step in ({"prefix": "nope", "hubness_weight": 0},
                  {"prefix": [], "hubness_weight": 0, "added_bonus": 0, "allowed": []},
-                 {"prefix": [], "hubness_weight": 0, "added_bonus": 0, "allowed": [5, 6], "offsets": [0.0]}):
+                 {"prefix": [], "hubness_weight": 0, "added_bonus": 0, "allowed": [5, 6], "offsets": [0.0]},
+                 {"prefix": [], "hubness_weight": 0, "added_bonus": 0, "forbidden": 5},
+                 {"prefix": [], "hubness_weight": 0, "added_bonus": 0, "allowed": [5], "offsets": None,
+                  "forbidden": [6]}):
         params = SamplingParams(max_tokens=1, logprobs=2, extra_args={STEP: step})
         with pytest.raises(Exception, match="prefix"):
             run(vllm_engine._generate(vllm_engine.prompts.retrieve("a horse"), params))
