@@ -15,8 +15,10 @@ What is real and what is synthetic:
     must agree with, searches the same queries: the report counts those with the same ranked keys.
 
 For each size: the engine's start time; sequential latency (p50, p95) at beam 10 and k 10,
-without and with a hubness prior, and within `--within` of the ids (POST /search's `within`:
-each step's request names the tokens allowed); throughput with `--in-flight` searches at once;
+without and with a hubness prior, within `--within` of the ids (POST /search's `within`:
+each step's request names the tokens allowed), and the next page: each query's first page of hits
+left out, with `--exclude` more ids (POST /search's `exclude`: a step whose prefix leads to them
+names the tokens forbidden); throughput with `--in-flight` searches at once;
 and how many vLLM requests one search sends. Each size is written to <out>/sizes/<N>.json when it finishes,
 so the same command resumes; then <out>/results.json and <out>/results.md.
 """
@@ -123,10 +125,15 @@ def demo_queries(count: int) -> list[str]:
     return [captions[i % len(captions)] for i in range(count)]
 
 
-def within_keys(stored, size: int) -> frozenset[str]:
-    """The ids a search `within` is restricted to: `size` of the catalog's, drawn with a fixed seed."""
+def within_keys(stored, size: int, seed: int = 1) -> frozenset[str]:
+    """The ids a search `within` is restricted to (or leaves out): `size` of the catalog's, drawn with a fixed seed."""
     keys = stored.keys
-    return frozenset(keys[i] for i in np.random.default_rng(1).choice(len(keys), min(size, len(keys)), replace=False))
+    return frozenset(keys[i] for i in np.random.default_rng(seed).choice(len(keys), min(size, len(keys)), replace=False))
+
+
+def next_pages(first_pages: list, hidden: frozenset[str]) -> list[frozenset[str]]:
+    """What each query's next page leaves out: its first page of hits, and the `hidden` ids."""
+    return [frozenset(h.key for h in page) | hidden for page in first_pages]
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -134,7 +141,7 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "queries": len(ms)}
 
 
-async def measure_vllm(stored, queries: list[str], within: frozenset[str], args, log) -> dict:
+async def measure_vllm(stored, queries: list[str], within: frozenset[str], hidden: frozenset[str], args, log) -> dict:
     from genret.decoding import PriorWeights
     from service.engine_vllm import VLLMEngine
     from service.settings import Settings
@@ -169,6 +176,16 @@ async def measure_vllm(stored, queries: list[str], within: frozenset[str], args,
             if keys is not None:
                 result[name]["ids"] = len(keys)
             log(f"  {name}: p50 {result[name]['p50_ms']:.0f} ms, {result[name]['requests_per_search']:.0f} requests a search")
+        for q in queries[:warmup]:
+            await engine.search(q, K, BEAMS, exclude=hidden)
+        seconds, requests[0], hits["next page"] = [], 0, []
+        for q, exclude in zip(queries[warmup:], next_pages(hits["plain"], hidden)):
+            t = time.perf_counter()
+            hits["next page"].append(await engine.search(q, K, BEAMS, exclude=exclude))
+            seconds.append(time.perf_counter() - t)
+        result["next page"] = {**percentiles(seconds), "requests_per_search": requests[0] / len(seconds),
+                               "ids_left_out": K + len(hidden)}
+        log(f"  next page: p50 {result['next page']['p50_ms']:.0f} ms, leaving out {K + len(hidden):,} ids")
         batch = (queries[warmup:] * in_flight)[:in_flight]
         t = time.perf_counter()
         await asyncio.gather(*(engine.search(q, K, BEAMS) for q in batch))
@@ -179,17 +196,21 @@ async def measure_vllm(stored, queries: list[str], within: frozenset[str], args,
     return result, hits
 
 
-def reference_hits(stored, queries: list[str], within: frozenset[str]) -> dict[str, list]:
+def reference_hits(stored, queries: list[str], within: frozenset[str], hidden: frozenset[str]) -> dict[str, list]:
     """The transformers engine's hits for the queries, without ("plain") and with ("prior") the
-    hubness prior, and within the same ids: one engine (one copy of the LM) for all."""
+    hubness prior, within the same ids, and their next pages (each query's own first page and
+    `hidden` left out, so one search each): one engine (one copy of the LM) for all."""
     from genret.decoding import PriorWeights, TransformersEngine, search_prior
 
     engine = TransformersEngine(stored, device="cpu")
     searches = {"plain": {}, "prior": {"prior": search_prior(stored, PriorWeights(hubness=PRIOR_WEIGHT), engine.trie)},
                 "within": {"within": within}}
-    return {name: [hits for i in range(0, len(queries), 8)
-                   for hits in engine.search(queries[i:i + 8], k=K, beams=BEAMS, **how)]
-            for name, how in searches.items()}
+    reference = {name: [hits for i in range(0, len(queries), 8)
+                        for hits in engine.search(queries[i:i + 8], k=K, beams=BEAMS, **how)]
+                 for name, how in searches.items()}
+    reference["next page"] = [engine.search([q], k=K, beams=BEAMS, exclude=exclude)[0]
+                              for q, exclude in zip(queries, next_pages(reference["plain"], hidden))]
+    return reference
 
 
 def agreement(vllm_hits, reference) -> dict:
@@ -211,16 +232,17 @@ def git_commit() -> str:
 def report(results: dict, meta: dict) -> str:
     lines = [f"vLLM engine search over atomic ids ({meta['machine']}; commit {meta['commit']}; beam {BEAMS}, k {K})", "",
              "| ids | engine start s (its tokenizer and trie) | requests a search | p50 ms | p95 ms | p50 ms, prior | "
-             "p50 ms within some (how many) | queries/s (searches in flight) | same ranked keys as transformers "
-             "(plain; prior; within) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "p50 ms within some (how many) | p50 ms next page (ids left out) | queries/s (searches in flight) | "
+             "same ranked keys as transformers (plain; prior; within; next page) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in sorted(results.items(), key=lambda kv: int(kv[0])):
         own = f" ({r['tokenizer_and_trie_s']:.1f})" if "tokenizer_and_trie_s" in r else ""  # older runs lack it
         within = f"{r['within']['p50_ms']:.0f} ({r['within']['ids']:,})" if "within" in r else ""
+        page = f"{r['next page']['p50_ms']:.0f} ({r['next page']['ids_left_out']:,})" if "next page" in r else ""
         same = "; ".join(f"{a['same_ranked_keys']}/{a['queries']}" for a in r["agreement"].values())
         lines.append(f"| {int(n):,} | {r['engine_start_s']:.0f}{own} | {r['plain']['requests_per_search']:.0f} | "
                      f"{r['plain']['p50_ms']:.0f} | {r['plain']['p95_ms']:.0f} | {r['prior']['p50_ms']:.0f} | "
-                     f"{within} | {r['in_flight']['queries_per_s']:.2f} ({r['in_flight']['searches']}) | {same} |")
+                     f"{within} | {page} | {r['in_flight']['queries_per_s']:.2f} ({r['in_flight']['searches']}) | {same} |")
     return "\n".join(lines) + "\n"
 
 
@@ -234,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=16, help="searches at once for throughput (default 16)")
     parser.add_argument("--within", type=int, default=1_000,
                         help="how many ids the searches `within` some are restricted to (default 1000, at most all)")
+    parser.add_argument("--exclude", type=int, default=1_000,
+                        help="how many ids each next page leaves out beside its first page's (default 1000: a "
+                             "user's hidden images; 0: the first page alone)")
     parser.add_argument("--memory-fraction", type=float, default=0.2,
                         help="GENRET_GPU_MEMORY_UTILIZATION: on a CPU the share of RAM vLLM takes (default 0.2; "
                              "a million ids need about 0.5)")
@@ -241,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="GENRET_MAX_NUM_SEQS (default 256; vLLM's warm-up holds that many rows of logits, "
                              "4 MB each at a million ids)")
     args = parser.parse_args(argv)
-    if min(args.sizes) < 1 or args.queries < 1 or args.within < 1:
-        parser.error("sizes, --queries and --within must be positive")
+    if min(args.sizes) < 1 or args.queries < 1 or args.within < 1 or args.exclude < 0:
+        parser.error("sizes, --queries and --within must be positive, --exclude at least 0")
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -256,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     base = args.base or train_base(args.out / "base")
     queries = demo_queries(args.warmup + args.queries)
     meta = {"sizes": args.sizes, "queries": args.queries, "warmup": args.warmup, "in_flight": args.in_flight,
-            "within": args.within,
+            "within": args.within, "exclude": args.exclude,
             "memory_fraction": args.memory_fraction, "max_num_seqs": args.max_num_seqs,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
                        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"),
@@ -271,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             stored = StoredModel.open(grow(base, n, args.out / "models" / str(n)))
             grow_s = time.perf_counter() - started
             within = within_keys(stored, args.within)
-            r, hits = asyncio.run(measure_vllm(stored, queries, within, args, log))
-            reference = reference_hits(stored, queries[args.warmup:], within)
-            r["agreement"] = {name: agreement(hits[name], reference[name]) for name in ("plain", "prior", "within")}
+            hidden = within_keys(stored, args.exclude, seed=2) if args.exclude else frozenset()
+            r, hits = asyncio.run(measure_vllm(stored, queries, within, hidden, args, log))
+            reference = reference_hits(stored, queries[args.warmup:], within, hidden)
+            r["agreement"] = {name: agreement(hits[name], reference[name]) for name in reference}
             r["grow_s"] = grow_s
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(r, indent=1))
