@@ -5,6 +5,8 @@ It is queried every decoding step for every beam and must hold up to ~1M identif
   * a position whose only continuation is the end token is stored as the bare key string
     instead of a one-entry node; most ids end that way, which saves one dict per id;
   * `allowed_next` returns a list cached on the node (built on first use, never rebuilt).
+  * a trie less a few ids (`without`: a search's next page, images a user hid) copies the nodes
+    on their paths alone and shares every other node with the trie it came from.
 Returned lists are shared: callers must not mutate them.
 """
 
