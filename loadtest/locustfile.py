@@ -1,5 +1,6 @@
-"""Locust load test of the genret service: mostly searches with held-out queries, some
-descriptions and questions about memorized images, and ~4 % requests that must be refused.
+"""Locust load test of the genret service: mostly searches with held-out queries (some of them
+next pages, some within a few images), some descriptions and questions about memorized images,
+and ~4 % requests that must be refused.
 
     locust -f loadtest/locustfile.py --host http://localhost:8000              # web UI on :8089
     locust -f loadtest/locustfile.py --headless -u 8 -r 2 -t 60s --host ...    # headless
@@ -27,8 +28,8 @@ from locust import FastHttpUser, between, events, task  # noqa: E402
 from locust.stats import PERCENTILES_TO_REPORT, StatsCSV  # noqa: E402
 
 from request_mix import (  # noqa: E402
-    ALL_TASKS, DEFAULT_MIX, KnownIds, RequestMix, check, env_int, fetch_tasks, for_tasks, load_ids, load_queries,
-    parse_mix)
+    ALL_TASKS, DEFAULT_MIX, KnownIds, RequestMix, check, env_int, fetch_readiness, for_tasks, load_ids,
+    load_queries, parse_mix)
 
 QUERIES = load_queries()
 KNOWN = KnownIds(load_ids())  # shared by all users: grows with the ids searches return
@@ -39,13 +40,17 @@ API_KEY = os.environ.get("GENRET_API_KEY")  # the service's, when it requires on
 _user_numbers = itertools.count()
 _environment = None
 _tasks: tuple[str, ...] = ALL_TASKS  # what the served model was trained for: asked at the start
+_catalog_size: int | None = None  # how many images it serves: a next page past the last is refused
 
 
 @events.test_start.add_listener
 def _ask_what_the_model_was_trained_for(environment, **_):
     """A model trained for search only refuses describe / ask (409): draw them only as bad requests."""
-    global _tasks
-    tasks = fetch_tasks(environment.host) if environment.host else None
+    global _tasks, _catalog_size
+    ready = fetch_readiness(environment.host) if environment.host else {"tasks": None, "images": None}
+    tasks, _catalog_size = ready["tasks"], ready["images"]
+    if _catalog_size is None:
+        print(f"loadtest: {environment.host}/readyz did not say how many images the model has; no next pages")
     if tasks is None:
         print(f"loadtest: {environment.host}/readyz did not list the model's tasks; assuming {', '.join(ALL_TASKS)}")
         return
@@ -90,7 +95,8 @@ class GenretUser(FastHttpUser):
 
     def on_start(self):
         seed = int(SEED) * 1_000_003 + next(_user_numbers) if SEED else None
-        self.mix = RequestMix(QUERIES, KNOWN, WEIGHTS, MAX_K, random.Random(seed), tasks=_tasks)
+        self.mix = RequestMix(QUERIES, KNOWN, WEIGHTS, MAX_K, random.Random(seed), tasks=_tasks,
+                              catalog_size=_catalog_size)
 
     @task
     def request(self):
@@ -110,8 +116,9 @@ class GenretUser(FastHttpUser):
             problem = check(call, response.status_code or 0, body)
             if problem is None:
                 response.success()
-                if call.path == "/search":
+                if call.path == "/search" and call.valid:  # a refused one has no results
                     KNOWN.add(r.get("image_id") for r in body["results"] if isinstance(r, dict))
+                    self.mix.answered(call, body)
                 return
             detail = body.get("detail") if isinstance(body, dict) else None
             if detail:

@@ -5,11 +5,16 @@ directly.
 * POST /search with a query drawn from held-out captions (`LOADTEST_QUERIES`: a text file of
   one query a line, or an `image,caption` CSV; default: the demo catalog's held-out
   paraphrases, `genret.demo_catalog.demo_queries()`), k drawn from 1..10;
+* the next page of the user's last search: the same query with `exclude` naming every id its
+  pages showed (after a full page, at most 5 pages deep, while the catalog has more images than
+  were shown: /readyz says how many); its hits must be none of those;
+* a search `within` 1..20 known ids (an album, a shop's products); its hits must be among them;
 * POST /describe/{id} and POST /ask for ids the model has memorized: `LOADTEST_IDS` (a file of
   one id a line, or a comma-separated list) if set, else the ids the service itself returned
   in earlier searches (so any model works without configuration);
 * about 4 % bad requests: unknown ids (404 expected) and an empty query, k=0, k over the
-  maximum, an unknown field, malformed JSON or a lone surrogate (422 expected).
+  maximum, an unknown field, malformed JSON, a lone surrogate, a search within an unknown id or
+  within none, an `exclude` that is no list (422 expected).
 
 A model trained for search only refuses describe and ask with 409 (its /readyz lists the
 tasks it was trained for): the mix then leaves those kinds out, renormalizing the rest, and
@@ -18,10 +23,10 @@ its bad requests include a describe and an ask that must get that 409.
 A request counts as a success when the status is the expected one (a refused bad request is
 the service working), and as a failure on any other status: a 5xx, a 4xx for a valid request,
 or a 200 for a bad one. Requests are named by endpoint and expectation (`/describe/[id]`,
-`/describe/[id] 404`, `/search 422`, ...) so Locust's statistics group well.
+`/describe/[id] 404`, `/search next page`, `/search 422`, ...) so Locust's statistics group well.
 
 Environment: LOADTEST_QUERIES, LOADTEST_IDS, LOADTEST_MIX (weights, default
-"search=80,describe=8,ask=8,bad=4"), LOADTEST_MAX_K (the service's GENRET_MAX_K, default 100),
+"search=70,next_page=6,within=4,describe=8,ask=8,bad=4"), LOADTEST_MAX_K (the service's GENRET_MAX_K, default 100),
 LOADTEST_SEED (per-user random streams, default unseeded).
 """
 
@@ -46,9 +51,12 @@ QUESTIONS = [
     "Is it taken outdoors?",
 ]
 
-DEFAULT_MIX = "search=80,describe=8,ask=8,bad=4"
-KINDS = ("search", "describe", "ask", "bad")
+DEFAULT_MIX = "search=70,next_page=6,within=4,describe=8,ask=8,bad=4"
+KINDS = ("search", "next_page", "within", "describe", "ask", "bad")
+SEARCHES = ("search", "next_page", "within")  # the kinds a model trained for search answers
 ALL_TASKS = ("search", "describe", "ask")
+MAX_PAGES = 5  # a user pages this deep at most, then searches anew
+MAX_WITHIN = 20  # a search within some images names 1..MAX_WITHIN known ids
 
 # Used only when neither LOADTEST_QUERIES nor genret is importable (a bare locust image).
 FALLBACK_QUERIES = [
@@ -73,7 +81,7 @@ class Call:
     expect: int
     json: object | None = None  # a JSON body
     data: bytes | None = None  # a raw body (malformed JSON)
-    kind: str = "search"  # search / describe / ask / bad
+    kind: str = "search"  # one of KINDS
 
     @property
     def valid(self) -> bool:
@@ -81,7 +89,7 @@ class Call:
 
 
 def parse_mix(text: str) -> dict[str, float]:
-    """'search=80,describe=8,ask=8,bad=4' -> normalized weights; unknown kinds are an error."""
+    """'search=70,next_page=6,within=4,describe=8,ask=8,bad=4' -> normalized weights; unknown kinds are an error."""
     weights = {k: 0.0 for k in KINDS}
     for part in filter(None, (p.strip() for p in text.split(","))):
         kind, sep, value = part.partition("=")
@@ -102,7 +110,7 @@ def parse_mix(text: str) -> dict[str, float]:
 
 def for_tasks(weights: dict[str, float], tasks) -> dict[str, float]:
     """The mix without the kinds the model was not trained for, renormalized."""
-    kept = {k: (w if k == "bad" or k in tasks else 0.0) for k, w in weights.items()}
+    kept = {k: (w if k == "bad" or ("search" if k in SEARCHES else k) in tasks else 0.0) for k, w in weights.items()}
     total = sum(kept.values())
     if total <= 0:
         raise ValueError(f"LOADTEST_MIX: the model is trained for {', '.join(tasks)} only, "
@@ -110,18 +118,26 @@ def for_tasks(weights: dict[str, float], tasks) -> dict[str, float]:
     return {k: w / total for k, w in kept.items()}
 
 
-def fetch_tasks(host: str, timeout_s: float = 10.0) -> tuple[str, ...] | None:
-    """The tasks the served model was trained for (its /readyz), or None if it does not say."""
+def fetch_readiness(host: str, timeout_s: float = 10.0) -> dict:
+    """What the service's /readyz says, read as the mix needs it: `tasks` (what the model was trained
+    for) and `images` (how many it serves), each None where it does not say."""
     import json
     import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(host.rstrip("/") + "/readyz", timeout=timeout_s) as response:
-            tasks = json.loads(response.read()).get("tasks")
-    except (urllib.error.URLError, OSError, ValueError, AttributeError):
-        return None
-    return tuple(t for t in tasks if isinstance(t, str)) if isinstance(tasks, list) else None
+            ready = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        ready = None
+    return readiness(ready)
+
+
+def readiness(ready: object) -> dict:
+    ready = ready if isinstance(ready, dict) else {}
+    tasks, images = ready.get("tasks"), ready.get("images")
+    return {"tasks": tuple(t for t in tasks if isinstance(t, str)) if isinstance(tasks, list) else None,
+            "images": images if isinstance(images, int) and not isinstance(images, bool) and images > 0 else None}
 
 
 def load_queries(source: str | None = None) -> list[str]:
@@ -179,25 +195,34 @@ class KnownIds:
         with self._lock:
             return rng.choice(self._ids) if self._ids else None
 
+    def sample(self, rng: random.Random, n: int) -> list[str]:
+        with self._lock:
+            return rng.sample(self._ids, min(n, len(self._ids)))
+
     def __len__(self) -> int:
         return len(self._ids)
 
 
 class RequestMix:
-    """Draws the next request. Describe / ask need a known id: until one is known (no
-    LOADTEST_IDS and no search answered yet) they fall back to a search. `tasks`: what the
-    model was trained for (its /readyz); the others are drawn only as bad requests (409)."""
+    """Draws the next request of one user. Describe / ask / within need known ids, and a next page
+    an answered search: until then they fall back to a search. `tasks`: what the model was trained
+    for (its /readyz); the others are drawn only as bad requests (409). `catalog_size`: how many
+    images the service has (its /readyz); unknown, no next page is drawn, since one past the last
+    image is refused."""
 
     def __init__(self, queries: list[str], known: KnownIds, weights: dict[str, float] | None = None,
-                 max_k: int = 100, rng: random.Random | None = None, tasks=ALL_TASKS):
+                 max_k: int = 100, rng: random.Random | None = None, tasks=ALL_TASKS,
+                 catalog_size: int | None = None):
         if not queries:
             raise ValueError("no queries to search with")
         self.queries, self.known, self.max_k = queries, known, max_k
         self.tasks = tuple(tasks)
+        self.catalog_size = catalog_size
         self.weights = for_tasks(weights or parse_mix(DEFAULT_MIX), self.tasks)
         self.rng = rng or random.Random()
         self._kinds = list(self.weights)
         self._weights = list(self.weights.values())
+        self._paging: tuple[str, int, list[str], int] | None = None  # the last search's query, k, ids shown, pages
 
     def next(self) -> Call:
         kind = self.rng.choices(self._kinds, weights=self._weights)[0]
@@ -205,12 +230,38 @@ class RequestMix:
             image_id = self.known.pick(self.rng)
             if image_id is not None:
                 return self.describe(image_id) if kind == "describe" else self.ask(image_id)
-            kind = "search"
+        elif kind == "next_page" and self._paging is not None:
+            return self.next_page()
+        elif kind == "within" and (ids := self.known.sample(self.rng, self.rng.randint(1, MAX_WITHIN))):
+            return self.within(ids)
         return self.bad() if kind == "bad" else self.search()
+
+    def answered(self, call: Call, body: dict) -> None:
+        """A search's or next page's hits, answered as expected: the user's next page leaves them
+        out too, if the page was full, not too deep, and the catalog has images not yet shown."""
+        if call.kind not in ("search", "next_page") or not call.valid:
+            return
+        query, k = call.json["query"], call.json["k"]
+        hits = [r.get("image_id") for r in body["results"] if isinstance(r, dict)]
+        shown = [*call.json.get("exclude", ()), *hits]
+        pages = self._paging[3] + 1 if call.kind == "next_page" and self._paging else 1
+        more = (len(hits) == k and pages < MAX_PAGES and self.catalog_size is not None
+                and len(set(shown)) < self.catalog_size)
+        self._paging = (query, k, shown, pages) if more else None
 
     def search(self) -> Call:
         k = min(self.rng.choice((1, 3, 5, 5, 10, 10)), self.max_k)
         return Call("POST", "/search", "/search", 200, json={"query": self.rng.choice(self.queries), "k": k})
+
+    def next_page(self) -> Call:
+        query, k, shown, _ = self._paging
+        return Call("POST", "/search", "/search next page", 200, json={"query": query, "k": k, "exclude": shown},
+                    kind="next_page")
+
+    def within(self, ids: list[str]) -> Call:
+        k = min(self.rng.choice((1, 3, 5, 5, 10, 10)), self.max_k)
+        return Call("POST", "/search", "/search within", 200,
+                    json={"query": self.rng.choice(self.queries), "k": k, "within": ids}, kind="within")
 
     def describe(self, image_id: str) -> Call:
         return Call("POST", f"/describe/{quote(image_id)}", "/describe/[id]", 200, kind="describe")
@@ -234,6 +285,9 @@ class RequestMix:
             Call("POST", "/search", "/search 422", 422, data=b'{"query": "unterminated', kind="bad"),
             # valid JSON, but no string: a lone surrogate (the 422 that echoed it was once a 500)
             Call("POST", "/search", "/search 422", 422, data=b'{"query": "a \\ud800 dog"}', kind="bad"),
+            Call("POST", "/search", "/search 422", 422, json={"query": query, "within": [unknown]}, kind="bad"),
+            Call("POST", "/search", "/search 422", 422, json={"query": query, "within": []}, kind="bad"),
+            Call("POST", "/search", "/search 422", 422, json={"query": query, "exclude": unknown}, kind="bad"),
         ]
         return self.rng.choice(options)
 
@@ -252,6 +306,11 @@ def check(call: Call, status: int, body: object) -> str | None:
             return "no search results"
         if len(results) > call.json["k"]:
             return f"{len(results)} results for k={call.json['k']}"
+        keys = [r.get("image_id") if isinstance(r, dict) else None for r in results]
+        if call.kind == "within" and (outside := [key for key in keys if key not in call.json["within"]]):
+            return f"a hit outside the images searched within: {outside[0]!r}"
+        if call.kind == "next_page" and (shown := [key for key in keys if key in call.json["exclude"]]):
+            return f"a hit the next page leaves out: {shown[0]!r}"
     elif call.kind == "describe" and not isinstance(body.get("description"), str):
         return "no description"
     elif call.kind == "ask" and not isinstance(body.get("answer"), str):

@@ -362,7 +362,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
             return JSONResponse({"status": "not ready", "reason": f"id store: {e or 'timed out'}"}, status_code=503)
         # ready all the same: during a rollout the map and the servers change one after the other
         return {"status": "ready", "model": services.model_name, "engine": engine.name, "id_store": store,
-                "search": settings.search, "tasks": services.stored.tasks, **({"warning": mismatch} if mismatch else {})}
+                "search": settings.search, "tasks": services.stored.tasks,
+                "images": len(services.stored.keys), **({"warning": mismatch} if mismatch else {})}
 
     @app.get("/metrics")
     async def prometheus():

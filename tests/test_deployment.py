@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import importlib.metadata
+import itertools
 import json
 import os
 import random
@@ -396,9 +397,14 @@ def test_the_locust_user_sends_the_services_api_key_with_every_request(tmp_path)
 
 def test_the_mix_draws_each_kind_at_its_rate():
     known = request_mix.KnownIds(["astronaut.jpg", "moon.jpg"])
-    mix = request_mix.RequestMix(request_mix.load_queries(), known, max_k=8, rng=random.Random(7))
-    n = 20_000
-    calls = [mix.next() for _ in range(n)]
+    mix = request_mix.RequestMix(request_mix.load_queries(), known, max_k=8, rng=random.Random(7),
+                                 catalog_size=1_000_000)
+    n, fresh = 20_000, itertools.count()
+    calls = []
+    for _ in range(n):  # every search answered with a full page of images not shown before
+        calls.append(call := mix.next())
+        if call.kind in ("search", "next_page"):
+            mix.answered(call, {"results": [{"image_id": f"{next(fresh)}.jpg"} for _ in range(call.json["k"])]})
     kinds = collections.Counter(c.kind for c in calls)
     for kind, share in request_mix.parse_mix(request_mix.DEFAULT_MIX).items():
         assert abs(kinds[kind] / n - share) < 0.01, (kind, kinds[kind] / n, share)
@@ -406,12 +412,46 @@ def test_the_mix_draws_each_kind_at_its_rate():
     assert 0.02 <= len(bad) / n <= 0.05
     assert all(c.expect in (404, 422) for c in bad) and all(c.expect == 200 for c in calls if c.kind != "bad")
     assert {c.name for c in bad} == {"/describe/[id] 404", "/ask 404", "/search 422"}
-    assert {c.name for c in calls if c.kind != "bad"} == {"/search", "/describe/[id]", "/ask"}
+    assert {c.name for c in calls if c.kind != "bad"} == {"/search", "/search next page", "/search within",
+                                                           "/describe/[id]", "/ask"}
     for c in calls:
-        if c.name == "/search":
+        if c.path == "/search" and c.valid:
             assert c.json["query"].strip() and 1 <= c.json["k"] <= 8
+        if c.kind == "within":
+            assert 1 <= len(c.json["within"]) <= 2 and set(c.json["within"]) <= {"astronaut.jpg", "moon.jpg"}
         if c.kind in ("describe", "ask") and c.valid:
             assert c.path.startswith("/describe/") or c.json["image_id"] in {"astronaut.jpg", "moon.jpg"}
+    # a next page asks the query and k of the page before it, leaving out every id shown so far
+    pages = [(a, b) for a, b in zip(calls, calls[1:]) if b.kind == "next_page" and a.kind in ("search", "next_page")]
+    assert pages and all(b.json["query"] == a.json["query"] and b.json["k"] == a.json["k"]
+                         and len(b.json["exclude"]) == len(a.json.get("exclude", ())) + a.json["k"] for a, b in pages)
+
+
+def test_a_user_pages_on_after_a_full_page_while_the_catalog_has_more():
+    def pages(catalog_size, page_sizes):
+        """The next pages a user asks for when each search's pages hold `page_sizes` hits."""
+        mix = request_mix.RequestMix(["a query"], request_mix.KnownIds(), rng=random.Random(1),
+                                     catalog_size=catalog_size)
+        mix.answered(search := mix.search(), {"results": [{"image_id": f"{i}"} for i in range(search.json["k"])]})
+        asked, shown = [], search.json["k"]
+        while mix._paging is not None and len(asked) < len(page_sizes):
+            asked.append(page := mix.next_page())
+            assert page.json["exclude"] == [str(i) for i in range(shown)]
+            hits = page_sizes[len(asked) - 1] if page_sizes[len(asked) - 1] is not None else page.json["k"]
+            mix.answered(page, {"results": [{"image_id": f"{shown + i}"} for i in range(hits)]})
+            shown += hits
+        return len(asked), search.json["k"]
+
+    asked, k = pages(10**6, [None] * 10)
+    assert asked == request_mix.MAX_PAGES - 1  # five pages in all, then a new search
+    assert pages(10**6, [None, max(k - 1, 0), None])[0] == 2  # a short page is the last
+    assert pages(None, [None])[0] == 0  # how many images the service has unknown: no next page
+    asked, k = pages(3 * k, [None] * 10)  # the catalog shown whole after three pages
+    assert asked == 2
+    assert request_mix.readiness({"status": "ready", "tasks": ["search"], "images": 18}) == {"tasks": ("search",),
+                                                                                             "images": 18}
+    for ready in (None, [], {"tasks": "search", "images": True}, {"images": 0}, {"images": "18"}):
+        assert request_mix.readiness(ready) == {"tasks": None, "images": None}
 
 
 def test_describe_and_ask_wait_for_known_ids():
@@ -438,7 +478,8 @@ def test_queries_and_ids_come_from_files(tmp_path):
     (tmp_path / "ids.txt").write_text("a.jpg\nb.jpg\n")
     assert request_mix.load_ids(str(tmp_path / "ids.txt")) == ["a.jpg", "b.jpg"]
     assert request_mix.load_ids("a.jpg, b.jpg") == ["a.jpg", "b.jpg"]
-    assert request_mix.parse_mix("search=1,bad=1") == {"search": 0.5, "describe": 0.0, "ask": 0.0, "bad": 0.5}
+    assert request_mix.parse_mix("search=1,bad=1") == {"search": 0.5, "next_page": 0.0, "within": 0.0,
+                                                       "describe": 0.0, "ask": 0.0, "bad": 0.5}
     for bad in ("search=1,nope=2", "search", "search=0"):
         with pytest.raises(ValueError):
             request_mix.parse_mix(bad)
@@ -514,7 +555,8 @@ def test_every_call_of_the_mix_gets_its_expected_status_from_the_api(tasks):
     app = create_app(Settings(max_k=10, default_k=5, beams=5), engine=StubEngine(keys, tasks),
                      id_store=StubIdStore())
     known = request_mix.KnownIds()
-    mix = request_mix.RequestMix(request_mix.load_queries(""), known, max_k=10, rng=random.Random(3), tasks=tasks)
+    mix = request_mix.RequestMix(request_mix.load_queries(""), known, max_k=10, rng=random.Random(3), tasks=tasks,
+                                 catalog_size=len(keys))
     draws = [mix.next] * 150 + [mix.bad] * 60  # drawn as the run goes: describe / ask need ids searched
 
     async def drive():
@@ -529,14 +571,17 @@ def test_every_call_of_the_mix_gets_its_expected_status_from_the_api(tasks):
                 assert problem is None, (call, r.status_code, r.text)
                 if call.path == "/search" and r.status_code == 200:
                     known.add(hit["image_id"] for hit in body["results"])
+                    mix.answered(call, body)
                 seen[call.name] += 1
         return seen
 
     seen = asyncio.run(drive())
     if len(tasks) == 3:
-        assert set(seen) == {"/search", "/describe/[id]", "/ask", "/search 422", "/describe/[id] 404", "/ask 404"}
+        assert set(seen) == {"/search", "/search next page", "/search within", "/describe/[id]", "/ask",
+                             "/search 422", "/describe/[id] 404", "/ask 404"}
     else:
-        assert set(seen) == {"/search", "/search 422", "/describe/[id] 409", "/ask 409"}
+        assert set(seen) == {"/search", "/search next page", "/search within", "/search 422", "/describe/[id] 409",
+                             "/ask 409"}
 
 
 def test_the_mix_leaves_out_what_the_model_was_not_trained_for():
@@ -544,7 +589,8 @@ def test_the_mix_leaves_out_what_the_model_was_not_trained_for():
     assert request_mix.for_tasks(weights, ("search", "describe", "ask")) == weights
     search_only = request_mix.for_tasks(weights, ("search",))
     assert search_only["describe"] == search_only["ask"] == 0
-    assert search_only["search"] == pytest.approx(80 / 84) and search_only["bad"] == pytest.approx(4 / 84)
+    assert search_only["search"] == pytest.approx(70 / 84) and search_only["bad"] == pytest.approx(4 / 84)
+    assert search_only["next_page"] == pytest.approx(6 / 84) and search_only["within"] == pytest.approx(4 / 84)
     with pytest.raises(ValueError, match="trained for search only"):
         request_mix.for_tasks(request_mix.parse_mix("describe=1,ask=1"), ("search",))
 

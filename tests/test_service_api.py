@@ -38,7 +38,7 @@ def client(served):
     return served.client
 
 
-def test_healthz_and_readyz(run, client):
+def test_healthz_and_readyz(run, client, hf_engine):
     assert run(client.get("/healthz")).json() == {"status": "alive"}
     ready = run(client.get("/readyz"))
     assert ready.status_code == 200
@@ -47,6 +47,7 @@ def test_healthz_and_readyz(run, client):
     assert ready.json()["search"] == {"beams": 3, "beam_hubness_weight": 0.0, "added_id_bonus": 0.0,
                                       "rerank_beams": 50, "rerank_weight": 0.0, "hubness_weight": 0.0}
     assert ready.json()["tasks"] == ["search", "describe", "ask"]  # what the model was trained to do
+    assert ready.json()["images"] == len(hf_engine.stored.keys)  # how many a client can page through
 
 
 def test_search_returns_k_catalog_images_with_urls(run, client, tiny_catalog):
