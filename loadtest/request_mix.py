@@ -222,7 +222,7 @@ class RequestMix:
         self.rng = rng or random.Random()
         self._kinds = list(self.weights)
         self._weights = list(self.weights.values())
-        self._paging: tuple[str, int, list[str], int] | None = None  # the last search's query, k, ids shown, pages
+        self._paging: tuple[str, int, list[str]] | None = None  # the last search's query, k, the ids its pages showed
 
     def next(self) -> Call:
         kind = self.rng.choices(self._kinds, weights=self._weights)[0]
@@ -243,25 +243,26 @@ class RequestMix:
             return
         query, k = call.json["query"], call.json["k"]
         hits = [r.get("image_id") for r in body["results"] if isinstance(r, dict)]
-        shown = [*call.json.get("exclude", ()), *hits]
-        pages = self._paging[3] + 1 if call.kind == "next_page" and self._paging else 1
-        more = (len(hits) == k and pages < MAX_PAGES and self.catalog_size is not None
+        shown = [*call.json.get("exclude", ()), *hits]  # every page so far was full: len(shown) / k of them
+        more = (len(hits) == k and len(shown) < MAX_PAGES * k and self.catalog_size is not None
                 and len(set(shown)) < self.catalog_size)
-        self._paging = (query, k, shown, pages) if more else None
+        self._paging = (query, k, shown) if more else None
+
+    def _query_and_k(self) -> dict:
+        k = min(self.rng.choice((1, 3, 5, 5, 10, 10)), self.max_k)
+        return {"query": self.rng.choice(self.queries), "k": k}
 
     def search(self) -> Call:
-        k = min(self.rng.choice((1, 3, 5, 5, 10, 10)), self.max_k)
-        return Call("POST", "/search", "/search", 200, json={"query": self.rng.choice(self.queries), "k": k})
+        return Call("POST", "/search", "/search", 200, json=self._query_and_k())
 
     def next_page(self) -> Call:
-        query, k, shown, _ = self._paging
+        query, k, shown = self._paging
         return Call("POST", "/search", "/search next page", 200, json={"query": query, "k": k, "exclude": shown},
                     kind="next_page")
 
     def within(self, ids: list[str]) -> Call:
-        k = min(self.rng.choice((1, 3, 5, 5, 10, 10)), self.max_k)
-        return Call("POST", "/search", "/search within", 200,
-                    json={"query": self.rng.choice(self.queries), "k": k, "within": ids}, kind="within")
+        return Call("POST", "/search", "/search within", 200, json={**self._query_and_k(), "within": ids},
+                    kind="within")
 
     def describe(self, image_id: str) -> Call:
         return Call("POST", f"/describe/{quote(image_id)}", "/describe/[id]", 200, kind="describe")
