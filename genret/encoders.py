@@ -12,10 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .catalog import as_seen, read_image
 
-__all__ = ["ImageEncoder", "TextEncoder", "cached_features", "usable_device"]
+__all__ = ["ImageEncoder", "TextEncoder", "usable_device"]
 
 
 def usable_device(name: str | None = None) -> str:
@@ -161,30 +159,3 @@ class TextEncoder:
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
         return out
 
-
-def cached_features(
-    cache_path: str | os.PathLike | None, compute: Callable[[], np.ndarray], n_rows: int | None = None
-) -> np.ndarray:
-    """Load features from cache_path (.npy) or compute and save them.
-
-    Encoding Flickr8k on CPU takes minutes, so runs share one file. The key is the caller's
-    choice of path (put the encoder and catalog in it); n_rows guards against a stale file
-    left by a different catalog.
-    """
-    if cache_path is None:
-        return compute()
-    path = Path(cache_path)
-    if path.exists():
-        feats = np.load(path)
-        if n_rows is None or len(feats) == n_rows:
-            return feats
-    feats = np.asarray(compute(), dtype=np.float32)
-    if n_rows is not None and len(feats) != n_rows:
-        raise ValueError(f"computed {len(feats)} feature rows, expected {n_rows}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so an interrupted run never leaves a truncated cache behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, feats)
-    os.replace(tmp, path)
-    return feats

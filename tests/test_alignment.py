@@ -19,7 +19,7 @@ from genret.alignment import (
     train_two_tower,
     validated_epochs,
 )
-from genret.encoders import ImageEncoder, TextEncoder, cached_features
+from genret.encoders import ImageEncoder, TextEncoder
 
 
 def test_image_encoder_features(tmp_path):
@@ -61,22 +61,6 @@ def test_text_encoder_semantics():
     assert emb.shape == (3, TextEncoder.dim) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
-
-
-def test_cached_features(tmp_path):
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return np.arange(6, dtype=np.float32).reshape(3, 2)
-
-    path = tmp_path / "sub" / "feats.npy"
-    a = cached_features(path, compute, n_rows=3)
-    b = cached_features(path, compute, n_rows=3)
-    np.testing.assert_array_equal(a, b)
-    assert len(calls) == 1 and path.exists()
-    with pytest.raises(ValueError):
-        cached_features(tmp_path / "other.npy", compute, n_rows=4)
 
 
 @pytest.fixture(scope="module")
