@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flickr8k import DEFAULT_DATA, REPO, SETTINGS, build_catalog, protocol_of, run_config  # noqa: E402
+from flickr8k_protocol import DEFAULT_DATA, REPO, SETTINGS, build_catalog, protocol_of, run_config  # noqa: E402
 
 from genret.model_store import write_json  # noqa: E402
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-import flickr8k  # the benchmark beside this file: its protocol and settings
+import flickr8k_protocol  # the Flickr8k benchmark's protocol and settings, beside this file
 
 WIDE_BATCH, BATCH = 4, 16  # queries per call, as the benchmark searches on a CPU
 
@@ -31,17 +31,17 @@ def timed_search(engine, queries, trie, beams: int, per_call: int) -> tuple[floa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
-    parser.add_argument("--setting", choices=sorted(flickr8k.SETTINGS), default="cpu")
-    parser.add_argument("--data", type=Path, default=flickr8k.DEFAULT_DATA)
+    parser.add_argument("--setting", choices=sorted(flickr8k_protocol.SETTINGS), default="cpu")
+    parser.add_argument("--data", type=Path, default=flickr8k_protocol.DEFAULT_DATA)
     args = parser.parse_args()
-    sys.path.insert(0, str(flickr8k.REPO))
+    sys.path.insert(0, str(flickr8k_protocol.REPO))
     import torch
 
     from genret.decoding import TransformersEngine
     from genret.model_store import StoredModel
 
-    setting = flickr8k.SETTINGS[args.setting]
-    protocol = flickr8k.build_catalog(args.data, setting)
+    setting = flickr8k_protocol.SETTINGS[args.setting]
+    protocol = flickr8k_protocol.build_catalog(args.data, setting)
     queries = [q for q, _ in protocol.queries]
     stored = StoredModel.open(args.model)
     engines = {"recomputed per beam": TransformersEngine(stored, device="cpu", cache_prompts=False),
