@@ -411,6 +411,7 @@ class Trainer:
                 corpus += [c for cs in self.captions.values() for c in cs]
                 corpus += [t for t in identifiers.ids.values() if not t.startswith("<")]
                 lm, tokenizer = prune_vocabulary(lm, tokenizer, corpus)
+            self.seed_torch("id_rows")  # resizing draws the new rows (mean_resizing)
             lm, tokenizer = add_tokens(lm, tokenizer, identifiers.new_tokens)
             lm.save_pretrained(path)
             tokenizer.save_pretrained(path)
@@ -491,6 +492,12 @@ class Trainer:
             spread = (weight[old] - weight[old].mean(0)).norm(dim=1).median().double()
             scale = spread / projected.norm(dim=1).max().clamp(min=1e-12)
             weight[tokens] = (weight[old].mean(0) + scale * projected).to(weight.dtype)
+
+    def seed_torch(self, step: str):
+        """Seed torch's global generator for one step of training from the run's seed and the step's
+        name, so what the step draws never depends on what ran before it in this process: a base
+        LM converted on first use, a tower trained here or loaded from an earlier call, a resume."""
+        torch.manual_seed(zlib.crc32(f"{self.config.seed}/{step}/torch".encode()))
 
     # ---- tasks
 
@@ -660,6 +667,7 @@ class Trainer:
         new_tokens = sorted(tokenizer.convert_tokens_to_ids(list(identifiers.new_tokens)))
         if self.config.id_embeddings == "aligned":
             self.align_id_embeddings(lm, ids, set(new_tokens), embeddings)
+        self.seed_torch("prefixes")
         prefix = SoftPrefix(self.image_features().shape[1], lm.config.hidden_size, self.config.visual_tokens)
         captions, _ = self.caption_pairs()  # the query prefix's text mean, the teacher's texts, the hubness bank
         caption_embeddings = self.aligned_text_embeddings(tower, captions)
@@ -721,7 +729,7 @@ class Trainer:
             if index < done:
                 continue
             examples = self.examples(stage, epoch, prompts, ids, pseudo, query_rows, teacher_rows)
-            torch.manual_seed(zlib.crc32(f"{self.config.seed}/{stage}/{epoch}/torch".encode()))  # resumable noise
+            self.seed_torch(f"{stage}/{epoch}")  # resumable noise
             losses = []
             bar = tqdm(range(0, len(examples), self.config.batch_size), desc=f"{stage} {epoch + 1}", disable=not self.progress)
             for start in bar:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from genret.model_store import StoredModel
 from genret.prompts import normalize_caption
 from genret.training import TrainConfig, Trainer, clear_run, id_token_vectors
 
-from .conftest import TINY_CONFIG
+from .conftest import TINY_CONFIG, TINY_SIZE
 
 SHORT = {**TINY_CONFIG, "memorize_epochs": 1, "retrieve_epochs": 2, "align_epochs": 3}
 
@@ -58,6 +59,35 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_catalog, tmp_path, 
     assert manifest["train_config"]["retrieve_epochs"] == 2 and len(manifest["history"]) == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
     assert (resumed / "query_prefix.safetensors").exists() == bool(query_tokens)
+
+
+def test_a_seed_trains_the_same_model_whatever_ran_before_it_in_the_process(tiny_catalog, tmp_path):
+    """The base LM is converted on first use, the benchmark copies one tower into every scheme's
+    run, a GPU call may have prepared the tower and the LM: all of these draw from (or skip
+    drawing from) torch's global generator before training starts, and none may change what a
+    seed trains (before each step seeded itself, a machine's first run, the one that converted
+    the base LM, trained another model than its later ones)."""
+    catalog = tiny_catalog.subset(tiny_catalog.keys()[:4])
+    config = TrainConfig(**{**TINY_SIZE, "memorize_epochs": 1, "retrieve_epochs": 1, "align_epochs": 3})
+    assert config.scheme == "atomic" and config.id_embeddings == "aligned" and config.query_tokens  # fresh rows, prefixes
+
+    def train(run: str, prepared_earlier: list[str] = ()):
+        (tmp_path / run / "prepared").mkdir(parents=True)
+        for name in prepared_earlier:
+            source, copy = tmp_path / "straight" / "prepared" / name, tmp_path / run / "prepared" / name
+            shutil.copytree(source, copy) if source.is_dir() else shutil.copy(source, copy)
+        trainer = Trainer(catalog, config, tmp_path / run, progress=False)
+        torch.rand(1000)  # what a conversion or another model's construction would draw
+        return trainer.train(tmp_path / f"{run}-model")
+
+    straight = train("straight")
+    tower_earlier = train("tower_earlier", ["alignment.safetensors", "alignment.json"])
+    lm_earlier = train("lm_earlier", ["alignment.safetensors", "alignment.json", "lm_init"])
+
+    init = lambda run: (tmp_path / run / "prepared" / "lm_init" / "model.safetensors").read_bytes()
+    assert init("tower_earlier") == init("straight")
+    history = lambda d: [h["loss"] for h in json.loads((d / "manifest.json").read_text())["history"]]
+    assert history(tower_earlier) == history(straight) == history(lm_earlier)
 
 
 def test_query_options_without_a_query_prefix_are_refused():
