@@ -36,6 +36,11 @@ def prompts():
     return Prompts(AutoTokenizer.from_pretrained(base_checkpoint()))
 
 
+def trained_losses(model_dir: Path) -> list[float]:
+    """Each epoch's mean loss, as the model's manifest recorded it."""
+    return [h["loss"] for h in StoredModel.open(model_dir).manifest["history"]]
+
+
 def spelled_ids(prompts, keys) -> dict[str, list[int]]:
     """Stand-in identifiers spelled in ordinary tokens, one per image."""
     return {k: prompts.encode(f" image {i}") for i, k in enumerate(keys)}
@@ -53,8 +58,7 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_catalog, tmp_path, 
     resumed = Trainer(catalog, config, tmp_path / "run", progress=False).train(tmp_path / "m")
     straight = Trainer(catalog, config, tmp_path / "run2", progress=False).train(tmp_path / "m2")
 
-    history = lambda d: [h["loss"] for h in json.loads((d / "manifest.json").read_text())["history"]]
-    assert history(resumed) == pytest.approx(history(straight), rel=1e-4)
+    assert trained_losses(resumed) == pytest.approx(trained_losses(straight), rel=1e-4)
     manifest = StoredModel.open(resumed).manifest
     assert manifest["train_config"]["retrieve_epochs"] == 2 and len(manifest["history"]) == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
@@ -86,8 +90,7 @@ def test_a_seed_trains_the_same_model_whatever_ran_before_it_in_the_process(tiny
 
     init = lambda run: (tmp_path / run / "prepared" / "lm_init" / "model.safetensors").read_bytes()
     assert init("tower_earlier") == init("straight")
-    history = lambda d: [h["loss"] for h in json.loads((d / "manifest.json").read_text())["history"]]
-    assert history(tower_earlier) == history(straight) == history(lm_earlier)
+    assert trained_losses(tower_earlier) == trained_losses(straight) == trained_losses(lm_earlier)
 
 
 def test_query_options_without_a_query_prefix_are_refused():
@@ -676,7 +679,7 @@ def test_length_slices_train_the_same_model(tiny_catalog, tmp_path):
     for slices in (1, 3):
         config = TrainConfig(**{**SHORT, "query_tokens": 2, "length_slices": slices, "batch_size": 8})
         models[slices] = Trainer(catalog, config, tmp_path / f"run{slices}", progress=False).train(tmp_path / f"m{slices}")
-    history = {s: [h["loss"] for h in StoredModel.open(m).manifest["history"]] for s, m in models.items()}
+    history = {s: trained_losses(m) for s, m in models.items()}
     assert len(history[3]) == len(history[1]) == 3
     assert history[3][0] == pytest.approx(history[1][0], rel=1e-5)  # the first epoch, before rounding compounds
     assert history[3] == pytest.approx(history[1], rel=5e-3)
