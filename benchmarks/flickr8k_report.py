@@ -32,11 +32,11 @@ def over_seeds(runs: list[dict]) -> dict:
             values = [r[scope] if part is None else r[scope].get(part) for r in runs]
             if any(v is None for v in values):
                 continue
-            for metric in [m for m, v in values[0].items() if isinstance(v, (int, float))]:
+            for metric in [m for m in values[0] if all(isinstance(v.get(m), (int, float)) for v in values)]:
                 numbers = np.array([v[metric] for v in values], dtype=float)
                 target = row[scope] if part is None else row[scope].setdefault(part, {})
                 target[metric] = float(numbers.mean())
-                if metric.startswith("R@") or metric.endswith(("_f1", "_accuracy")):
+                if metric.startswith("R@") or metric.endswith(("_f1", "_accuracy", "_auc", "_by_description")):
                     row["spread"][scope][metric if part is None else f"{part} {metric}"] = float(numbers.std())
     return row
 
@@ -52,10 +52,12 @@ def _cell(row: dict, scope: str, metric: str, part: str | None = None) -> str:
 
 def _yes_no_details(row: dict, scope: str, metric: str) -> str:
     """The yes/no cell's additions: for a model that reads its own description, its accuracy on the
-    questions that description answers; and how often the model said yes (the truth: half the time)."""
+    questions that description answers; how often the model said yes (the truth: half the time); how
+    well its leaning ranks the questions (AUC); and "yes iff its own description says the word"."""
     if metric != "yes_no_accuracy":
         return ""
-    details = [f"{cell} {what}" for key, what in (("yes_no_stated_accuracy", "stated"), ("yes_share", "yes"))
+    details = [f"{cell} {what}" for key, what in (("yes_no_stated_accuracy", "stated"), ("yes_share", "yes"),
+                                                  ("yes_no_auc", "AUC"), ("yes_no_by_description", "by description"))
                if (cell := _cell(row, scope, key))]
     return f" ({', '.join(details)})" if details else ""
 
@@ -178,8 +180,11 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
             lines.append(f"| {_label(name, r)} | {' | '.join(cells)} |")
         if any(_yes_no_details(r, scope, "yes_no_accuracy") for r in spoken.values() for scope in SPOKEN_SCOPES):
             lines += ["", "In brackets: the yes/no accuracy of a model that asks after its own description on the "
-                      "questions that description answers (stated), and the share of questions answered yes (yes; "
-                      "the right share is 0.5, and a model near 0 or 1 does not tell images apart) (genret.evaluation)."]
+                      "questions that description answers (stated), the share of questions answered yes (yes; "
+                      "the right share is 0.5, and a model near 0 or 1 does not tell images apart), the ROC AUC of "
+                      "log P(Yes) - log P(No) (AUC: above 0.5 the model leans yes more where the answer is yes, "
+                      "whichever way it answers), and the accuracy of \"yes iff its own description mentions the "
+                      "word\" (by description) (genret.evaluation)."]
     if any("catalog_captioned" in r for r in results.values()):
         lines += ["", f"Queries for captioned images (`--captioned-queries`): one held-out caption of each of "
                   f"{meta.get('captioned_queries')} train images, whose other captions were trained on, searched over "

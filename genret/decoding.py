@@ -165,6 +165,19 @@ class TransformersEngine:
         texts = [self.prompts.decode_answer(_until_end(row, end)) for row in out[:, ids.shape[1]:].tolist()]
         return [list(dict.fromkeys(t for t in texts[i * beams : (i + 1) * beams] if t)) for i in range(len(prompts))]
 
+    @torch.inference_mode()
+    def answer_log_odds(self, prompts: list[list[int]], answer: str, other: str) -> list[float]:
+        """log P(answer) - log P(other) for each prompt's first answer token: how far the model leans
+        one way, which greedy decoding hides (a model can rank the right questions higher and still
+        answer every one of them "yes"). The two answers must start with different tokens."""
+        first, second = self.prompts.answer(answer)[0], self.prompts.answer(other)[0]
+        if first == second:
+            raise ValueError(f"{answer!r} and {other!r} start with the same token: their first tokens cannot tell them apart")
+        ids, mask = self._left_padded(prompts)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded prompts
+        logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+        return (logits[:, first] - logits[:, second]).tolist()
+
     def ask_contexts(self, keys: list[str], max_new_tokens: int | None = None) -> list[str | None]:
         """What a question about each image follows: nothing, or, for a model trained to ask from
         its description, its own description (its ask_descriptions best ones, joined)."""

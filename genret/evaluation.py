@@ -198,6 +198,13 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
     often the model answered yes: near 0 or 1 it does not tell images apart, whatever its accuracy
     (an accuracy is at most 1 - |yes_share - 0.5|).
 
+    `yes_no_auc` asks whether the model leans towards "yes" more on the questions whose answer is
+    yes, whichever way greedy decoding then tips (the ROC AUC of log P(Yes) - log P(No); 0.5 knows
+    nothing): a model answering "yes" to everything may still rank them, and a calibrated threshold
+    would then answer better. `yes_no_by_description` is the accuracy of "yes iff the model's own
+    description mentions the word": what it knows of the image when it speaks unprompted, and the
+    most that reading one description can score.
+
     A model that asks from its description also gets `yes_no_stated_accuracy`: its accuracy on
     the questions that description answers (the words it mentions asked "yes", those it does not
     asked "no"), which tells how well it reads apart from how much its descriptions cover (with
@@ -223,9 +230,11 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
             batch = keys[start : start + batch_size]
             context.update(zip(batch, engine.ask_contexts(batch)))
     prompts_asked = [prompts.ask(engine.stored.id_tokens[k], presence_question(w), context[k]) for k, w, _ in questions]
-    answers = []
+    answers, leanings = [], []
     for start in tqdm(range(0, len(questions), 4 * batch_size), desc="ask", disable=not progress):
-        answers += engine.generate(prompts_asked[start : start + 4 * batch_size], max_new_tokens=4)
+        batch = prompts_asked[start : start + 4 * batch_size]
+        answers += engine.generate(batch, max_new_tokens=4)
+        leanings += engine.answer_log_odds(batch, "Yes.", "No.")
     right = [a.lower().startswith("yes" if yes else "no") for a, (_, _, yes) in zip(answers, questions)]
     said_yes = sum(a.lower().startswith("yes") for a in answers)
     asked = len(questions)
@@ -233,7 +242,10 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
               "describe_exact": exact / max(1, len(keys)), "yes_no_accuracy": sum(right) / max(1, asked),
               "yes_no_word_prior": max((sum((mentions[w] >= t) == yes for _, w, yes in questions) / max(1, asked)
                                         for t in range(1, max(mentions.values(), default=0) + 2)), default=0.0),
-              "yes_share": said_yes / max(1, asked), "questions": asked}
+              "yes_share": said_yes / max(1, asked), "questions": asked,
+              "yes_no_auc": _auc([yes for _, _, yes in questions], leanings),
+              "yes_no_by_description": sum((w in set(content_words(descriptions[k]))) == yes
+                                           for k, w, yes in questions) / max(1, asked)}
     if engine.stored.asks_from_description:
         # the questions its descriptions answer: a perfect reader of them scores 1 here, and the rest
         # ask about words they leave out
@@ -241,6 +253,15 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
         stated = [ok for ok, (k, w, yes) in zip(right, questions) if (w in said[k]) == yes]
         scores |= {"yes_no_stated_accuracy": sum(stated) / max(1, len(stated)), "questions_stated": len(stated)}
     return scores
+
+
+def _auc(truths: Sequence[bool], scores: Sequence[float]) -> float | None:
+    """How often a yes-question scores above a no-question (ties count half); None without both kinds."""
+    if len(set(truths)) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(truths, scores))
 
 
 def check_candidates(trie: IdTrie, queries: Sequence[tuple[str, str]]) -> None:

@@ -134,15 +134,23 @@ def test_the_spoken_table_adds_the_questions_a_models_own_description_answers_an
         flickr8k_protocol, flickr8k_report, tmp_path):
     spoken = {"describe_word_f1": 0.9, "yes_no_accuracy": 0.6, "yes_no_word_prior": 0.5}
     recalls = {"R@1": 0.1, "R@5": 0.5, "R@10": 0.8, "seconds_per_query": 0.01}
-    reader = {scope: {**spoken, "yes_no_stated_accuracy": 0.95, "yes_share": 0.45} for scope in flickr8k_protocol.SPOKEN_SCOPES}
+    reader = {scope: {**spoken, "yes_no_stated_accuracy": 0.95, "yes_share": 0.45, "yes_no_auc": 0.7,
+                      "yes_no_by_description": 0.55} for scope in flickr8k_protocol.SPOKEN_SCOPES}
     results = {"atomic": {"test": recalls, **{scope: spoken for scope in flickr8k_protocol.SPOKEN_SCOPES}},
                "atomic+ad": {"test": recalls, **reader}}
     flickr8k_report.write_report(tmp_path, results, CPU_META)
     report = (tmp_path / "results.md").read_text()
     assert "| atomic | 0.900 | 0.600 | 0.500 | 0.900 | 0.600 | 0.500 |" in report
-    assert "| atomic+ad | 0.900 | 0.600 (0.950 stated, 0.450 yes) | 0.500 | 0.900 | 0.600 (0.950 stated, 0.450 yes) " \
-           "| 0.500 |" in report
+    details = "(0.950 stated, 0.450 yes, 0.700 AUC, 0.550 by description)"
+    assert f"| atomic+ad | 0.900 | 0.600 {details} | 0.500 | 0.900 | 0.600 {details} | 0.500 |" in report
     assert "the questions that description answers" in report and "answered yes" in report
+    assert "ROC AUC" in report
+    # a seed whose questions were all of one kind has no AUC: no mean of it is reported, and the rest are
+    runs = [{**reader, "seed": 0}, {**reader, "seed": 1}]
+    scope = flickr8k_protocol.SPOKEN_SCOPES[0]
+    runs[1][scope] = {**reader[scope], "yes_no_auc": None, "yes_no_accuracy": 0.8}
+    row = flickr8k_report.over_seeds(runs)
+    assert row[scope]["yes_no_accuracy"] == pytest.approx(0.7) and "yes_no_auc" not in row[scope]
 
 
 @pytest.mark.skipif(not (FLICKR8K / "captions.csv").exists(), reason="Flickr8k is not present")

@@ -290,11 +290,31 @@ def test_a_model_asking_from_its_description_is_also_scored_on_the_questions_tha
     assert scores["describe_exact"] == 1.0
     assert scores["questions_stated"] == scores["questions"] > 0
     assert scores["yes_no_stated_accuracy"] == scores["yes_no_accuracy"]
+    assert scores["yes_no_by_description"] == 1.0  # its descriptions are the references
     more = {**own, keys[0]: [*own[keys[0]], "Zebras and giraffes."]}  # words its description does not say
     scores = evaluate_describe_and_ask(engine, more, words_per_image=50, progress=False)
     assert 0 < scores["questions_stated"] < scores["questions"]
+    assert scores["yes_no_by_description"] < 1.0  # "zebras" is asked "yes" of it
     monkeypatch.setitem(engine.stored.manifest["train_config"], "ask_from_description", False)
     assert "yes_no_stated_accuracy" not in evaluate_describe_and_ask(engine, own, progress=False)
+
+
+def test_the_yes_no_leaning_is_the_one_greedy_decoding_follows(engine, tiny_catalog):
+    """answer_log_odds scores each prompt's first answer token as generate() picks it, left padding
+    included (prompts of different lengths share a batch)."""
+    from genret.training import presence_question
+
+    prompts = [engine.prompts.ask(engine.stored.id_tokens[k], presence_question(word))
+               for k in tiny_catalog.keys() for word in ("horse", "person on a bench")]
+    answers = engine.generate(prompts, max_new_tokens=1)
+    leanings = engine.answer_log_odds(prompts, "Yes.", "No.")
+    said = [(a.lower().startswith("yes"), lean) for a, lean in zip(answers, leanings) if a.lower()[:2] in ("ye", "no")]
+    assert said, f"the model answers neither yes nor no: {answers[:3]}"
+    assert all((lean > 0) == yes for yes, lean in said), said
+    alone = engine.answer_log_odds(prompts[-1:], "Yes.", "No.")
+    assert alone[0] == pytest.approx(leanings[-1], abs=1e-3)
+    with pytest.raises(ValueError, match="same token"):
+        engine.answer_log_odds(prompts[:1], "Yes.", "Yes, it is.")
 
 
 def test_descriptions_of_memorized_images_match_their_own_captions(engine, tiny_catalog):
@@ -308,6 +328,7 @@ def test_descriptions_of_memorized_images_match_their_own_captions(engine, tiny_
     assert scores["yes_no_accuracy"] <= 1 - abs(scores["yes_share"] - 0.5) + 1e-9
     assert 0.0 <= scores["yes_no_accuracy"] <= 1.0
     assert 0.5 <= scores["yes_no_word_prior"] <= 1.0  # "always yes" and "always no" are among its rules
+    assert 0.0 <= scores["yes_no_auc"] <= 1.0 and 0.0 <= scores["yes_no_by_description"] <= 1.0
     others = {k: tiny_catalog[keys[(i + 1) % len(keys)]].captions for i, k in enumerate(keys)}
     assert scores["describe_word_f1"] > evaluate_describe_and_ask(engine, others, progress=False)["describe_word_f1"] + 0.1
 
