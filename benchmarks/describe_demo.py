@@ -52,15 +52,21 @@ def stated_cell(row: dict) -> str:
     return f"{row['yes_no_stated_accuracy']:.3f} ({row['questions_stated']}/{row['questions']})"
 
 
+def number_cell(row: dict, key: str) -> str:
+    """Empty where a row predates the metric, or (an AUC) where its questions were all of one kind."""
+    return "" if row.get(key) is None else f"{row[key]:.3f}"
+
+
 def report(rows: list[dict]) -> str:
     lines = ["| preset | describe_per_image | seed | exact descriptions | describe F1 | yes/no | answered yes | word prior "
-             "| yes/no the description answers | demo R@1 | training s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| yes/no AUC | yes/no by description | yes/no the description answers | demo R@1 | training s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['describe_per_image']} | {r['seed']} | "
                      f"{round(r['describe_exact'] * r['images'])}/{r['images']} | {r['describe_word_f1']:.3f} | "
-                     f"{r['yes_no_accuracy']:.3f} | {r.get('yes_share', float('nan')):.3f} | "
-                     f"{r.get('yes_no_word_prior', float('nan')):.3f} | "
+                     f"{r['yes_no_accuracy']:.3f} | {number_cell(r, 'yes_share')} | "
+                     f"{number_cell(r, 'yes_no_word_prior')} | {number_cell(r, 'yes_no_auc')} | "
+                     f"{number_cell(r, 'yes_no_by_description')} | "
                      f"{stated_cell(r)} | {r['R@1']:.3f} | {r['train_seconds']:.0f} |")
     commits = sorted({r["commit"] for r in rows})
     return "\n".join(lines) + f"\n\nMeasured at commit{'s' * (len(commits) > 1)} {', '.join(commits)}.\n"

@@ -49,7 +49,8 @@ def test_the_report_adds_the_questions_a_readers_own_description_answers(monkeyp
     row = {"preset": "cpu", "describe_per_image": 3, "seed": 0, "describe_exact": 0.5, "images": 18,
            "describe_word_f1": 0.9, "yes_no_accuracy": 0.6, "yes_share": 0.4, "yes_no_word_prior": 0.5,
            "questions": 108, "R@1": 1.0, "train_seconds": 100.0, "commit": "abc"}
-    reader = {**row, "seed": 1, "yes_no_stated_accuracy": 0.95, "questions_stated": 66}
+    reader = {**row, "seed": 1, "yes_no_stated_accuracy": 0.95, "questions_stated": 66, "yes_no_auc": 0.7,
+              "yes_no_by_description": 0.65}
     lines = bench.report([row, reader]).splitlines()
-    assert "| cpu | 3 | 0 | 9/18 | 0.900 | 0.600 | 0.400 | 0.500 |  | 1.000 | 100 |" in lines
-    assert "| cpu | 3 | 1 | 9/18 | 0.900 | 0.600 | 0.400 | 0.500 | 0.950 (66/108) | 1.000 | 100 |" in lines
+    assert "| cpu | 3 | 0 | 9/18 | 0.900 | 0.600 | 0.400 | 0.500 |  |  |  | 1.000 | 100 |" in lines  # no AUC: older row
+    assert "| cpu | 3 | 1 | 9/18 | 0.900 | 0.600 | 0.400 | 0.500 | 0.700 | 0.650 | 0.950 (66/108) | 1.000 | 100 |" in lines
