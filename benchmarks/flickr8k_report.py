@@ -138,6 +138,8 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
              "s/query (test, catalog wide) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
+        if "test" not in r:  # measured with --spoken-only: in the describe/ask table alone
+            continue
         wide = r.get("catalog_wide", {})
         reranked = [" / ".join(_cell(r, scope, k, "reranked_dev") for k in ("R@1", "R@5", "R@10"))
                     if "reranked_dev" in r.get(scope, {}) else "" for scope in ("test_wide", "catalog_wide")]
@@ -206,7 +208,7 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
+    names = [name for name, r in results.items() if "test" in r]
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 4))
     for i, k in enumerate(("R@1", "R@5", "R@10")):
         errors = [results[n].get("spread", {}).get("test", {}).get(k, 0.0) for n in names]

@@ -83,6 +83,27 @@ def test_the_command_refuses_a_bad_run_before_working(tmp_path, name, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_spoken_only_refuses_a_run_that_does_not_describe_before_working(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GENRET_FLICKR8K": str(tmp_path)}
+    (tmp_path / "captions.csv").write_text("image,caption\n")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--spoken-only",
+                           "--schemes", "atomic+da", "atomic+pq"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "'atomic+pq' does not train describe and ask" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_run_measured_spoken_only_is_in_the_describe_table_alone(flickr8k_protocol, flickr8k_report, tmp_path):
+    spoken = {"describe_word_f1": 0.9, "yes_no_accuracy": 0.6, "yes_no_word_prior": 0.5}
+    recalls = {"R@1": 0.1, "R@5": 0.5, "R@10": 0.8, "seconds_per_query": 0.01}
+    results = {"atomic+da": {"test": recalls, **{scope: spoken for scope in flickr8k_protocol.SPOKEN_SCOPES}},
+               "atomic+da+dpi3": {scope: spoken for scope in flickr8k_protocol.SPOKEN_SCOPES}}
+    flickr8k_report.write_report(tmp_path, results, CPU_META)
+    report = (tmp_path / "results.md").read_text()
+    assert "| atomic+da | 0.100 |" in report and "| atomic+da+dpi3 | 0.900 | 0.600 | 0.500 |" in report
+    assert "| atomic+da+dpi3 | 0.100" not in report and (tmp_path / "recall.png").exists()
+
+
 def test_the_rerank_weights_are_the_pair_best_on_the_dev_queries(flickr8k_protocol, flickr8k_report):
     def recalls(r10, r5=0.5):
         return {"R@1": 0.1, "R@5": r5, "R@10": r10}
