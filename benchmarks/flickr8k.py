@@ -172,9 +172,8 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
     # the setting's beam first, then the prior (dev weights before the scopes that read them), then the
     # wide beams: a call cut at its time limit has the headline numbers
     headline = [scope for scope in ("test", "catalog", "catalog_captioned") if scope in scopes]
-    order = [*headline, *prior_scopes, *[s for s in scopes if s not in headline], *wide_prior_scopes, *spoken]
-    if spoken_only:
-        order = list(spoken)
+    order = list(spoken) if spoken_only else [*headline, *prior_scopes, *[s for s in scopes if s not in headline],
+                                               *wide_prior_scopes, *spoken]
     missing = [scope for scope in order if scope not in result]
     if missing:  # evaluated one scope at a time, each saved, so an interruption loses one at most
         stored = StoredModel.open(run_dir / "model")
@@ -245,12 +244,12 @@ def main() -> int:
     setting = SETTINGS[args.setting]
     for name in args.schemes:  # refused before any work starts, not after hours of the runs before it
         try:
-            TrainConfig(**{**setting["config"], **run_config(name)})
+            config = TrainConfig(**{**setting["config"], **run_config(name)})
         except ValidationError as error:
             parser.error(f"run {name!r}: " + "; ".join(e["msg"] for e in error.errors()))
         except ValueError as error:
             parser.error(str(error))
-        if args.spoken_only and not TrainConfig(**{**setting["config"], **run_config(name)}).describe:
+        if args.spoken_only and not config.describe:
             parser.error(f"run {name!r} does not train describe and ask, so --spoken-only would measure nothing: "
                          "add +da")
     out = args.out or REPO / "benchmarks" / "results" / f"flickr8k-{args.setting}"

@@ -236,6 +236,7 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
         answers += engine.generate(batch, max_new_tokens=4)
         leanings += engine.answer_log_odds(batch, "Yes.", "No.")
     right = [a.lower().startswith("yes" if yes else "no") for a, (_, _, yes) in zip(answers, questions)]
+    described = {k: set(content_words(descriptions[k])) for k in keys}
     said_yes = sum(a.lower().startswith("yes") for a in answers)
     asked = len(questions)
     scores = {"images": len(keys), "describe_word_f1": float(sum(f1s) / max(1, len(f1s))),
@@ -244,8 +245,7 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
                                         for t in range(1, max(mentions.values(), default=0) + 2)), default=0.0),
               "yes_share": said_yes / max(1, asked), "questions": asked,
               "yes_no_auc": _auc([yes for _, _, yes in questions], leanings),
-              "yes_no_by_description": sum((w in set(content_words(descriptions[k]))) == yes
-                                           for k, w, yes in questions) / max(1, asked)}
+              "yes_no_by_description": sum((w in described[k]) == yes for k, w, yes in questions) / max(1, asked)}
     if engine.stored.asks_from_description:
         # the questions its descriptions answer: a perfect reader of them scores 1 here, and the rest
         # ask about words they leave out

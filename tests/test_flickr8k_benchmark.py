@@ -71,26 +71,19 @@ def test_every_default_run_and_lever_makes_a_valid_config(flickr8k_protocol):
             TrainConfig(**{**setting["config"], **flickr8k_protocol.run_config(f"rq+pq+qp+ai+da+ad+{lever}")})
 
 
-@pytest.mark.parametrize("name, message", [("rq+bogus", "unknown lever 'bogus'"),
-                                           ("rq+res2", "set query_tokens > 0")])
-def test_the_command_refuses_a_bad_run_before_working(tmp_path, name, message):
+@pytest.mark.parametrize("args, message", [
+    (["--schemes", "rq+pq", "rq+bogus"], "unknown lever 'bogus'"),
+    (["--schemes", "rq+pq", "rq+res2"], "set query_tokens > 0"),
+    # --spoken-only measures describe and ask alone, so a run that does not train them is refused
+    (["--spoken-only", "--schemes", "atomic+da", "atomic+pq"], "'atomic+pq' does not train describe and ask")])
+def test_the_command_refuses_a_bad_run_before_working(tmp_path, args, message):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GENRET_FLICKR8K": str(tmp_path)}
     (tmp_path / "captions.csv").write_text("image,caption\n")  # past the data check; nothing is read
-    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--schemes", "rq+pq", name],
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
-
-
-def test_spoken_only_refuses_a_run_that_does_not_describe_before_working(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GENRET_FLICKR8K": str(tmp_path)}
-    (tmp_path / "captions.csv").write_text("image,caption\n")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--spoken-only",
-                           "--schemes", "atomic+da", "atomic+pq"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 2 and "'atomic+pq' does not train describe and ask" in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
 
 
 def test_a_run_measured_spoken_only_is_in_the_describe_table_alone(flickr8k_protocol, flickr8k_report, tmp_path):
