@@ -380,7 +380,8 @@ def cmd_ask(args) -> None:
     stored = open_model(args.model)
     stored.require_trained_to("ask")  # both checked before the LM loads
     stored.image_id_tokens(args.image)
-    print(TransformersEngine(stored, device=args.device).ask(args.image, args.question))
+    answer = TransformersEngine(stored, device=args.device).answer(args.image, args.question)
+    print(answer.text if answer.yes_probability is None else f"{answer.text} (P(yes) {answer.yes_probability:.2f})")
 
 
 def cmd_models(args) -> None:

@@ -18,7 +18,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from .encoders import usable_device
 from .model_store import ModelStoreError, StoredModel
-from .prompts import Prompts
+from .prompts import NO, YES, Prompts
 from .trie import IdPrior, IdTrie
 
 
@@ -26,6 +26,27 @@ from .trie import IdPrior, IdTrie
 class Hit:
     key: str
     score: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer, and at its first token log P(Yes) - log P(No): how far the model leaned, which
+    greedy decoding hides (a model can rank the right questions higher and still answer every
+    one of them "yes"), so a caller can pick its own threshold."""
+
+    text: str
+    yes_log_odds: float
+
+    @property
+    def is_yes_or_no(self) -> bool:
+        first = self.text.split(maxsplit=1)[0].strip(".,!?;:").lower() if self.text.strip() else ""
+        return first in ("yes", "no")
+
+    @property
+    def yes_probability(self) -> float | None:
+        """P(Yes) / (P(Yes) + P(No)) at the first token, for an answer that is yes or no (None
+        otherwise: "A dog on a beach." did not choose between them)."""
+        return float(1 / (1 + np.exp(-self.yes_log_odds))) if self.is_yes_or_no else None
 
 
 class TransformersEngine:
@@ -142,13 +163,23 @@ class TransformersEngine:
         return cache
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> list[str]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int | None = None,
+                 processors: list[LogitsProcessor] = ()) -> list[str]:
         """Greedy continuations; max_new_tokens None: the model's answer_tokens."""
         max_new_tokens = max_new_tokens or self.stored.answer_tokens
         ids, mask = self._left_padded(prompts)
         out = self.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                               pad_token_id=self.prompts.end, eos_token_id=self.prompts.end)
+                               pad_token_id=self.prompts.end, eos_token_id=self.prompts.end,
+                               logits_processor=LogitsProcessorList(processors))
         return [self.prompts.decode_answer(_until_end(row, self.prompts.end)) for row in out[:, ids.shape[1]:].tolist()]
+
+    def answers(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> list[Answer]:
+        """Greedy answers with their leaning towards yes, read off the same generation's first step."""
+        if not prompts:
+            return []
+        leaning = FirstStepLogOdds(self.prompts.answer(YES)[0], self.prompts.answer(NO)[0])
+        texts = self.generate(prompts, max_new_tokens, [leaning])
+        return [Answer(text, lean) for text, lean in zip(texts, leaning.log_odds, strict=True)]
 
     @torch.inference_mode()
     def generate_beams(self, prompts: list[list[int]], beams: int, max_new_tokens: int | None = None) -> list[list[str]]:
@@ -164,19 +195,6 @@ class TransformersEngine:
                                pad_token_id=end, eos_token_id=end)
         texts = [self.prompts.decode_answer(_until_end(row, end)) for row in out[:, ids.shape[1]:].tolist()]
         return [list(dict.fromkeys(t for t in texts[i * beams : (i + 1) * beams] if t)) for i in range(len(prompts))]
-
-    @torch.inference_mode()
-    def answer_log_odds(self, prompts: list[list[int]], answer: str, other: str) -> list[float]:
-        """log P(answer) - log P(other) for each prompt's first answer token: how far the model leans
-        one way, which greedy decoding hides (a model can rank the right questions higher and still
-        answer every one of them "yes"). The two answers must start with different tokens."""
-        first, second = self.prompts.answer(answer)[0], self.prompts.answer(other)[0]
-        if first == second:
-            raise ValueError(f"{answer!r} and {other!r} start with the same token: their first tokens cannot tell them apart")
-        ids, mask = self._left_padded(prompts)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded prompts
-        logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
-        return (logits[:, first] - logits[:, second]).tolist()
 
     def ask_contexts(self, keys: list[str], max_new_tokens: int | None = None) -> list[str | None]:
         """What a question about each image follows: nothing, or, for a model trained to ask from
@@ -199,11 +217,30 @@ class TransformersEngine:
         return self.generate(prompts) if prompts else []
 
     def ask(self, key: str, question: str) -> str:
+        return self.answer(key, question).text
+
+    def answer(self, key: str, question: str) -> Answer:
+        """ask, with the answer's leaning towards yes (Answer.yes_probability for a yes/no one)."""
         if not question.strip():
             raise ValueError("the question is blank")
         self.stored.require_trained_to("ask")
         [context] = self.ask_contexts([key])
-        return self.generate([self.prompts.ask(self.stored.image_id_tokens(key), question, context)])[0]
+        return self.answers([self.prompts.ask(self.stored.image_id_tokens(key), question, context)])[0]
+
+
+class FirstStepLogOdds(LogitsProcessor):
+    """Reads log P(a) - log P(b) off each row's first generated token (the difference of their
+    logits) and changes no score."""
+
+    def __init__(self, a: int, b: int):
+        if a == b:
+            raise ValueError(f"token {a} twice: the log-odds of a token against itself say nothing")
+        self.a, self.b, self.log_odds = a, b, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.log_odds is None:
+            self.log_odds = (scores[:, self.a].float() - scores[:, self.b].float()).tolist()
+        return scores
 
 
 class TrieMask(LogitsProcessor):

@@ -233,8 +233,9 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
     answers, leanings = [], []
     for start in tqdm(range(0, len(questions), 4 * batch_size), desc="ask", disable=not progress):
         batch = prompts_asked[start : start + 4 * batch_size]
-        answers += engine.generate(batch, max_new_tokens=4)
-        leanings += engine.answer_log_odds(batch, "Yes.", "No.")
+        for answer in engine.answers(batch, max_new_tokens=4):
+            answers.append(answer.text)
+            leanings.append(answer.yes_log_odds)
     right = [a.lower().startswith("yes" if yes else "no") for a, (_, _, yes) in zip(answers, questions)]
     described = {k: set(content_words(descriptions[k])) for k in keys}
     said_yes = sum(a.lower().startswith("yes") for a in answers)

@@ -18,6 +18,7 @@ CAPTION = "Caption:"  # after the visual prefix
 DESCRIBE = ("Describe image ", ":")  # around the identifier
 ASK = ("Image ", ". Question: {question}\nAnswer:")  # around the identifier
 ASK_AFTER_DESCRIPTION = "\nQuestion: {question}\nAnswer:"  # after the describe prompt and a description
+YES, NO = "Yes.", "No."  # the answers to a yes/no question
 
 PROMPT_TEXTS = [RETRIEVE.format(query=""), MEMORIZE, CAPTION, *DESCRIBE, ASK[0], ASK[1].format(question=""),
                 ASK_AFTER_DESCRIPTION.format(question="")]

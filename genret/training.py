@@ -39,7 +39,7 @@ from .language_model import add_tokens, keep_first_layers, load_base, prune_voca
 from .model import Example, MultimodalLM, QueryPrefix, SoftPrefix
 from .model_store import (check_model_destination, folder_lock, save_model, temporary_sibling, write_json,
                           written_atomically)
-from .prompts import PROMPT_TEXTS, Prompts, normalize_caption
+from .prompts import NO, PROMPT_TEXTS, YES, Prompts, normalize_caption
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ class Trainer:
             lm, tokenizer = load_base()
             lm = keep_first_layers(lm, self.config.num_layers)
             if self.config.prune_vocab:
-                corpus = PROMPT_TEXTS + QUESTIONS_ABOUT_CONTENT + ["Yes.", "No.", " Yes.", " No.", "Is there a in this image?"]
+                corpus = PROMPT_TEXTS + QUESTIONS_ABOUT_CONTENT + [YES, NO, " " + YES, " " + NO, "Is there a in this image?"]
                 corpus += [" " + c for cs in self.captions.values() for c in cs]
                 corpus += [c for cs in self.captions.values() for c in cs]
                 corpus += [t for t in identifiers.ids.values() if not t.startswith("<")]
@@ -571,7 +571,7 @@ class Trainer:
             asked = {k: set(content_words(c)) for k, c in context.items()} if cfg.ask_from_description else None
             questions = yes_no_questions(rng, mentioned, cfg.ask_per_image, asked)
             out += [Example(prompts.ask(ids[k], presence_question(word), context[k]),
-                            prompts.answer("Yes." if yes else "No.")) for k, word, yes in questions]
+                            prompts.answer(YES if yes else NO)) for k, word, yes in questions]
             pairs += len(questions) // 2
             if not cfg.ask_from_description or pairs >= cfg.reading_pairs_per_epoch or not questions:
                 return out

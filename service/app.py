@@ -60,6 +60,9 @@ class AskResponse(BaseModel):
     image_id: str
     question: str
     answer: str
+    yes_probability: float | None = Field(description=(
+        "for an answer that is yes or no: P(Yes) / (P(Yes) + P(No)) at its first token, how far the model "
+        "leaned (the answer is yes above 0.5), for a threshold of your own; null for any other answer"))
 
 
 class EscapedJSONResponse(JSONResponse):
@@ -341,7 +344,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
         await services.require_known(body.image_id)
         engine = services.require_engine()
         answer = await services.deadline(engine.ask(body.image_id, body.question))
-        return AskResponse(image_id=body.image_id, question=body.question, answer=answer)
+        return AskResponse(image_id=body.image_id, question=body.question, answer=answer.text,
+                           yes_probability=answer.yes_probability)
 
     @app.get("/healthz")
     async def healthz():

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from genret.decoding import Hit, PriorWeights
+from genret.decoding import Answer, Hit, PriorWeights
 from genret.model_store import StoredModel
 
 from .settings import Settings
 
-__all__ = ["Engine", "EngineError", "Hit", "InputTooLong", "make_engine"]
+__all__ = ["Answer", "Engine", "EngineError", "Hit", "InputTooLong", "make_engine"]
 
 
 class EngineError(RuntimeError):
@@ -47,7 +47,8 @@ class Engine(Protocol):
 
     async def describe(self, key: str) -> str: ...
 
-    async def ask(self, key: str, question: str) -> str: ...
+    async def ask(self, key: str, question: str) -> Answer:
+        """The greedy answer, and its first token's log P(Yes) - log P(No) (genret.decoding.Answer)."""
 
     def failure(self) -> str | None:
         """Why the loaded engine cannot serve any more (it died), or None."""

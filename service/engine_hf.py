@@ -12,7 +12,7 @@ import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
-from genret.decoding import Hit, PriorWeights, TransformersEngine, search_prior
+from genret.decoding import Answer, Hit, PriorWeights, TransformersEngine, search_prior
 from genret.model_store import StoredModel
 from genret.trie import IdPrior
 
@@ -76,9 +76,9 @@ class HFEngine:
         [text] = await self._run(self.engine.generate, [prompt], max_new_tokens=self.max_answer_tokens)
         return text
 
-    async def ask(self, key: str, question: str) -> str:
+    async def ask(self, key: str, question: str) -> Answer:
         [context] = await self._run(self.engine.ask_contexts, [key], max_new_tokens=self.max_answer_tokens)
         prompt = self.engine.prompts.ask(self.stored.id_tokens[key], question, context)
-        [text] = await self._run(self.engine.generate, [prompt], max_new_tokens=self.max_answer_tokens)
-        return text
+        [answer] = await self._run(self.engine.answers, [prompt], max_new_tokens=self.max_answer_tokens)
+        return answer
 

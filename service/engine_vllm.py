@@ -31,9 +31,9 @@ import uuid
 from typing import NamedTuple
 
 import torch
-from genret.decoding import Hit, PriorWeights, search_prior
+from genret.decoding import Answer, Hit, PriorWeights, search_prior
 from genret.model_store import StoredModel
-from genret.prompts import Prompts
+from genret.prompts import NO, YES, Prompts
 from genret.trie import IdPrior, IdTrie
 
 from .engine import EngineError, InputTooLong
@@ -246,17 +246,22 @@ class VLLMEngine:
         over = None if catalog_prior is None else catalog_prior.over(trie)
         return Restriction(trie, over, frozenset(p[:-1] for p in trie.copied if p))
 
-    async def _greedy(self, prompt: list[int]) -> str:
+    async def _greedy(self, prompt: list[int], scored: list[int] | None = None):
+        """The greedy continuation's text, and vLLM's output: with `scored` tokens, each step's
+        logprobs hold theirs, as logits (the trie processor leaves these requests as they are)."""
         from vllm import SamplingParams
 
         n = self.answer_tokens
         self._check_fits(prompt, n)
-        params = SamplingParams(max_tokens=n, temperature=0.0, stop_token_ids=[self.end], detokenize=False)
+        params = SamplingParams(max_tokens=n, temperature=0.0, stop_token_ids=[self.end], detokenize=False,
+                                logprob_token_ids=scored)
         out = await self._generate(prompt, params)
-        return self.prompts.decode_answer([t for t in out.token_ids if t != self.end])
+        text = self.prompts.decode_answer([t for t in out.token_ids if t != self.end])
+        return text, out
 
     async def describe(self, key: str) -> str:
-        return await self._greedy(self.prompts.describe(self.stored.id_tokens[key]))
+        text, _ = await self._greedy(self.prompts.describe(self.stored.id_tokens[key]))
+        return text
 
     async def descriptions(self, key: str, n: int) -> list[str]:
         """The image's n best descriptions by beam search, best first, each text once (as
@@ -270,11 +275,14 @@ class VLLMEngine:
         texts = [self.prompts.decode_answer([t for t in seq if t != self.end]) for _, seq in finished]
         return list(dict.fromkeys(t for t in texts if t))
 
-    async def ask(self, key: str, question: str) -> str:
+    async def ask(self, key: str, question: str) -> Answer:
         context = None  # as genret.decoding.TransformersEngine.ask_contexts
         if self.stored.asks_from_description:
             context = " ".join(await self.descriptions(key, self.stored.ask_descriptions))
-        return await self._greedy(self.prompts.ask(self.stored.id_tokens[key], question, context))
+        yes, no = self.prompts.answer(YES)[0], self.prompts.answer(NO)[0]
+        text, out = await self._greedy(self.prompts.ask(self.stored.id_tokens[key], question, context), [yes, no])
+        first = out.logprobs[0]  # logits (logprobs_mode="processed_logits"): their difference is the log-odds
+        return Answer(text, first[yes].logprob - first[no].logprob)
 
 
 class Restriction(NamedTuple):

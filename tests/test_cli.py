@@ -180,6 +180,19 @@ def test_describe_takes_many_images_or_all_of_them(capsys, tiny_model_dir, tiny_
     assert code == 2 and "keys, --keys-file, or --all" in err
 
 
+def test_ask_prints_the_answer_and_for_yes_or_no_how_far_the_model_leaned(capsys, tiny_model_dir):
+    from genret.decoding import TransformersEngine
+    from genret.model_store import StoredModel
+    from genret.training import presence_question
+
+    engine = TransformersEngine(StoredModel.open(tiny_model_dir), device="cpu")
+    for question in ("What is in this image?", presence_question("rocket"), presence_question("cat")):
+        answer = engine.answer("rocket.jpg", question)
+        code, out, _ = run(capsys, "ask", str(tiny_model_dir), "rocket.jpg", question)
+        expected = answer.text if not answer.is_yes_or_no else f"{answer.text} (P(yes) {answer.yes_probability:.2f})"
+        assert code == 0 and out == expected + "\n", question
+
+
 def test_search_reranks_at_the_weight_given(capsys, tiny_model_dir, tiny_catalog):
     code, out, _ = run(capsys, "search", str(tiny_model_dir), "a rocket on a launch pad", "-k", "3",
                        "--rerank", "--rerank-weight", "0")

@@ -521,7 +521,9 @@ class StubEngine:
         return f"a picture of {key}"
 
     async def ask(self, key, question):
-        return "yes"
+        from genret.decoding import Answer
+
+        return Answer("Yes.", 1.0)
 
     def failure(self):
         return None

@@ -300,21 +300,25 @@ def test_a_model_asking_from_its_description_is_also_scored_on_the_questions_tha
 
 
 def test_the_yes_no_leaning_is_the_one_greedy_decoding_follows(engine, tiny_catalog):
-    """answer_log_odds scores each prompt's first answer token as generate() picks it, left padding
-    included (prompts of different lengths share a batch)."""
+    """answers() reads each prompt's leaning off the first answer token as generate() picks it, left
+    padding included (prompts of different lengths share a batch); only a yes or no answer has a
+    yes_probability."""
+    from genret.decoding import Answer, FirstStepLogOdds
     from genret.training import presence_question
 
     prompts = [engine.prompts.ask(engine.stored.id_tokens[k], presence_question(word))
                for k in tiny_catalog.keys() for word in ("horse", "person on a bench")]
-    answers = engine.generate(prompts, max_new_tokens=1)
-    leanings = engine.answer_log_odds(prompts, "Yes.", "No.")
-    said = [(a.lower().startswith("yes"), lean) for a, lean in zip(answers, leanings) if a.lower()[:2] in ("ye", "no")]
+    answers = engine.answers(prompts, max_new_tokens=2)
+    assert [a.text for a in answers] == engine.generate(prompts, max_new_tokens=2)
+    said = [a for a in answers if a.is_yes_or_no]
     assert said, f"the model answers neither yes nor no: {answers[:3]}"
-    assert all((lean > 0) == yes for yes, lean in said), said
-    alone = engine.answer_log_odds(prompts[-1:], "Yes.", "No.")
-    assert alone[0] == pytest.approx(leanings[-1], abs=1e-3)
-    with pytest.raises(ValueError, match="same token"):
-        engine.answer_log_odds(prompts[:1], "Yes.", "Yes, it is.")
+    assert all((a.yes_probability > 0.5) == a.text.lower().startswith("yes") for a in said), said
+    [alone] = engine.answers(prompts[-1:], max_new_tokens=2)
+    assert alone.yes_log_odds == pytest.approx(answers[-1].yes_log_odds, abs=1e-3)
+    assert Answer("A rocket on its launch pad.", 3.0).yes_probability is None
+    assert Answer("No, it is a bus.", 0.0).yes_probability == 0.5 and not Answer("Nothing.", 1.0).is_yes_or_no
+    with pytest.raises(ValueError, match="twice"):
+        FirstStepLogOdds(7, 7)
 
 
 def test_descriptions_of_memorized_images_match_their_own_captions(engine, tiny_catalog):

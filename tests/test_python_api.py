@@ -25,6 +25,9 @@ def test_load_searches_describes_and_asks_as_the_engine_does(model, tiny_model_d
     assert hits == expected and len(hits) == 3 and {h.key for h in hits} <= set(tiny_catalog.keys())
     assert isinstance(model.describe("rocket.jpg"), str) and isinstance(model.ask("rocket.jpg", "Is it red?"), str)
     assert model.describe_many([h.key for h in hits]) == [model.describe(h.key) for h in hits]
+    answer = model.answer("rocket.jpg", "Is there a rocket in this image?")
+    assert answer.text == model.ask("rocket.jpg", "Is there a rocket in this image?")
+    assert (answer.yes_probability is None) == (not answer.is_yes_or_no)
 
 
 def test_generation_runs_as_long_as_the_longest_caption_training_taught(model, tiny_model_dir, tiny_catalog, tmp_path):

@@ -111,7 +111,24 @@ def test_describe_and_ask_answer_from_the_id(run, client, hf_engine):
     r = run(client.post("/ask", json={"image_id": "moon.jpg", "question": "  What is in this image? "}))
     assert r.status_code == 200, r.text
     assert r.json()["question"] == "What is in this image?"
-    assert r.json()["answer"] == run(hf_engine.ask("moon.jpg", "What is in this image?")) != ""
+    assert r.json()["answer"] == run(hf_engine.ask("moon.jpg", "What is in this image?")).text != ""
+    assert r.json()["yes_probability"] is None  # not a yes/no answer
+
+
+def test_a_yes_or_no_answer_says_how_far_the_model_leaned(run, client, hf_engine):
+    from genret.training import presence_question
+
+    said = []
+    for key, word in (("moon.jpg", "moon"), ("moon.jpg", "rocket"), ("rocket.jpg", "rocket"), ("rocket.jpg", "cat")):
+        r = run(client.post("/ask", json={"image_id": key, "question": presence_question(word)}))
+        assert r.status_code == 200, r.text
+        body, expected = r.json(), run(hf_engine.ask(key, presence_question(word)))
+        assert (body["answer"], body["yes_probability"]) == (expected.text, expected.yes_probability)
+        if expected.is_yes_or_no:
+            said.append(body)
+            assert 0 < body["yes_probability"] < 1
+            assert (body["yes_probability"] > 0.5) == body["answer"].startswith("Yes")
+    assert said, "the tiny model answered no presence question with yes or no"
 
 
 def test_a_model_trained_without_describe_and_ask_refuses_them_with_409(run, tiny_catalog, tmp_path, capsys):

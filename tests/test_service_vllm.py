@@ -242,8 +242,27 @@ def test_describe_and_ask_match_the_transformers_engine(run, client, hf_engine):
     assert r.json()["description"] == run(hf_engine.describe("rocket.jpg"))
     r = run(client.post("/ask", json={"image_id": "coffee.jpg", "question": "What is in this image?"}))
     assert r.status_code == 200, r.text
-    assert r.json()["answer"] == run(hf_engine.ask("coffee.jpg", "What is in this image?"))
+    assert r.json()["answer"] == run(hf_engine.ask("coffee.jpg", "What is in this image?")).text
     assert run(client.post("/describe/unknown.jpg")).status_code == 404
+
+
+def test_a_yes_or_no_answer_leans_as_the_transformers_engine_says(run, client, hf_engine):
+    """vLLM returns the first answer token's logits of Yes and No (logprob_token_ids), whose
+    difference is the log-odds transformers reads off its own generation."""
+    from genret.training import presence_question
+
+    said = 0
+    for key, word in (("rocket.jpg", "rocket"), ("rocket.jpg", "cup"), ("coffee.jpg", "cup"), ("coffee.jpg", "moon")):
+        r = run(client.post("/ask", json={"image_id": key, "question": presence_question(word)}))
+        assert r.status_code == 200, r.text
+        expected = run(hf_engine.ask(key, presence_question(word)))
+        assert r.json()["answer"] == expected.text
+        if expected.is_yes_or_no:
+            said += 1
+            assert r.json()["yes_probability"] == pytest.approx(expected.yes_probability, abs=1e-3)
+        else:
+            assert r.json()["yes_probability"] is None
+    assert said, "the tiny model answered no presence question with yes or no"
 
 
 def test_a_model_that_asks_from_its_description_is_asked_so_by_both_engines(run, client, hf_engine, stored,
@@ -254,7 +273,8 @@ def test_a_model_that_asks_from_its_description_is_asked_so_by_both_engines(run,
     assert r.status_code == 200, r.text
     described = run(hf_engine.describe("rocket.jpg"))
     prompt = hf_engine.engine.prompts.ask(stored.id_tokens["rocket.jpg"], question, described)
-    assert r.json()["answer"] == run(hf_engine.ask("rocket.jpg", question)) == hf_engine.engine.generate([prompt])[0]
+    assert r.json()["answer"] == run(hf_engine.ask("rocket.jpg", question)).text
+    assert r.json()["answer"] == hf_engine.engine.generate([prompt])[0]
 
 
 def test_a_model_that_asks_after_several_descriptions_gets_the_same_beams_from_both_engines(
@@ -272,7 +292,8 @@ def test_a_model_that_asks_after_several_descriptions_gets_the_same_beams_from_b
     assert r.status_code == 200, r.text
     [context] = hf_engine.engine.ask_contexts(["rocket.jpg"])  # its three best descriptions, joined
     prompt = hf_engine.engine.prompts.ask(stored.id_tokens["rocket.jpg"], question, context)
-    assert r.json()["answer"] == run(hf_engine.ask("rocket.jpg", question)) == hf_engine.engine.generate([prompt])[0]
+    assert r.json()["answer"] == run(hf_engine.ask("rocket.jpg", question)).text
+    assert r.json()["answer"] == hf_engine.engine.generate([prompt])[0]
 
 
 def test_a_prompt_longer_than_the_context_is_422(run, client, vllm_engine):
