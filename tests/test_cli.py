@@ -341,8 +341,12 @@ def test_ctrl_c_while_training_says_how_to_resume(tmp_path):
 
     images, captions = write_demo_catalog(tmp_path / "demo")
     run_dir = tmp_path / "run"
+    # Ctrl-C in a terminal: a test run started in the background (`pytest &`, nohup) ignores SIGINT,
+    # and its children would inherit that, so the child restores Python's own handler first
+    ctrl_c = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "sys.argv[0] = 'genret'; runpy.run_module('genret.cli', run_name='__main__')")
     training = subprocess.Popen(
-        [sys.executable, "-m", "genret.cli", "train", "--images", str(images), "--captions", str(captions),
+        [sys.executable, "-c", ctrl_c, "train", "--images", str(images), "--captions", str(captions),
          "--name", "x", "--preset", "tiny", "--set", "align_epochs=1", "--run-dir", str(run_dir),
          "--out", str(tmp_path / "model")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
