@@ -18,7 +18,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from .encoders import usable_device
 from .model_store import ModelStoreError, StoredModel
-from .prompts import NO, YES, Prompts
+from .prompts import Prompts
 from .trie import IdPrior, IdTrie
 
 
@@ -177,7 +177,7 @@ class TransformersEngine:
         """Greedy answers with their leaning towards yes, read off the same generation's first step."""
         if not prompts:
             return []
-        leaning = FirstStepLogOdds(self.prompts.answer(YES)[0], self.prompts.answer(NO)[0])
+        leaning = FirstStepLogOdds(*self.prompts.yes_no_tokens)
         texts = self.generate(prompts, max_new_tokens, [leaning])
         return [Answer(text, lean) for text, lean in zip(texts, leaning.log_odds, strict=True)]
 

@@ -230,12 +230,10 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
             batch = keys[start : start + batch_size]
             context.update(zip(batch, engine.ask_contexts(batch)))
     prompts_asked = [prompts.ask(engine.stored.id_tokens[k], presence_question(w), context[k]) for k, w, _ in questions]
-    answers, leanings = [], []
+    answered = []
     for start in tqdm(range(0, len(questions), 4 * batch_size), desc="ask", disable=not progress):
-        batch = prompts_asked[start : start + 4 * batch_size]
-        for answer in engine.answers(batch, max_new_tokens=4):
-            answers.append(answer.text)
-            leanings.append(answer.yes_log_odds)
+        answered += engine.answers(prompts_asked[start : start + 4 * batch_size], max_new_tokens=4)
+    answers, leanings = [a.text for a in answered], [a.yes_log_odds for a in answered]
     right = [a.lower().startswith("yes" if yes else "no") for a, (_, _, yes) in zip(answers, questions)]
     described = {k: set(content_words(descriptions[k])) for k in keys}
     said_yes = sum(a.lower().startswith("yes") for a in answers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from transformers import PreTrainedTokenizerBase
 
@@ -72,6 +73,12 @@ class Prompts:
     def answer(self, text: str) -> list[int]:
         """A generated continuation: leading space, then the end token."""
         return self.encode(" " + text.strip()) + [self.end]
+
+    @cached_property
+    def yes_no_tokens(self) -> tuple[int, int]:
+        """The first tokens of YES and NO as answers: their logits at an answer's first step say
+        which way the model leaned."""
+        return self.answer(YES)[0], self.answer(NO)[0]
 
     def decode_answer(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

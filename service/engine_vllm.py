@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from genret.decoding import Answer, Hit, PriorWeights, search_prior
 from genret.model_store import StoredModel
-from genret.prompts import NO, YES, Prompts
+from genret.prompts import Prompts
 from genret.trie import IdPrior, IdTrie
 
 from .engine import EngineError, InputTooLong
@@ -279,7 +279,7 @@ class VLLMEngine:
         context = None  # as genret.decoding.TransformersEngine.ask_contexts
         if self.stored.asks_from_description:
             context = " ".join(await self.descriptions(key, self.stored.ask_descriptions))
-        yes, no = self.prompts.answer(YES)[0], self.prompts.answer(NO)[0]
+        yes, no = self.prompts.yes_no_tokens
         text, out = await self._greedy(self.prompts.ask(self.stored.id_tokens[key], question, context), [yes, no])
         first = out.logprobs[0]  # logits (logprobs_mode="processed_logits"): their difference is the log-odds
         return Answer(text, first[yes].logprob - first[no].logprob)
