@@ -211,13 +211,35 @@ def cmd_add(args) -> None:
 def read_lines(path: str, what: str) -> list[str]:
     """A file of `what` (image keys, queries), one per line, or stdin for "-"; blank lines are
     skipped and repeats are fine (lists get concatenated)."""
+    return [line.strip() for line in _all_lines(path, what) if line.strip()]
+
+
+def _all_lines(path: str, what: str) -> list[str]:
     from .catalog import read_utf8
 
     if path == "-":
-        return [line.strip() for line in sys.stdin if line.strip()]
+        return sys.stdin.read().splitlines()
     if not Path(path).is_file():
         raise UsageError(f"{path}: no such {what} file")
-    return [line.strip() for line in read_utf8(Path(path)).splitlines() if line.strip()]
+    return read_utf8(Path(path)).splitlines()
+
+
+def read_questions(path: str) -> list[tuple[str, str]]:
+    """(image key, question) pairs, one per line as `key<TAB>question` (what `genret describe`
+    prints for several images, with the description swapped for a question); blank lines are
+    skipped, and a bad line is named by its number."""
+    pairs = []
+    for number, line in enumerate(_all_lines(path, "questions"), 1):
+        if not line.strip():
+            continue
+        key, tab, question = line.strip("\r\n").partition("\t")
+        if not tab or not key.strip():
+            raise UsageError(f"{path}: line {number}: expected an image key, a tab, then the question; got {line!r}")
+        try:
+            pairs.append((key.strip(), text_arg(question).strip()))
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"{path}: line {number}: the question: {e}") from None
+    return pairs
 
 
 def cmd_remove(args) -> None:
@@ -375,13 +397,34 @@ def cmd_describe(args) -> None:
 
 
 def cmd_ask(args) -> None:
+    from tqdm.auto import tqdm
+
     from .decoding import TransformersEngine
 
+    if (args.image is None) != (args.question is None):
+        raise UsageError("give an image and a question about it, or --questions FILE")
+    questions = [*([(args.image, args.question)] if args.image is not None else []),
+                 *(read_questions(args.questions) if args.questions else [])]
+    if not questions:
+        raise UsageError("give an image and a question about it, or --questions FILE (key<TAB>question per line; "
+                         "- reads stdin)")
     stored = open_model(args.model)
-    stored.require_trained_to("ask")  # both checked before the LM loads
-    stored.image_id_tokens(args.image)
-    answer = TransformersEngine(stored, device=args.device).answer(args.image, args.question)
-    print(answer.text if answer.yes_probability is None else f"{answer.text} (P(yes) {answer.yes_probability:.2f})")
+    stored.require_trained_to("ask")  # all checked before the LM loads
+    for key, _ in questions:
+        stored.image_id_tokens(key)
+    engine = TransformersEngine(stored, device=args.device)
+    batch_size = 64  # as evaluation's: a few answer tokens each
+    for start in tqdm(range(0, len(questions), batch_size), desc="ask", unit="batch",
+                      disable=len(questions) <= batch_size):
+        batch = questions[start : start + batch_size]
+        for (key, question), answer in zip(batch, engine.answer_many(batch), strict=True):
+            if args.json:
+                print(json.dumps({"image_id": key, "question": question, "answer": answer.text,
+                                  "yes_probability": answer.yes_probability}, ensure_ascii=False), flush=True)
+                continue
+            leaning = "" if answer.yes_probability is None else f" (P(yes) {answer.yes_probability:.2f})"
+            print(f"{answer.text}{leaning}" if len(questions) == 1 else f"{key}\t{question}\t{answer.text}{leaning}",
+                  flush=True)
 
 
 def cmd_models(args) -> None:
@@ -545,8 +588,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("ask", help="answer a question about a memorized image")
     p.add_argument("model")
-    p.add_argument("image")
-    p.add_argument("question", type=text_arg)
+    p.add_argument("image", nargs="?")
+    p.add_argument("question", nargs="?", type=text_arg)
+    p.add_argument("--questions", metavar="FILE",
+                   help="more questions, one per line as image key<TAB>question (- reads stdin); prints "
+                        "key<TAB>question<TAB>answer for each")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON line per question: {image_id, question, answer, yes_probability}, as POST /ask")
     p.add_argument("--device")
     p.set_defaults(func=cmd_ask)
 

@@ -221,11 +221,25 @@ class TransformersEngine:
 
     def answer(self, key: str, question: str) -> Answer:
         """ask, with the answer's leaning towards yes (Answer.yes_probability for a yes/no one)."""
-        if not question.strip():
-            raise ValueError("the question is blank")
+        return self.answer_many([(key, question)])[0]
+
+    def answer_many(self, questions: list[tuple[str, str]]) -> list[Answer]:
+        """answer, for several (image key, question) pairs in one batch, all checked before any is
+        answered; a model that asks from its description describes each image once."""
+        if isinstance(questions, tuple) and len(questions) == 2 and all(isinstance(q, str) for q in questions):
+            raise TypeError(f"answer_many takes a list of (image key, question) pairs, not one pair: "
+                            f"answer_many([{questions!r}])")
         self.stored.require_trained_to("ask")
-        [context] = self.ask_contexts([key])
-        return self.answers([self.prompts.ask(self.stored.image_id_tokens(key), question, context)])[0]
+        if blank := [i for i, (_, question) in enumerate(questions) if not question.strip()]:
+            raise ValueError("the question is blank" if len(questions) == 1 else f"questions {blank} are blank")
+        if not questions:
+            return []
+        for key, _ in questions:
+            self.stored.image_id_tokens(key)
+        keys = list(dict.fromkeys(key for key, _ in questions))
+        contexts = dict(zip(keys, self.ask_contexts(keys), strict=True))
+        return self.answers([self.prompts.ask(self.stored.image_id_tokens(key), question, contexts[key])
+                             for key, question in questions])
 
 
 class FirstStepLogOdds(LogitsProcessor):

@@ -193,6 +193,45 @@ def test_ask_prints_the_answer_and_for_yes_or_no_how_far_the_model_leaned(capsys
         assert code == 0 and out == expected + "\n", question
 
 
+def test_ask_answers_a_file_of_questions_in_batches(capsys, tiny_model_dir, tmp_path):
+    from genret.decoding import TransformersEngine
+    from genret.model_store import StoredModel
+    from genret.training import presence_question
+
+    pairs = [("rocket.jpg", presence_question("rocket")), ("coffee.jpg", "What is in this image?"),
+             ("rocket.jpg", presence_question("cat"))]
+    engine = TransformersEngine(StoredModel.open(tiny_model_dir), device="cpu")
+    expected = [engine.answer(key, question) for key, question in pairs]
+    questions = tmp_path / "questions.tsv"
+    questions.write_text("".join(f"{key}\t{question}\n\n" for key, question in pairs[1:]))  # blank lines skipped
+    code, out, _ = run(capsys, "ask", str(tiny_model_dir), *pairs[0], "--questions", str(questions), "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [(r["image_id"], r["question"], r["answer"]) for r in rows] == \
+        [(key, question, answer.text) for (key, question), answer in zip(pairs, expected)]
+    for row, answer in zip(rows, expected):  # batched with other questions, padded: the same leaning
+        assert (row["yes_probability"] is None) == (answer.yes_probability is None)
+        assert row["yes_probability"] == pytest.approx(answer.yes_probability, abs=1e-4)
+    code, out, _ = run(capsys, "ask", str(tiny_model_dir), "--questions", str(questions))
+    assert code == 0 and [line.split("\t")[:2] for line in out.splitlines()] == [list(p) for p in pairs[1:]]
+
+
+@pytest.mark.parametrize("lines,says", [
+    ("rocket.jpg Is there a rocket?\n", "questions.tsv: line 1: expected an image key, a tab, then the question"),
+    ("rocket.jpg\tIs there a rocket?\n\ncoffee.jpg\t  \n", "questions.tsv: line 3: the question: it is empty"),
+    ("rocket.jpg\tIs there a rocket?\nnot-an-image.jpg\tIs there a cat?\n", "not-an-image.jpg"),
+    ("\n", "give an image and a question about it, or --questions FILE"),
+], ids=["no tab", "blank question", "unknown image", "no questions"])
+def test_ask_names_what_is_wrong_with_its_questions_file(capsys, tiny_model_dir, tmp_path, lines, says):
+    (tmp_path / "questions.tsv").write_text(lines)
+    code, out, err = run(capsys, "ask", str(tiny_model_dir), "--questions", str(tmp_path / "questions.tsv"))
+    assert code == 2 and says in err and out == "" and "Traceback" not in err  # checked before any is answered
+
+
+def test_ask_needs_a_question_with_its_image(capsys, tiny_model_dir):
+    code, out, err = run(capsys, "ask", str(tiny_model_dir), "rocket.jpg")
+    assert code == 2 and "give an image and a question about it" in err and out == ""
+
+
 def test_search_reranks_at_the_weight_given(capsys, tiny_model_dir, tiny_catalog):
     code, out, _ = run(capsys, "search", str(tiny_model_dir), "a rocket on a launch pad", "-k", "3",
                        "--rerank", "--rerank-weight", "0")

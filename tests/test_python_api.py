@@ -28,6 +28,8 @@ def test_load_searches_describes_and_asks_as_the_engine_does(model, tiny_model_d
     answer = model.answer("rocket.jpg", "Is there a rocket in this image?")
     assert answer.text == model.ask("rocket.jpg", "Is there a rocket in this image?")
     assert (answer.yes_probability is None) == (not answer.is_yes_or_no)
+    pairs = [("rocket.jpg", "Is there a rocket in this image?"), ("coffee.jpg", "Is there a cup in this image?")]
+    assert [a.text for a in model.answer_many(pairs)] == [model.ask(*pair) for pair in pairs]
 
 
 def test_generation_runs_as_long_as_the_longest_caption_training_taught(model, tiny_model_dir, tiny_catalog, tmp_path):
@@ -78,6 +80,13 @@ def test_python_callers_get_errors_that_say_what_is_wrong(model, tiny_model_dir,
         model.search(["a rocket", "  "])
     with pytest.raises(ValueError, match="the question is blank"):
         model.ask(model.stored.keys[0], "")
+    with pytest.raises(ValueError, match=r"questions \[1\] are blank"):
+        model.answer_many([("rocket.jpg", "Is it red?"), ("coffee.jpg", " ")])
+    with pytest.raises(UnknownImage, match="nope.jpg"):
+        model.answer_many([("rocket.jpg", "Is it red?"), ("nope.jpg", "Is it red?")])
+    with pytest.raises(TypeError, match=r"not one pair: answer_many\(\[\('rocket.jpg', 'Is it red\?'\)\]\)"):
+        model.answer_many(("rocket.jpg", "Is it red?"))
+    assert model.answer_many([]) == []
     search_only = tmp_path / "search-only"
     shutil.copytree(tiny_model_dir, search_only)
     manifest = json.loads((search_only / "manifest.json").read_text())
