@@ -38,9 +38,15 @@ class Answer:
     yes_log_odds: float
 
     @property
-    def is_yes_or_no(self) -> bool:
+    def verdict(self) -> bool | None:
+        """True for an answer whose first word is yes, False for no, None for any other ("Nothing."
+        is not a no)."""
         first = self.text.split(maxsplit=1)[0].strip(".,!?;:").lower() if self.text.strip() else ""
-        return first in ("yes", "no")
+        return {"yes": True, "no": False}.get(first)
+
+    @property
+    def is_yes_or_no(self) -> bool:
+        return self.verdict is not None
 
     @property
     def yes_probability(self) -> float | None:

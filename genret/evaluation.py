@@ -233,17 +233,16 @@ def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[st
     answered = []
     for start in tqdm(range(0, len(questions), 4 * batch_size), desc="ask", disable=not progress):
         answered += engine.answers(prompts_asked[start : start + 4 * batch_size], max_new_tokens=4)
-    answers, leanings = [a.text for a in answered], [a.yes_log_odds for a in answered]
-    right = [a.lower().startswith("yes" if yes else "no") for a, (_, _, yes) in zip(answers, questions)]
+    right = [a.verdict == yes for a, (_, _, yes) in zip(answered, questions, strict=True)]
     described = {k: set(content_words(descriptions[k])) for k in keys}
-    said_yes = sum(a.lower().startswith("yes") for a in answers)
+    said_yes = sum(a.verdict is True for a in answered)
     asked = len(questions)
     scores = {"images": len(keys), "describe_word_f1": float(sum(f1s) / max(1, len(f1s))),
               "describe_exact": exact / max(1, len(keys)), "yes_no_accuracy": sum(right) / max(1, asked),
               "yes_no_word_prior": max((sum((mentions[w] >= t) == yes for _, w, yes in questions) / max(1, asked)
                                         for t in range(1, max(mentions.values(), default=0) + 2)), default=0.0),
               "yes_share": said_yes / max(1, asked), "questions": asked,
-              "yes_no_auc": _auc([yes for _, _, yes in questions], leanings),
+              "yes_no_auc": _auc([yes for _, _, yes in questions], [a.yes_log_odds for a in answered]),
               "yes_no_by_description": sum((w in described[k]) == yes for k, w, yes in questions) / max(1, asked)}
     if engine.stored.asks_from_description:
         # the questions its descriptions answer: a perfect reader of them scores 1 here, and the rest

@@ -317,6 +317,8 @@ def test_the_yes_no_leaning_is_the_one_greedy_decoding_follows(engine, tiny_cata
     assert alone.yes_log_odds == pytest.approx(answers[-1].yes_log_odds, abs=1e-3)
     assert Answer("A rocket on its launch pad.", 3.0).yes_probability is None
     assert Answer("No, it is a bus.", 0.0).yes_probability == 0.5 and not Answer("Nothing.", 1.0).is_yes_or_no
+    # the evaluation counts an answer right by the same reading
+    assert [Answer(t, 0.0).verdict for t in ("Yes.", "no", "Nothing.", "Not sure.", "")] == [True, False, None, None, None]
     with pytest.raises(ValueError, match="twice"):
         FirstStepLogOdds(7, 7)
 
