@@ -264,7 +264,7 @@ def cmd_remove(args) -> None:
 def cmd_evaluate(args) -> None:
     from .catalog import read_split
     from .decoding import EmbeddingReranker, PriorWeights, TransformersEngine
-    from .evaluation import check_candidates, chosen_weights, evaluate_generative
+    from .evaluation import check_candidates, chosen_weights, evaluate_describe_and_ask, evaluate_generative
 
     stored = open_model(args.model)
     if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):  # known now, not after the searches
@@ -280,6 +280,9 @@ def cmd_evaluate(args) -> None:
             raise UsageError(f"{args.candidates}: " + (f"{len(unknown)} keys are not in model {stored.name}, "
                                                        f"e.g. {unknown[:3]}" if unknown else "no keys"))
     check_candidates(stored.trie(candidates), queries)
+    if args.describe_and_ask:
+        stored.require_trained_to("describe")
+        stored.require_trained_to("ask")
     engine = TransformersEngine(stored, device=args.device)
     grid = []  # every (weight, hubness weight) pair asked for, from the same beams
     if args.rerank_weights or args.hubness_weights:
@@ -296,6 +299,11 @@ def cmd_evaluate(args) -> None:
         [result] = by_prior.values()
     else:
         result = {"by_prior": {f"{p.hubness:g},{p.added_bonus:g}": r for p, r in by_prior.items()}}
+    if args.describe_and_ask:  # each query's image described by its id alone, against its queries as references
+        references: dict[str, list[str]] = {}
+        for caption, key in queries:
+            references.setdefault(key, []).append(caption)
+        result["describe_and_ask"] = evaluate_describe_and_ask(engine, references)
     result["model"] = stored.name
     if len(priors) > 1 or len(grid) > 1:
         result["chosen"] = chosen_weights(by_prior, by=args.choose_by)
@@ -550,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="search once at each of these added-id bonuses")
     p.add_argument("--choose-by", choices=["R@1", "R@5", "R@10"], default="R@10",
                    help="the recall the reported choice maximizes first, then the others (default R@10)")
+    p.add_argument("--describe-and-ask", action="store_true",
+                   help="also describe each query's image by its id alone, scored against its query captions "
+                        "(content-word F1, exact share), and answer yes/no questions built from them (accuracy, AUC "
+                        "of the leaning); needs a model trained to describe and ask")
     p.add_argument("--limit", type=count_arg, help="evaluate the first N queries only")
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--device")

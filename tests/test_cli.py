@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -267,6 +268,31 @@ def test_search_and_evaluate_with_the_hubness_prior_in_the_beam(capsys, tiny_mod
     assert exited.value.code == 2 and "is not a weight" in capsys.readouterr().err
 
 
+def test_evaluate_also_scores_describing_and_asking_against_the_query_captions(capsys, tiny_model_dir, tiny_catalog,
+                                                                               tmp_path):
+    from genret.decoding import TransformersEngine
+    from genret.evaluation import evaluate_describe_and_ask
+    from genret.model_store import StoredModel
+
+    queries = tmp_path / "queries.csv"
+    keys = tiny_catalog.keys()[:4]
+    queries.write_text("image,caption\n" + "".join(f"{k},{c}\n" for k in keys for c in tiny_catalog[k].captions[:2]))
+    code, _, _ = run(capsys, "evaluate", str(tiny_model_dir), "--queries", str(queries), "--describe-and-ask",
+                     "--out", str(tmp_path / "result.json"))
+    result = json.loads((tmp_path / "result.json").read_text())
+    expected = evaluate_describe_and_ask(TransformersEngine(StoredModel.open(tiny_model_dir), device="cpu"),
+                                         {k: tiny_catalog[k].captions[:2] for k in keys}, progress=False)
+    assert code == 0 and 0 <= result["R@10"] <= 1 and result["describe_and_ask"]["images"] == 4
+    assert result["describe_and_ask"] == pytest.approx(expected)
+    search_only = tmp_path / "search-only"  # refused before any search
+    shutil.copytree(tiny_model_dir, search_only)
+    manifest = json.loads((search_only / "manifest.json").read_text())
+    manifest["train_config"].update(describe=False, ask=False)
+    (search_only / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = run(capsys, "evaluate", str(search_only), "--queries", str(queries), "--describe-and-ask")
+    assert code == 2 and "was not trained to describe" in err and out == ""
+
+
 def test_evaluate_reports_recall_at_each_rerank_weight(capsys, tiny_model_dir, tiny_catalog, tmp_path):
     queries = tmp_path / "queries.csv"
     queries.write_text("image,caption\n" + "".join(f"{img.key},{img.captions[1]}\n" for img in tiny_catalog))
@@ -449,8 +475,6 @@ def test_training_never_deletes_what_is_not_a_model_or_a_run(capsys, tmp_path):
 
 
 def test_models_lists_the_store_with_what_each_model_holds(capsys, tiny_model_dir, tmp_path, monkeypatch):
-    import shutil
-
     import genret.cli
     from genret.model_store import StoredModel
 
