@@ -74,13 +74,11 @@ def measure(model: Path, protocol, setting: dict, seed: int, result_path: Path, 
     """Each scope's recall (test, catalog, and with --captioned-queries "captioned": queries for
     trained images, over the catalog), at each hubness prior h and, on the added model, bonus."""
     from genret.decoding import PriorWeights, TransformersEngine
-    from genret.evaluation import evaluate_describe_and_ask, evaluate_generative
+    from genret.evaluation import evaluate_describe_and_ask, evaluate_generative, query_captions
     from genret.model_store import StoredModel
 
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
-    held_out = {k: [] for k in protocol.test_keys}
-    for caption, key in protocol.queries:
-        held_out[key].append(caption)
+    held_out = query_captions(protocol.queries, protocol.test_keys)
     searched = [("test", protocol.queries, protocol.test_keys), ("catalog", protocol.queries, None)]
     if protocol.captioned_queries:
         searched.append(("captioned", protocol.captioned_queries, None))

@@ -113,7 +113,7 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
     import torch
 
     from genret.decoding import EmbeddingReranker, PriorWeights, TransformersEngine
-    from genret.evaluation import evaluate_describe_and_ask, evaluate_generative
+    from genret.evaluation import evaluate_describe_and_ask, evaluate_generative, query_captions
     from genret.model_store import StoredModel
     from genret.training import TrainConfig, Trainer
 
@@ -165,10 +165,8 @@ def run_scheme(name, protocol: Protocol, setting, out: Path, shared_prepared: Pa
     spoken = {}
     if StoredModel.open(run_dir / "model").manifest["train_config"]["describe"]:
         captioned = [k for k in catalog.keys() if catalog[k].captions][: len(test_keys)]
-        held_out = {k: [] for k in test_keys}
-        for caption, key in queries:
-            held_out[key].append(caption)
-        spoken = {"describe_captioned": {k: catalog[k].captions for k in captioned}, "describe_uncaptioned": held_out}
+        spoken = {"describe_captioned": {k: catalog[k].captions for k in captioned},
+                  "describe_uncaptioned": query_captions(queries, test_keys)}
     # the setting's beam first, then the prior (dev weights before the scopes that read them), then the
     # wide beams: a call cut at its time limit has the headline numbers
     headline = [scope for scope in ("test", "catalog", "catalog_captioned") if scope in scopes]

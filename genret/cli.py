@@ -232,7 +232,7 @@ def read_questions(path: str) -> list[tuple[str, str]]:
     for number, line in enumerate(_all_lines(path, "questions"), 1):
         if not line.strip():
             continue
-        key, tab, question = line.strip("\r\n").partition("\t")
+        key, tab, question = line.partition("\t")
         if not tab or not key.strip():
             raise UsageError(f"{path}: line {number}: expected an image key, a tab, then the question; got {line!r}")
         try:
@@ -264,7 +264,8 @@ def cmd_remove(args) -> None:
 def cmd_evaluate(args) -> None:
     from .catalog import read_split
     from .decoding import EmbeddingReranker, PriorWeights, TransformersEngine
-    from .evaluation import check_candidates, chosen_weights, evaluate_describe_and_ask, evaluate_generative
+    from .evaluation import (check_candidates, chosen_weights, evaluate_describe_and_ask, evaluate_generative,
+                             query_captions)
 
     stored = open_model(args.model)
     if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):  # known now, not after the searches
@@ -300,10 +301,7 @@ def cmd_evaluate(args) -> None:
     else:
         result = {"by_prior": {f"{p.hubness:g},{p.added_bonus:g}": r for p, r in by_prior.items()}}
     if args.describe_and_ask:  # each query's image described by its id alone, against its queries as references
-        references: dict[str, list[str]] = {}
-        for caption, key in queries:
-            references.setdefault(key, []).append(caption)
-        result["describe_and_ask"] = evaluate_describe_and_ask(engine, references)
+        result["describe_and_ask"] = evaluate_describe_and_ask(engine, query_captions(queries))
     result["model"] = stored.name
     if len(priors) > 1 or len(grid) > 1:
         result["chosen"] = chosen_weights(by_prior, by=args.choose_by)

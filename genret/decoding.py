@@ -240,12 +240,11 @@ class TransformersEngine:
             raise ValueError("the question is blank" if len(questions) == 1 else f"questions {blank} are blank")
         if not questions:
             return []
-        for key, _ in questions:
-            self.stored.image_id_tokens(key)
+        ids = [self.stored.image_id_tokens(key) for key, _ in questions]  # every key, before any is described
         keys = list(dict.fromkeys(key for key, _ in questions))
         contexts = dict(zip(keys, self.ask_contexts(keys), strict=True))
-        return self.answers([self.prompts.ask(self.stored.image_id_tokens(key), question, contexts[key])
-                             for key, question in questions])
+        return self.answers([self.prompts.ask(image_id, question, contexts[key])
+                             for image_id, (key, question) in zip(ids, questions, strict=True)])
 
 
 class FirstStepLogOdds(LogitsProcessor):

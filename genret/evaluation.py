@@ -181,6 +181,16 @@ def word_f1(text: str, references: Sequence[str]) -> float:
     return best
 
 
+def query_captions(queries: Sequence[tuple[str, str]], keys: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Each image's held-out query captions: the references its description is scored against.
+    With `keys`, every one of them in that order (those without a query get none) and a query for
+    any other image is a KeyError; without, the images in the order the queries name them."""
+    captions: dict[str, list[str]] = {k: [] for k in keys} if keys is not None else {}
+    for caption, key in queries:
+        (captions[key] if keys is not None else captions.setdefault(key, [])).append(caption)
+    return captions
+
+
 def evaluate_describe_and_ask(engine: TransformersEngine, references: Mapping[str, Sequence[str]], *,
                               seed: int = 0, batch_size: int = 16, words_per_image: int = 3,
                               progress: bool = True) -> dict:
