@@ -49,6 +49,23 @@ class UsageError(Exception):
     pass
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes options between its positionals, as in
+    `genret search MODEL -k 3 "a dog"`: plain argparse gives the queries to `query` while it
+    parses MODEL, finds none there, and then refuses "a dog" as unrecognized."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls back here for each of its passes
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def number_arg(kind: type, minimum: float, what: str) -> Callable[[str], float]:
     """An argparse type: a finite number of `kind` (int or float), at least `minimum`."""
 
@@ -497,7 +514,7 @@ def cmd_demo(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genret", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
     p = sub.add_parser("train", help="train a model on a catalog into model_store/<name>")
     p.add_argument("--images", required=True, help="folder of images")
@@ -576,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                         "keys the model lacks are ignored")
     p.add_argument("--json", action="store_true",
                    help="one JSON line per query: {query, results: [{image_id, score, id}]}")
-    p.add_argument("-k", type=count_arg, default=5)
+    p.add_argument("-k", type=count_arg, default=5, help="images per query (default 5)")
     p.add_argument("--beams", type=count_arg, help="beam width (at least k, the default)")
     p.add_argument("--rerank", action="store_true", help="re-rank the beam with the two-tower")
     p.add_argument("--rerank-weight", type=weight_arg, default=10.0, metavar="W",

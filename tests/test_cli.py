@@ -72,6 +72,20 @@ def test_search_prints_ranked_catalog_images(capsys, tiny_model_dir, tiny_catalo
     assert len(keys) == 3 and set(keys) <= set(tiny_catalog.keys())
 
 
+def test_options_may_come_between_the_model_and_the_rest(capsys, tiny_model_dir):
+    """`genret search MODEL -k 3 QUERY` once failed with "unrecognized arguments: QUERY"."""
+    model = str(tiny_model_dir)
+    _, after, _ = run(capsys, "search", model, "a rocket on a launch pad", "a clock", "-k", "2", "--json")
+    code, between, _ = run(capsys, "search", model, "-k", "2", "a rocket on a launch pad", "--json", "a clock")
+    assert code == 0 and between == after and len(between.splitlines()) == 2
+    _, after, _ = run(capsys, "ask", model, "rocket.jpg", "What is in this image?", "--json")
+    code, between, _ = run(capsys, "ask", model, "--json", "rocket.jpg", "What is in this image?")
+    assert code == 0 and between == after and json.loads(between)["image_id"] == "rocket.jpg"
+    _, after, _ = run(capsys, "describe", model, "rocket.jpg", "moon.jpg")
+    code, between, _ = run(capsys, "describe", model, "rocket.jpg", "--device", "cpu", "moon.jpg")
+    assert code == 0 and between == after
+
+
 def test_search_takes_many_queries_from_argv_a_file_or_stdin_and_prints_json_lines(
         capsys, monkeypatch, tiny_model_dir, tiny_catalog, tmp_path):
     import io
