@@ -315,8 +315,6 @@ class Trainer:
                         config.caption_chars)
         self.device = torch.device(usable_device(config.device))
         self._image_features, self._caption_features = image_features, caption_features
-        self.rng = random.Random(config.seed)
-        torch.manual_seed(config.seed)
 
     # ---- preparation: features, alignment, identifiers, the initial LM (cached in the run dir)
 
