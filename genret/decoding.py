@@ -8,6 +8,7 @@ implements the same interface and must agree with this one on greedy top-1.
 from __future__ import annotations
 
 import bisect
+import numbers
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -108,6 +109,10 @@ class TransformersEngine:
         place on another image (filtering a catalog-wide search's hits would)."""
         if isinstance(queries, str):  # it would search each character
             raise TypeError(f"search takes a list of queries, not one string: search([{queries!r}])")
+        require_strings("search", "queries", queries)
+        for name, value in (("k", k), ("beams", beams)):
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+                raise TypeError(f"search's {name} is a count, not {type(value).__name__}: {name}={value!r}")
         if k < 1 or (beams is not None and beams < 1):
             raise ValueError(f"k={k}, beams={beams}: search for at least one image with at least one beam")
         if blank := [i for i, query in enumerate(queries) if not query.strip()]:
@@ -235,6 +240,10 @@ class TransformersEngine:
         if isinstance(questions, tuple) and len(questions) == 2 and all(isinstance(q, str) for q in questions):
             raise TypeError(f"answer_many takes a list of (image key, question) pairs, not one pair: "
                             f"answer_many([{questions!r}])")
+        if malformed := [i for i, pair in enumerate(questions) if not (isinstance(pair, tuple | list) and len(pair) == 2)]:
+            raise TypeError(f"answer_many takes (image key, question) pairs: questions {malformed[:5]} are not pairs, "
+                            f"e.g. {questions[malformed[0]]!r}")
+        require_strings("answer_many", "questions", [question for _, question in questions])
         self.stored.require_trained_to("ask")
         if blank := [i for i, (_, question) in enumerate(questions) if not question.strip()]:
             raise ValueError("the question is blank" if len(questions) == 1 else f"questions {blank} are blank")
@@ -245,6 +254,13 @@ class TransformersEngine:
         contexts = dict(zip(keys, self.ask_contexts(keys), strict=True))
         return self.answers([self.prompts.ask(image_id, question, contexts[key])
                              for image_id, (key, question) in zip(ids, questions, strict=True)])
+
+
+def require_strings(call: str, what: str, values: list) -> None:
+    """A TypeError naming the call and the items, where a None or a number would otherwise fail
+    deep inside with an AttributeError."""
+    if wrong := [i for i, value in enumerate(values) if not isinstance(value, str)]:
+        raise TypeError(f"{call} takes {what} as strings: {what} {wrong[:5]} are not, e.g. {values[wrong[0]]!r}")
 
 
 class FirstStepLogOdds(LogitsProcessor):

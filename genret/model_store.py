@@ -296,6 +296,19 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def key_set(name: str, keys: Iterable[str] | None) -> set[str] | None:
+    """Image keys given as a collection, as a set; a TypeError for one string (it would be its
+    characters) or for a key that is not a string (a None would read as an unknown image)."""
+    if keys is None:
+        return None
+    if isinstance(keys, str):
+        raise TypeError(f"{name} takes a collection of image keys, not one string: {name}=[{keys!r}]")
+    keys = list(keys)
+    if wrong := [key for key in keys if not isinstance(key, str)]:
+        raise TypeError(f"{name} takes image keys as strings, not {type(wrong[0]).__name__}: e.g. {wrong[0]!r}")
+    return set(keys)
+
+
 @dataclass
 class StoredModel:
     """A model directory, read lazily: the id map is cheap, the weights are loaded on demand.
@@ -368,6 +381,8 @@ class StoredModel:
 
     def image_id_tokens(self, key: str) -> list[int]:
         """The id tokens of one image, or UnknownImage naming the model."""
+        if not isinstance(key, str):  # a list would be "unhashable", a None an unknown image
+            raise TypeError(f"an image key is a string, not {type(key).__name__}: {key!r}")
         try:
             return self.id_tokens[key]
         except KeyError:
@@ -459,33 +474,29 @@ class StoredModel:
     def end_token(self) -> int:
         return self.manifest["end_token"]
 
-    def trie(self, keys=None, exclude=None) -> IdTrie:
+    def trie(self, within=None, exclude=None) -> IdTrie:
         """The catalog's id trie, built once and shared (an engine and a prior over it must hold
-        the same one), or a new one over `keys` alone: a search that may only return those images.
-        An unknown key is an UnknownImage naming the first few. `exclude`: leave these images out
-        (of the catalog, or of `keys`); the catalog less a few shares all but their paths
+        the same one), or a new one over the keys `within` alone: a search that may only return those
+        images. An unknown key is an UnknownImage naming the first few. `exclude`: leave these images
+        out (of the catalog, or of `within`); the catalog less a few shares all but their paths
         (IdTrie.without). Keys the model lacks are already left out, so they are no error there
         (a page of hits to skip may name an image removed since)."""
-        for name, value in (("keys", keys), ("exclude", exclude)):
-            if isinstance(value, str):  # it would be the trie of its characters
-                raise TypeError(f"trie takes a collection of image keys, not one string: trie({name}=[{value!r}])")
-        excluded = set() if exclude is None else set(exclude).intersection(self.id_tokens)
-        if keys is None and not excluded:
+        within, exclude = key_set("within", within), key_set("exclude", exclude)
+        excluded = set() if exclude is None else exclude.intersection(self.id_tokens)
+        if within is None and not excluded:
             return self._catalog_trie
-        if keys is None:
+        if within is None:
             if len(excluded) == len(self.id_tokens):
                 raise ValueError(f"exclude leaves out all {len(excluded)} images of model {self.name}: none to search")
             return self._catalog_trie.without({k: self.id_tokens[k] for k in excluded})
-        keys = set(keys)
-        if not keys:
+        if not within:
             raise ValueError("no image keys: a trie of none could return nothing")
-        if unknown := sorted(keys.difference(self.id_tokens)):
-            raise UnknownImage(f"{len(unknown)} of {len(keys)} image keys are not in model {self.name}, "
+        if unknown := sorted(within.difference(self.id_tokens)):
+            raise UnknownImage(f"{len(unknown)} of {len(within)} image keys are not in model {self.name}, "
                                f"e.g. {unknown[:5]}")
-        if keys <= excluded:
-            raise ValueError(f"exclude leaves out all {len(keys)} images searched within: none to search")
-        keys -= excluded
-        return IdTrie({k: self.id_tokens[k] for k in keys}, end_token=self.end_token)
+        if within <= excluded:
+            raise ValueError(f"exclude leaves out all {len(within)} images searched within: none to search")
+        return IdTrie({k: self.id_tokens[k] for k in within - excluded}, end_token=self.end_token)
 
     @cached_property
     def _catalog_trie(self) -> IdTrie:

@@ -100,6 +100,36 @@ def test_python_callers_get_errors_that_say_what_is_wrong(model, tiny_model_dir,
         trained_to_search.ask("rocket.jpg", "Is it red?")
 
 
+def test_python_callers_who_pass_the_wrong_type_are_told_which_argument(model):
+    """A None or a number where a string belongs failed deep inside (AttributeError: 'NoneType' object
+    has no attribute 'strip'; a list key was "unhashable"; k="3" "not supported between instances")."""
+    import numpy as np
+
+    cases = [
+        (lambda: model.search(["a rocket", None]), r"search takes queries as strings: queries \[1\] are not"),
+        (lambda: model.search(["a rocket"], k="3"), r"search's k is a count, not str: k='3'"),
+        (lambda: model.search(["a rocket"], k=2.0), r"search's k is a count, not float"),
+        (lambda: model.search(["a rocket"], k=3, beams=True), r"search's beams is a count, not bool"),
+        (lambda: model.search(["a rocket"], within="rocket.jpg"),
+         r"within takes a collection of image keys, not one string: within=\['rocket.jpg'\]"),
+        (lambda: model.search(["a rocket"], exclude="rocket.jpg"), r"exclude takes a collection of image keys"),
+        (lambda: model.search(["a rocket"], within=["rocket.jpg", None]), r"within takes image keys as strings"),
+        (lambda: model.describe(None), r"an image key is a string, not NoneType"),
+        (lambda: model.describe(["rocket.jpg"]), r"an image key is a string, not list"),
+        (lambda: model.describe_many([3]), r"an image key is a string, not int"),
+        (lambda: model.ask("rocket.jpg", None), r"answer_many takes questions as strings"),
+        (lambda: model.answer_many(["rocket.jpg"]), r"answer_many takes \(image key, question\) pairs: "
+                                                    r"questions \[0\] are not pairs, e.g. 'rocket.jpg'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(TypeError, match=message):
+            call()
+    # numpy's integers are counts, and a generator of keys a collection
+    [hits] = model.search(["a rocket"], k=np.int64(2), beams=np.int64(3),
+                          within=(key for key in ["rocket.jpg", "coffee.jpg", "astronaut.jpg"]), exclude=iter(["coffee.jpg"]))
+    assert len(hits) == 2 and {hit.key for hit in hits} == {"rocket.jpg", "astronaut.jpg"}
+
+
 def test_a_written_model_is_as_readable_as_the_umask_allows(tiny_model_dir, tmp_path):
     """The service's container runs as another user than the one who trained on the host, so a
     model must not keep mkdtemp's owner-only folder or safetensors' owner-only files; nor lose
