@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from .encoders import usable_device
-from .model_store import ModelStoreError, StoredModel
+from .model_store import ModelStoreError, StoredModel, require_strings
 from .prompts import Prompts
 from .trie import IdPrior, IdTrie
 
@@ -254,13 +254,6 @@ class TransformersEngine:
         contexts = dict(zip(keys, self.ask_contexts(keys), strict=True))
         return self.answers([self.prompts.ask(image_id, question, contexts[key])
                              for image_id, (key, question) in zip(ids, questions, strict=True)])
-
-
-def require_strings(call: str, what: str, values: list) -> None:
-    """A TypeError naming the call and the items, where a None or a number would otherwise fail
-    deep inside with an AttributeError."""
-    if wrong := [i for i, value in enumerate(values) if not isinstance(value, str)]:
-        raise TypeError(f"{call} takes {what} as strings: {what} {wrong[:5]} are not, e.g. {values[wrong[0]]!r}")
 
 
 class FirstStepLogOdds(LogitsProcessor):

@@ -304,9 +304,15 @@ def key_set(name: str, keys: Iterable[str] | None) -> set[str] | None:
     if isinstance(keys, str):
         raise TypeError(f"{name} takes a collection of image keys, not one string: {name}=[{keys!r}]")
     keys = list(keys)
-    if wrong := [key for key in keys if not isinstance(key, str)]:
-        raise TypeError(f"{name} takes image keys as strings, not {type(wrong[0]).__name__}: e.g. {wrong[0]!r}")
+    require_strings(name, "image keys", keys)
     return set(keys)
+
+
+def require_strings(call: str, what: str, values: list) -> None:
+    """A TypeError naming the call and the items, where a None or a number would otherwise fail
+    deep inside with an AttributeError."""
+    if wrong := [i for i, value in enumerate(values) if not isinstance(value, str)]:
+        raise TypeError(f"{call} takes {what} as strings: {what} {wrong[:5]} are not, e.g. {values[wrong[0]]!r}")
 
 
 @dataclass
