@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import os
+import unicodedata
 from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,13 @@ from PIL import Image, ImageCms, ImageOps
 pillow_heif.register_heif_opener()  # phones (iPhones by default) save photos as HEIC
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic",
                             ".heif"})
+
+
+def is_blank(text: str) -> bool:
+    """No character of the text would show: it is whitespace, control and format characters
+    (zero-width spaces and joiners, byte-order marks) alone. Such a caption has nothing to learn,
+    and such a query or question nothing to search or answer by (str.strip keeps them)."""
+    return all(unicodedata.category(c)[0] == "Z" or unicodedata.category(c) in ("Cc", "Cf") for c in text)
 
 
 class CatalogError(ValueError):
@@ -365,7 +373,7 @@ def _read_csv(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
             key, caption = image_key(row[ii]), row[ci].strip()
             if not key:
                 raise CatalogError(f"{path}: row {line}: empty image name")
-            if not caption:
+            if is_blank(caption):
                 raise CatalogError(f"{path}: row {line}: empty caption for image {key!r}")
             if _repeat_is_dropped(seen, (key, caption), f"row {line}", path, duplicates):
                 continue
@@ -410,7 +418,7 @@ def _read_coco(path: Path, duplicates: str) -> dict[str, tuple[str, list[str]]]:
         if isinstance(image_id, (list, dict)) or image_id not in by_id:
             raise CatalogError(f"{path}: {where}: unknown image_id {image_id!r}")
         caption = ann.get("caption")
-        if not isinstance(caption, str) or not caption.strip():
+        if not isinstance(caption, str) or is_blank(caption):
             raise CatalogError(f"{path}: {where}: empty caption for image id {image_id!r}")
         name, caption = by_id[image_id], caption.strip()
         if _repeat_is_dropped(seen, (name, caption), where, path, duplicates):

@@ -97,8 +97,12 @@ def model_name_arg(text: str) -> str:
 
 def text_arg(text: str) -> str:
     """An argparse type: a query or question, not blank (the service refuses one too)."""
+    from .catalog import is_blank
+
     if not text.strip():
         raise argparse.ArgumentTypeError("it is empty")
+    if is_blank(text):
+        raise argparse.ArgumentTypeError("it has no visible characters, only control or zero-width ones")
     try:  # bytes the locale could not decode arrive as lone surrogates, which the tokenizer refuses
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -164,7 +168,7 @@ def open_model(name_or_path: str):
 
 def read_queries(path: Path) -> list[tuple[str, str]]:
     """Queries as an `image,caption` CSV: each caption should retrieve its image."""
-    from .catalog import csv_delimiter, image_key, read_utf8
+    from .catalog import csv_delimiter, image_key, is_blank, read_utf8
 
     if not path.is_file():
         raise UsageError(f"{path}: no such queries file")
@@ -176,7 +180,7 @@ def read_queries(path: Path) -> list[tuple[str, str]]:
         raise UsageError(f"{path}: expected an image,caption CSV")
     if not rows:
         raise UsageError(f"{path}: no queries")
-    blank = [row for row, r in enumerate(rows, start=2) if not (r["caption"] or "").strip() or not r["image"]]
+    blank = [row for row, r in enumerate(rows, start=2) if is_blank(r["caption"] or "") or not r["image"]]
     if blank:
         raise UsageError(f"{path}: row {blank[0]} has an empty image or caption")
     return [(r["caption"], image_key(r["image"])) for r in rows]
@@ -228,7 +232,9 @@ def cmd_add(args) -> None:
 def read_lines(path: str, what: str) -> list[str]:
     """A file of `what` (image keys, queries), one per line, or stdin for "-"; blank lines are
     skipped and repeats are fine (lists get concatenated)."""
-    return [line.strip() for line in _all_lines(path, what) if line.strip()]
+    from .catalog import is_blank
+
+    return [line.strip() for line in _all_lines(path, what) if not is_blank(line)]
 
 
 def _all_lines(path: str, what: str) -> list[str]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from .catalog import is_blank
 from .encoders import usable_device
 from .model_store import ModelStoreError, StoredModel, require_strings
 from .prompts import Prompts
@@ -115,9 +116,9 @@ class TransformersEngine:
                 raise TypeError(f"search's {name} is a count, not {type(value).__name__}: {name}={value!r}")
         if k < 1 or (beams is not None and beams < 1):
             raise ValueError(f"k={k}, beams={beams}: search for at least one image with at least one beam")
-        if blank := [i for i, query in enumerate(queries) if not query.strip()]:
-            raise ValueError(f"queries {blank[:5]} are blank: with no words, a search returns whatever ids the "
-                             "model favours (the CLI and the service refuse them too)")
+        if blank := [i for i, query in enumerate(queries) if is_blank(query)]:
+            raise ValueError(f"queries {blank[:5]} are blank (no visible characters): with no words, a search "
+                             "returns whatever ids the model favours (the CLI and the service refuse them too)")
         if within is not None or exclude is not None:
             if trie is not None:
                 raise ValueError("search takes the images to search (`within`, `exclude`) or a `trie` of them, not both")
@@ -245,7 +246,7 @@ class TransformersEngine:
                             f"e.g. {questions[malformed[0]]!r}")
         require_strings("answer_many", "questions", [question for _, question in questions])
         self.stored.require_trained_to("ask")
-        if blank := [i for i, (_, question) in enumerate(questions) if not question.strip()]:
+        if blank := [i for i, (_, question) in enumerate(questions) if is_blank(question)]:
             raise ValueError("the question is blank" if len(questions) == 1 else f"questions {blank} are blank")
         if not questions:
             return []

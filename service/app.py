@@ -21,8 +21,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from genret.catalog import is_blank
 from genret.decoding import EmbeddingReranker
 from genret.model_store import ModelStoreError, StoredModel, UntrainedTask
 
@@ -230,7 +231,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
 
     # Built here because the limits come from the settings. (No `from __future__ import
     # annotations` in this module: FastAPI must see these local classes, not their names.)
-    Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=settings.max_query_chars)]
+    Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=settings.max_query_chars),
+                      AfterValidator(visible_text)]
 
     ImageId = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
 
@@ -388,6 +390,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, i
         return {"service": "genret", "model": services.model_name, "engine": engine.name, "docs": "/docs"}
 
     return app
+
+
+def visible_text(text: str) -> str:
+    """A query or question of zero-width or control characters alone is blank too (strip keeps them)."""
+    if is_blank(text):
+        raise ValueError("the text has no visible characters, only control or zero-width ones")
+    return text
 
 
 def api_key_checker(settings: Settings):

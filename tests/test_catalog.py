@@ -132,6 +132,12 @@ def test_csv_empty_caption(folder, tmp_path):
         load_catalog(folder, caps)
 
 
+def test_a_caption_of_zero_width_characters_is_empty(folder, tmp_path):
+    caps = write_csv(tmp_path / "captions.csv", CSV_ROWS + [("b.png", "\u200b\ufeff")])
+    with pytest.raises(CatalogError, match=r"captions\.csv: row 5: empty caption"):
+        load_catalog(folder, caps)
+
+
 def test_csv_missing_image(folder, tmp_path):
     caps = write_csv(tmp_path / "captions.csv", CSV_ROWS + [("gone.jpg", "x"), ("gone.jpg", "y")])
     with pytest.raises(CatalogError, match=r"captions\.csv: row 5: image 'gone.jpg' not found"):

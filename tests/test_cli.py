@@ -329,14 +329,15 @@ def test_evaluate_reports_recall_at_each_rerank_weight(capsys, tiny_model_dir, t
     (["search", "{model}", "a rocket", "-k", "0"], "'0' is not a count"),  # was a ZeroDivisionError
     (["search", "{model}", "a rocket", "--beams", "-2"], "'-2' is not a count"),
     (["ask", "{model}", "rocket.jpg", ""], "argument question: it is empty"),
+    (["search", "{model}", "\u200b\x01"], "argument query: it has no visible characters"),
     # a byte the locale cannot decode reaches argv as a lone surrogate (was the tokenizer's TypeError)
     (["search", "{model}", "a rocket \udcff"], "argument query: it is not valid UTF-8 text"),
     (["ask", "{model}", "rocket.jpg", "is it \udcff?"], "argument question: it is not valid UTF-8 text"),
     (["evaluate", "{model}", "--queries", "{queries}", "--limit", "0"], "'0' is not a count"),
     (["train", "--time-budget", "nan"], "'nan' is not a time budget"),  # no clock passed it: it never stopped
     (["train", "--time-budget", "-5"], "'-5' is not a time budget"),
-], ids=["blank query", "k 0", "negative beams", "blank question", "undecodable query", "undecodable question",
-        "limit 0", "nan time budget", "negative time budget"])
+], ids=["blank query", "k 0", "negative beams", "blank question", "zero-width query", "undecodable query",
+        "undecodable question", "limit 0", "nan time budget", "negative time budget"])
 def test_counts_and_texts_are_checked_before_loading_the_model(capsys, tiny_model_dir, tmp_path, argv, says):
     with pytest.raises(SystemExit) as exited:
         main([a.format(model=tiny_model_dir, queries=tmp_path / "q.csv") for a in argv])

@@ -78,10 +78,14 @@ def test_python_callers_get_errors_that_say_what_is_wrong(model, tiny_model_dir,
     assert model.search([], k=3) == []
     with pytest.raises(ValueError, match=r"queries \[1\] are blank"):  # it returned the ids the model favours
         model.search(["a rocket", "  "])
+    with pytest.raises(ValueError, match=r"queries \[0\] are blank"):  # strip() keeps zero-width and control characters
+        model.search(["\u200b\u00ad", "a rocket"])
     with pytest.raises(ValueError, match="the question is blank"):
         model.ask(model.stored.keys[0], "")
     with pytest.raises(ValueError, match=r"questions \[1\] are blank"):
         model.answer_many([("rocket.jpg", "Is it red?"), ("coffee.jpg", " ")])
+    with pytest.raises(ValueError, match="the question is blank"):
+        model.ask("rocket.jpg", "\x00\u200d")
     with pytest.raises(UnknownImage, match="nope.jpg"):
         model.answer_many([("rocket.jpg", "Is it red?"), ("nope.jpg", "Is it red?")])
     with pytest.raises(TypeError, match=r"not one pair: answer_many\(\[\('rocket.jpg', 'Is it red\?'\)\]\)"):

@@ -198,7 +198,10 @@ BAD_REQUESTS = [
      "exclude leaves out all 2 of the within list's images"),
     ("/search", [], "valid dictionary"),
     ("/search", "a dog", "valid dictionary"),
+    ("/search", {"query": "\u0000\u0001"}, "no visible characters"),  # was searched, with confident scores
+    ("/search", {"query": " \u200b\u2060\ufeff "}, "no visible characters"),  # zero-width space, joiner, BOM
     ("/ask", {"image_id": "moon.jpg", "question": ""}, "at least 1 character"),
+    ("/ask", {"image_id": "moon.jpg", "question": "\u200b"}, "no visible characters"),
     ("/ask", {"image_id": "", "question": "why?"}, "at least 1 character"),
     ("/ask", {"question": "why?"}, "Field required"),
 ]
