@@ -27,11 +27,14 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
                             ".heif"})
 
 
+BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})  # separators, control and format characters
+
+
 def is_blank(text: str) -> bool:
     """No character of the text would show: it is whitespace, control and format characters
     (zero-width spaces and joiners, byte-order marks) alone. Such a caption has nothing to learn,
     and such a query or question nothing to search or answer by (str.strip keeps them)."""
-    return all(unicodedata.category(c)[0] == "Z" or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+    return all(unicodedata.category(c) in BLANK_CATEGORIES for c in text)
 
 
 class CatalogError(ValueError):
